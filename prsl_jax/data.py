@@ -1,0 +1,234 @@
+"""Data: the embedded digits, TFDS data sources, and the grain pipelines over them.
+
+Every source is random access (len, getitem) and yields dicts of numpy arrays:
+  image: float32 (S, S, 3) in [0, 1] at the model's resolution S (CLIP
+    preprocessing applied; normalisation happens inside the model),
+  label: int32 class index,
+  caption: str (only for sources with captions: the digits, TFDS caption sets).
+
+The training stream is defined on the *global* batch: global step s holds
+examples perm[s*B : (s+1)*B] of a seeded per-epoch permutation, and process p of
+P reads rows [p*B/P, (p+1)*B/P) of it. So the examples in a step do not depend on
+how many hosts or devices read them, which is what makes 1 device and 8 devices,
+or 1 process and 2, train on the same numbers.
+"""
+
+import functools
+
+import grain
+import numpy as np
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+               "nine")
+# Captions for contrastive pretraining/fine-tuning on the digits. The first is the
+# zero-shot prompt; the others keep the text tower from matching one string only.
+DIGIT_CAPTIONS = (
+    "This is a photo of a {}",
+    "a handwritten {}",
+    "the digit {}",
+    "a picture of the number {}",
+    "a small blurry {}",
+    "a white {} on black",
+)
+_DIGITS_TEST_FRACTION = 0.2
+
+
+class DigitsSource:
+  """scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels) as RGB images.
+
+  A fixed permutation (seed 0) splits them 80/20 into 'train' and 'test'; images
+  are upscaled bilinearly to `image_size` and replicated over 3 channels.
+  """
+
+  def __init__(self, split: str, image_size: int):
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    if split not in ("train", "test"):
+      raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
+    if image_size < 8:
+      raise ValueError(f"image_size must be >= 8 for the digits, got {image_size}")
+    digits = load_digits()
+    order = np.random.RandomState(0).permutation(len(digits.target))
+    n_test = int(round(_DIGITS_TEST_FRACTION * len(order)))
+    idx = order[n_test:] if split == "train" else order[:n_test]
+    self._images = (digits.images[idx] / 16.0).astype(np.float32)  # (N, 8, 8)
+    self._labels = digits.target[idx].astype(np.int32)
+    self.image_size = image_size
+
+  def __len__(self):
+    return len(self._labels)
+
+  def __getitem__(self, i):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    img = Image.fromarray(self._images[i], mode="F").resize(
+        (self.image_size, self.image_size), Image.BILINEAR)
+    img = np.clip(np.asarray(img, np.float32), 0.0, 1.0)
+    label = self._labels[i]
+    return {"image": np.repeat(img[:, :, None], 3, axis=-1), "label": np.int32(label),
+            "caption": DIGIT_NAMES[label]}
+
+  @property
+  def labels(self):
+    return self._labels
+
+
+class _TfdsSource:
+  """A tfds.data_source with CLIP preprocessing applied on read."""
+
+  def __init__(self, source, image_size, image_key, label_key, caption_fn):
+    self._source, self._size = source, image_size
+    self._image_key, self._label_key, self._caption_fn = image_key, label_key, caption_fn
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    from prsl_jax import preprocessing  # pylint: disable=g-import-not-at-top
+    rec = self._source[i]
+    out = {"image": preprocessing.clip_preprocess(rec[self._image_key], self._size)}
+    if self._label_key is not None:
+      out["label"] = np.int32(rec[self._label_key])
+    if self._caption_fn is not None:
+      out["caption"] = self._caption_fn(rec)
+    return out
+
+
+def _coco_caption(rec):
+  texts = rec["captions"]["text"]
+  return (texts[0].decode() if isinstance(texts[0], bytes) else str(texts[0]))
+
+
+# Per-dataset record layout for TFDS sets whose keys are not image/label.
+_TFDS_KEYS = {
+    "coco_captions": dict(image_key="image", label_key=None, caption_fn=_coco_caption),
+}
+
+
+def load(name: str, split: str, *, image_size: int, data_dir=None):
+  """Returns (source, class_names) for the digits or a TFDS dataset.
+
+  Args:
+    name: 'digits' (embedded, no download) or a TFDS name ('cifar10', ...), which
+      must already be prepared in `data_dir` (nothing is downloaded here).
+    split: 'train'/'test' or any TFDS split string.
+    image_size: the model's input resolution S.
+    data_dir: TFDS data directory (None: TFDS's default).
+
+  Returns:
+    source: random-access sequence of dicts (see module docstring).
+    class_names: tuple of str, or None for caption-only datasets.
+  """
+  if name == "digits":
+    return DigitsSource(split, image_size), DIGIT_NAMES
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # TFDS raises several types for a missing dataset.
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} split {split!r} is not prepared in data_dir={data_dir!r} "
+        f"(prsl_jax never downloads data: run `tfds build {name}` or "
+        f"tfds.builder({name!r}).download_and_prepare() first): {e}") from e
+  keys = _TFDS_KEYS.get(name, dict(image_key="image", label_key="label", caption_fn=None))
+  class_names = None
+  if keys["label_key"] is not None:
+    from prsl_jax import classnames  # pylint: disable=g-import-not-at-top
+    class_names = classnames.get(name, src.dataset_info.features[keys["label_key"]].names)
+  return _TfdsSource(src, image_size, **keys), class_names
+
+
+class _GlobalToLocal:
+  """Random access to this process's rows of the global batch stream."""
+
+  def __init__(self, stream, global_batch, process_index, process_count):
+    self._stream = stream
+    self._b = global_batch // process_count
+    self._global_batch = global_batch
+    self._offset = process_index * self._b
+
+  def __len__(self):
+    return len(self._stream) // self._global_batch * self._b
+
+  def __getitem__(self, t):
+    g = (t // self._b) * self._global_batch + self._offset + t % self._b
+    return self._stream[g]
+
+
+def _add_caption(example, index, *, seed, templates):
+  # A caption template picked by (seed, global position): reproducible, and a new
+  # draw each epoch because the position keeps growing.
+  if "caption" in example and templates:
+    rng = np.random.default_rng([seed, index])
+    example = dict(example, caption=templates[rng.integers(len(templates))].format(
+        example["caption"]))
+  return example
+
+
+def train_iterator(source, *, global_batch_size, seed, process_index=0, process_count=1,
+                   caption_templates=(), tokenize=None):
+  """An infinite, checkpointable iterator of this process's share of each global batch.
+
+  Args:
+    source: random-access source from `load`.
+    global_batch_size: B, summed over all processes; must divide by process_count.
+    seed: shuffling seed; epoch e uses a different permutation of the source.
+    process_index, process_count: this host and the number of hosts.
+    caption_templates: templates '{}'-formatted with the example's caption (the
+      digits carry their class name as caption); () keeps captions as they are.
+    tokenize: optional fn(list[str]) -> (ids (n, L), mask (n, L)) applied to the
+      batch's captions; adds 'input_ids' and 'attention_mask', drops 'caption'.
+
+  Returns:
+    grain DatasetIterator of dicts of numpy arrays with leading dim B / process_count;
+    get_state()/set_state() save and restore its position.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global batch size {global_batch_size} must be divisible by the number of "
+        f"processes {process_count}")
+  if len(source) < global_batch_size:
+    raise ValueError(
+        f"global batch size {global_batch_size} is larger than the dataset ({len(source)})")
+  # repeat-then-shuffle: grain reshuffles each epoch with a seed derived from ours.
+  stream = grain.MapDataset.source(source).repeat(None).shuffle(seed=seed)
+  stream = stream.map_with_index(
+      lambda i, ex: _add_caption(ex, i, seed=seed, templates=caption_templates))
+  local = grain.MapDataset.source(
+      _GlobalToLocal(stream, global_batch_size, process_index, process_count))
+  local = local.batch(global_batch_size // process_count, drop_remainder=True,
+                      batch_fn=functools.partial(_collate, tokenize=tokenize))
+  return iter(local.to_iter_dataset())
+
+
+def _collate(examples, tokenize=None):
+  out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k != "caption"}
+  if "caption" in examples[0]:
+    captions = [ex["caption"] for ex in examples]
+    if tokenize is not None:
+      out["input_ids"], out["attention_mask"] = tokenize(captions)
+    else:
+      out["caption"] = np.asarray(captions)
+  return out
+
+
+def eval_indices(num_total: int, num_examples, seed: int):
+  """A fixed seeded subset of range(num_total), sorted; all of it if num_examples is None."""
+  if num_examples is None or num_examples >= num_total:
+    return np.arange(num_total)
+  if num_examples < 1:
+    raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+  return np.sort(np.random.default_rng(seed).choice(num_total, num_examples, replace=False))
+
+
+def eval_batches(source, indices, batch_size: int):
+  """Yields fixed-size batches over source[indices], padded, with a bool 'mask' (b,).
+
+  Fixed size so a jitted eval compiles once; padded rows repeat the last example
+  and have mask False.
+  """
+  for start in range(0, len(indices), batch_size):
+    chunk = list(indices[start:start + batch_size])
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)
+    batch = _collate([source[int(i)] for i in chunk])
+    batch.pop("caption", None)
+    batch["mask"] = np.arange(batch_size) < n
+    yield batch
