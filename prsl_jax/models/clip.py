@@ -1,0 +1,380 @@
+"""CLIP in flax.linen, numerically matching transformers' PyTorch CLIPModel.
+
+Two towers, as in transformers/models/clip/modeling_clip.py:
+
+  vision: NHWC images in [0, 1] -> (x - mean) / std -> patch conv (no bias)
+          -> [CLS; patches] + positions -> pre_layrnorm -> encoder
+          -> post_layernorm(CLS) -> visual_projection (no bias)
+  text:   token + position embeddings -> encoder (causal AND padding mask)
+          -> final_layer_norm -> pool at the EOS token -> text_projection
+
+Pixel normalisation lives inside the image encoder so that attacks, budgets and
+data pipelines all work on [0, 1] pixels. Parameter names mirror the HF state
+dict (convert.py holds the explicit key map); the top-level keys are exactly
+'vision_model', 'text_model', 'visual_projection', 'text_projection',
+'logit_scale' (the trainer masks the optimizer by them).
+
+`dtype` is the compute dtype; params are always float32 and the projected
+embeddings are returned in float32, so logits and attack gradients stay float32.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# OpenAI CLIP's pixel statistics, used when a checkpoint has no
+# preprocessor_config.json.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    # transformers' NewGELUActivation and PytorchGELUTanh are the tanh form.
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  image_size: int
+  patch_size: int
+  num_channels: int = 3
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+  image_std: tuple[float, ...] = OPENAI_CLIP_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  max_position_embeddings: int
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  # eos_token_id == 2 marks legacy configs: pooling then takes argmax(input_ids)
+  # (transformers keeps that behaviour, so do we).
+  eos_token_id: int = 49407
+  bos_token_id: int = 49406
+  pad_token_id: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Static description of a CLIP model (hashable, safe as a jit static)."""
+  vision: VisionConfig
+  text: TextConfig
+  projection_dim: int
+  logit_scale_init_value: float = 2.6592
+  dtype: Any = jnp.float32  # compute dtype; params stay float32
+  remat: bool = False  # nn.remat each encoder layer (memory for compute)
+
+
+def _pick(d, key, default=None):
+  v = d.get(key, default)
+  return default if v is None else v
+
+
+def config_from_hf(hf_config, *, image_mean=None, image_std=None,
+                   dtype=jnp.float32, remat=False):
+  """Our CLIPConfig from a transformers CLIPConfig (or its config.json dict).
+
+  Args:
+    hf_config: transformers.CLIPConfig, or a dict as in config.json.
+    image_mean, image_std: per-channel pixel statistics on [0, 1] pixels;
+      None means OpenAI CLIP's.
+    dtype: compute dtype (params stay float32).
+    remat: rematerialise encoder layers in the backward pass.
+  """
+  d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+  v, t = d.get("vision_config") or {}, d.get("text_config") or {}
+  for name, sub in (("vision_config", v), ("text_config", t)):
+    act = _pick(sub, "hidden_act", "quick_gelu")
+    if act not in ACTIVATIONS:
+      raise ValueError(f"{name}.hidden_act={act!r} is not supported; "
+                       f"expected one of {sorted(ACTIVATIONS)}")
+  image_size, patch_size = _pick(v, "image_size", 224), _pick(v, "patch_size", 32)
+  for name, val in (("image_size", image_size), ("patch_size", patch_size)):
+    if not isinstance(val, int):
+      raise ValueError(f"vision_config.{name} must be an int (square images, as "
+                       f"transformers' CLIPVisionEmbeddings assumes), got {val!r}")
+  eos = _pick(t, "eos_token_id", 49407)
+  if not isinstance(eos, int):
+    raise ValueError(f"text_config.eos_token_id must be one int, got {eos!r}")
+  num_channels = _pick(v, "num_channels", 3)
+  mean = tuple(float(x) for x in (image_mean if image_mean is not None else OPENAI_CLIP_MEAN))
+  std = tuple(float(x) for x in (image_std if image_std is not None else OPENAI_CLIP_STD))
+  if len(mean) != num_channels or len(std) != num_channels:
+    raise ValueError(f"image_mean {mean} and image_std {std} must have "
+                     f"num_channels={num_channels} entries")
+  vision = VisionConfig(
+      hidden_size=_pick(v, "hidden_size", 768),
+      intermediate_size=_pick(v, "intermediate_size", 3072),
+      num_hidden_layers=_pick(v, "num_hidden_layers", 12),
+      num_attention_heads=_pick(v, "num_attention_heads", 12),
+      image_size=image_size, patch_size=patch_size, num_channels=num_channels,
+      hidden_act=_pick(v, "hidden_act", "quick_gelu"),
+      layer_norm_eps=float(_pick(v, "layer_norm_eps", 1e-5)),
+      image_mean=mean, image_std=std)
+  text = TextConfig(
+      vocab_size=_pick(t, "vocab_size", 49408),
+      hidden_size=_pick(t, "hidden_size", 512),
+      intermediate_size=_pick(t, "intermediate_size", 2048),
+      num_hidden_layers=_pick(t, "num_hidden_layers", 12),
+      num_attention_heads=_pick(t, "num_attention_heads", 8),
+      max_position_embeddings=_pick(t, "max_position_embeddings", 77),
+      hidden_act=_pick(t, "hidden_act", "quick_gelu"),
+      layer_norm_eps=float(_pick(t, "layer_norm_eps", 1e-5)),
+      eos_token_id=eos,
+      bos_token_id=_pick(t, "bos_token_id", 49406),
+      pad_token_id=_pick(t, "pad_token_id", 1))
+  for name, sub in (("vision_config", vision), ("text_config", text)):
+    if sub.hidden_size % sub.num_attention_heads:
+      raise ValueError(f"{name}.hidden_size={sub.hidden_size} is not a multiple of "
+                       f"num_attention_heads={sub.num_attention_heads}")
+  return CLIPConfig(
+      vision=vision, text=text,
+      projection_dim=_pick(d, "projection_dim", 512),
+      logit_scale_init_value=float(_pick(d, "logit_scale_init_value", 2.6592)),
+      dtype=jnp.dtype(dtype), remat=bool(remat))
+
+
+def _dense(features, dtype, name, use_bias=True):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype,
+                  param_dtype=jnp.float32, name=name)
+
+
+def _layer_norm(eps, dtype, name):
+  # use_fast_variance=False: E[(x-mu)^2] as torch does, not E[x^2]-mu^2, which
+  # loses ~1e-5 relative precision on CLIP's large residual streams.
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                      use_fast_variance=False, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with HF's q/k/v/out_proj names."""
+  hidden_size: int
+  num_heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    """x: (B, T, D); mask: bool broadcastable to (B, N, T, T), True = attend."""
+    b, t, _ = x.shape
+    head_dim = self.hidden_size // self.num_heads
+    split = lambda y: y.reshape(b, t, self.num_heads, head_dim)
+    q = split(_dense(self.hidden_size, self.dtype, "q_proj")(x))
+    k = split(_dense(self.hidden_size, self.dtype, "k_proj")(x))
+    v = split(_dense(self.hidden_size, self.dtype, "v_proj")(x))
+    # Default scale is head_dim**-0.5, as in CLIPAttention.
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return _dense(self.hidden_size, self.dtype, "out_proj")(y.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+  hidden_size: int
+  intermediate_size: int
+  act: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    x = _dense(self.intermediate_size, self.dtype, "fc1")(x)
+    x = ACTIVATIONS[self.act](x)
+    return _dense(self.hidden_size, self.dtype, "fc2")(x)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LN transformer block (CLIPEncoderLayer)."""
+  hidden_size: int
+  intermediate_size: int
+  num_heads: int
+  act: str
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    h = _layer_norm(self.eps, self.dtype, "layer_norm1")(x)
+    x = x + Attention(self.hidden_size, self.num_heads, self.dtype, name="self_attn")(h, mask)
+    h = _layer_norm(self.eps, self.dtype, "layer_norm2")(x)
+    mlp = MLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")
+    return x + mlp(h)
+
+
+class Encoder(nn.Module):
+  """Stack of EncoderLayer named layers_0..layers_{L-1} (HF: layers.{i})."""
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  act: str
+  eps: float
+  dtype: Any
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
+    for i in range(self.num_layers):
+      x = layer_cls(self.hidden_size, self.intermediate_size, self.num_heads,
+                    self.act, self.eps, self.dtype, name=f"layers_{i}")(x, mask)
+    return x
+
+
+def _encoder(cfg, dtype, remat):
+  return Encoder(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+                 cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps,
+                 dtype, remat, name="encoder")
+
+
+class VisionEmbeddings(nn.Module):
+  cfg: VisionConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, pixels):
+    """pixels: (B, H, W, C) normalised -> (B, 1 + num_patches, D)."""
+    cfg = self.cfg
+    p = cfg.patch_size
+    x = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                name="patch_embedding")(pixels)
+    b = x.shape[0]
+    # Row-major (h, w) flattening matches torch's flatten(2) on (B, D, h, w).
+    x = x.reshape(b, -1, cfg.hidden_size)
+    cls = self.param("class_embedding",
+                     nn.initializers.normal(cfg.hidden_size ** -0.5),
+                     (cfg.hidden_size,), jnp.float32)
+    cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.hidden_size))
+    x = jnp.concatenate([cls, x], axis=1)
+    num_positions = (cfg.image_size // p) ** 2 + 1
+    pos = nn.Embed(num_positions, cfg.hidden_size, dtype=self.dtype,
+                   param_dtype=jnp.float32, name="position_embedding")
+    return x + pos(jnp.arange(num_positions))[None]
+
+
+class VisionTransformer(nn.Module):
+  """HF CLIPVisionModel: returns the pooled (B, D) post_layernorm CLS state."""
+  cfg: VisionConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images):
+    """images: (B, H, W, C) float in [0, 1] at the model's resolution."""
+    cfg = self.cfg
+    want = (cfg.image_size, cfg.image_size, cfg.num_channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+      raise ValueError(f"images must have shape (B, {want[0]}, {want[1]}, {want[2]}) "
+                       f"(NHWC in [0, 1] at the model's resolution), got {images.shape}")
+    # Normalise in float32 (pixel budgets are tiny), then cast to compute dtype.
+    mean = jnp.asarray(cfg.image_mean, jnp.float32)
+    std = jnp.asarray(cfg.image_std, jnp.float32)
+    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    x = VisionEmbeddings(cfg, self.dtype, name="embeddings")(x)
+    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)  # sic, HF's name
+    x = _encoder(cfg, self.dtype, self.remat)(x)
+    return _layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
+
+
+class TextEmbeddings(nn.Module):
+  cfg: TextConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, input_ids):
+    """input_ids: (B, T) int -> (B, T, D) token + position embeddings."""
+    cfg = self.cfg
+    tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                   param_dtype=jnp.float32, name="token_embedding")
+    pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                   param_dtype=jnp.float32, name="position_embedding")
+    return tok(input_ids) + pos(jnp.arange(input_ids.shape[1]))[None]
+
+
+class TextTransformer(nn.Module):
+  """HF CLIPTextModel: returns the pooled (B, D) state at the EOS token."""
+  cfg: TextConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None):
+    """input_ids, attention_mask: (B, T) int, T <= max_position_embeddings."""
+    cfg = self.cfg
+    if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_position_embeddings:
+      raise ValueError(f"input_ids must have shape (B, T) with T <= "
+                       f"max_position_embeddings={cfg.max_position_embeddings}, "
+                       f"got {input_ids.shape}")
+    b, t = input_ids.shape
+    x = TextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
+    # Causal AND key-padding mask, as transformers' create_causal_mask builds it.
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    if attention_mask is not None:
+      if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} must equal "
+                         f"input_ids shape {input_ids.shape}")
+      mask = mask & (attention_mask[:, None, None, :] > 0)
+    x = _encoder(cfg, self.dtype, self.remat)(x, mask)
+    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
+    if cfg.eos_token_id == 2:
+      # Legacy configs (before transformers PR #24773): EOS = largest token id.
+      eos_pos = jnp.argmax(input_ids, axis=-1)
+    else:
+      # First EOS (the pad token may equal EOS); argmax returns the first max.
+      eos_pos = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
+    return x[jnp.arange(b), eos_pos]
+
+
+class CLIPModule(nn.Module):
+  """Two-tower CLIP. Params: vision_model, text_model, visual_projection,
+  text_projection, logit_scale."""
+  config: CLIPConfig
+
+  def setup(self):
+    c = self.config
+    self.vision_model = VisionTransformer(c.vision, c.dtype, c.remat)
+    self.text_model = TextTransformer(c.text, c.dtype, c.remat)
+    self.visual_projection = _dense(c.projection_dim, c.dtype, None, use_bias=False)
+    self.text_projection = _dense(c.projection_dim, c.dtype, None, use_bias=False)
+    self.logit_scale = self.param(
+        "logit_scale", nn.initializers.constant(c.logit_scale_init_value), (), jnp.float32)
+
+  def encode_images(self, images):
+    """images: (B, H, W, C) in [0, 1] -> (B, projection_dim) float32, not normalised."""
+    return self.visual_projection(self.vision_model(images)).astype(jnp.float32)
+
+  def encode_texts(self, input_ids, attention_mask=None):
+    """input_ids, attention_mask: (B, T) int -> (B, projection_dim) float32."""
+    return self.text_projection(
+        self.text_model(input_ids, attention_mask)).astype(jnp.float32)
+
+  def __call__(self, images, input_ids, attention_mask=None):
+    """Like HF CLIPModel.forward: normalised embeds and scaled cosine logits.
+
+    Returns dict with image_embeds (B_i, P), text_embeds (B_t, P) (both unit
+    norm), logits_per_image (B_i, B_t) and logits_per_text (B_t, B_i).
+    """
+    img = l2_normalize(self.encode_images(images))
+    txt = l2_normalize(self.encode_texts(input_ids, attention_mask))
+    logits_per_image = jnp.exp(self.logit_scale) * img @ txt.T
+    return dict(image_embeds=img, text_embeds=txt,
+                logits_per_image=logits_per_image, logits_per_text=logits_per_image.T)
+
+
+def l2_normalize(x, axis=-1):
+  """x / ||x|| along axis (no epsilon, as HF; embeddings are never zero)."""
+  return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
