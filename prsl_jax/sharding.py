@@ -1,0 +1,73 @@
+"""Data parallelism: one Mesh over every device of every host, axis 'data'.
+
+Params and optimizer state are replicated (P()); batches are split over 'data'
+(P('data')). Steps are written per shard with jax.shard_map and average their
+gradients with lax.pmean.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
+                                 process_id=None):
+  """jax.distributed.initialize for multi-host runs; a no-op for one process.
+
+  On TPU pods and SLURM/GPU clusters JAX finds the coordinator itself: pass
+  coordinator_address='auto'. For explicit launches (e.g. two processes on
+  localhost) give all three arguments.
+  """
+  if coordinator_address is None:
+    return
+  if coordinator_address == "auto":
+    jax.distributed.initialize()
+  else:
+    # CPU collectives across processes need gloo (the default has none); the
+    # setting only affects the CPU client, so it is harmless on GPU hosts. It must
+    # precede any backend initialisation, hence no platform check here.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all (global) devices, axis 'data', Auto axis type."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA,))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree of host or device arrays on every device of the mesh."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(local_batch, mesh: Mesh):
+  """This process's rows -> global arrays split over 'data'.
+
+  Args:
+    local_batch: pytree of numpy arrays with leading dim B / process_count.
+    mesh: the data mesh.
+
+  Returns:
+    pytree of global jax.Arrays with leading dim B, sharded P('data').
+  """
+  n_local = len(mesh.local_devices)
+  def put(x):
+    if x.shape[0] % n_local:
+      raise ValueError(
+          f"per-process batch {x.shape[0]} must be divisible by the {n_local} local "
+          f"devices (global batch = per-process batch x {jax.process_count()} processes)")
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(DATA)), x)
+  return jax.tree.map(put, local_batch)
+
+
+def check_global_batch(global_batch_size: int, mesh: Mesh):
+  """Fails early, with the numbers, if the batch cannot be split evenly."""
+  n = mesh.devices.size
+  if global_batch_size % n or global_batch_size % jax.process_count():
+    raise ValueError(
+        f"batch_size={global_batch_size} must be divisible by the number of devices "
+        f"({n}) and of processes ({jax.process_count()})")
