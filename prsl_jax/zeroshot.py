@@ -1,0 +1,207 @@
+"""Zero-shot classification head: class names x prompt templates -> logits.
+
+Each class is the average of its prompts' normalised text embeddings,
+renormalised (CLIP's prompt ensembling); logits = scale * cos(image, class).
+
+    class_emb = class_embeddings(clip, params, ["zero", "one", ...])
+    logits_fn = functools.partial(logits, clip, params, class_emb)
+    # logits_fn(images) -> (B, C): what every attack in prsl_jax.attacks takes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prsl_jax.models.clip import l2_normalize
+
+# The prompt of TeCoA, FARE and PMG-AFT.
+DEFAULT_TEMPLATES = ("This is a photo of a {}",)
+
+# CLIP's 80 ImageNet templates (openai/CLIP, Prompt_Engineering_for_ImageNet).
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+
+def tokenize(clip, texts):
+  """Tokenizes texts with clip.tokenizer, padded/truncated to clip.max_text_length.
+
+  Returns:
+    (input_ids, attention_mask), numpy int32 (N, clip.max_text_length).
+  """
+  if clip.tokenizer is None:
+    raise ValueError("clip.tokenizer is None (the checkpoint folder has no tokenizer "
+                     "files); tokenize the prompts yourself and use embed_prompts")
+  if isinstance(texts, str):
+    texts = [texts]
+  enc = clip.tokenizer(list(texts), padding="max_length", truncation=True,
+                       max_length=clip.max_text_length, return_tensors="np")
+  return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def _average_templates(emb, num_classes):
+  """(C*T, D) class-major prompt embeddings -> (C, D) unit class embeddings."""
+  if emb.shape[0] % num_classes:
+    raise ValueError(f"{emb.shape[0]} prompts do not split into num_classes={num_classes} "
+                     "equal groups (rows must be class-major: C x T)")
+  emb = l2_normalize(emb).reshape(num_classes, -1, emb.shape[-1])
+  return l2_normalize(emb.mean(axis=1))
+
+
+def embed_prompts(clip, params, input_ids, attention_mask, num_classes):
+  """Class embeddings from tokenized prompts; jittable (num_classes static).
+
+  Args:
+    clip: a prsl_jax CLIP.
+    params: its params.
+    input_ids, attention_mask: (C*T, L) int, class-major (class c's T templates
+      are rows c*T .. c*T+T-1).
+    num_classes: C.
+
+  Returns:
+    (C, D) float32: per-prompt embeddings normalised, averaged over the
+    templates of each class, renormalised.
+  """
+  return _average_templates(clip.encode_texts(params, input_ids, attention_mask),
+                            num_classes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _embed_batched(clip, params, ids, mask, num_classes, num_texts):
+  # ids, mask: (num_batches, batch, L). lax.map runs one batch at a time, so the
+  # memory is one batch's, and it compiles once whatever the number of batches.
+  emb = jax.lax.map(lambda b: clip.encode_texts(params, b[0], b[1]), (ids, mask))
+  emb = emb.reshape(-1, emb.shape[-1])[:num_texts]
+  return _average_templates(emb, num_classes)
+
+
+def class_embeddings(clip, params, class_names, templates=None, batch_size=256):
+  """Zero-shot class embeddings for class_names under templates.
+
+  Args:
+    clip: a prsl_jax CLIP with a tokenizer.
+    params: its params (only the text side is used).
+    class_names: sequence of C names, each formatted into every template.
+    templates: sequence of format strings with one "{}"; default
+      DEFAULT_TEMPLATES ("This is a photo of a {}").
+    batch_size: prompts encoded at a time.
+
+  Returns:
+    (C, D) float32, unit-norm rows.
+  """
+  templates = DEFAULT_TEMPLATES if templates is None else tuple(templates)
+  if isinstance(class_names, str) or not len(class_names):
+    raise ValueError(f"class_names must be a non-empty sequence of names, got {class_names!r}")
+  if not templates or any("{}" not in t for t in templates):
+    raise ValueError(f"templates must be non-empty format strings with one '{{}}', got {templates!r}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  texts = [t.format(c) for c in class_names for t in templates]
+  ids, mask = tokenize(clip, texts)
+  n = len(texts)
+  bs = min(batch_size, n)
+  pad = -n % bs
+  # Pad with copies of a real prompt: an all-padding row has no EOS to pool at.
+  ids = np.concatenate([ids, np.repeat(ids[:1], pad, axis=0)])
+  mask = np.concatenate([mask, np.repeat(mask[:1], pad, axis=0)])
+  shape = (-1, bs, ids.shape[-1])
+  return _embed_batched(clip, params, ids.reshape(shape), mask.reshape(shape),
+                        len(class_names), n)
+
+
+def logits(clip, params, class_emb, images):
+  """Zero-shot logits, scale * cos(image, class).
+
+  Args:
+    clip: a prsl_jax CLIP.
+    params: its params.
+    class_emb: (C, D) class embeddings (class_embeddings / embed_prompts).
+    images: (B, H, W, 3) float in [0, 1] at clip.image_size.
+
+  Returns:
+    (B, C) float32. functools.partial(logits, clip, params, class_emb) is the
+    logits_fn the attacks take.
+  """
+  img = l2_normalize(clip.encode_images(params, images))
+  return clip.logit_scale(params) * (img @ l2_normalize(class_emb).T)
