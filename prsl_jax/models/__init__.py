@@ -1,0 +1,1 @@
+"""CLIP: the flax module (clip), HF checkpoint conversion (convert), tokenizer builder."""
