@@ -43,6 +43,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: proces
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
+def quiet_logs():
+  """orbax logs every save at INFO; keep the console to the progress bar and table."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def validate(config, class_names=None):
   """Stops a bad config before any compute, with the offending key in the message."""
   loss = config.loss
@@ -152,6 +158,7 @@ def train(config, workdir, clip, train_source, class_emb, prompts, mesh, *, desc
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_logs()
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
 

@@ -174,7 +174,8 @@ def train_iterator(source, *, global_batch_size, seed, process_index=0, process_
     caption_templates: templates '{}'-formatted with the example's caption (the
       digits carry their class name as caption); () keeps captions as they are.
     tokenize: optional fn(list[str]) -> (ids (n, L), mask (n, L)) applied to the
-      batch's captions; adds 'input_ids' and 'attention_mask', drops 'caption'.
+      batch's captions, adding 'input_ids' and 'attention_mask'; without it,
+      captions are dropped (batches hold only arrays that can go to devices).
 
   Returns:
     grain DatasetIterator of dicts of numpy arrays with leading dim B / process_count;
@@ -200,12 +201,9 @@ def train_iterator(source, *, global_batch_size, seed, process_index=0, process_
 
 def _collate(examples, tokenize=None):
   out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k != "caption"}
-  if "caption" in examples[0]:
-    captions = [ex["caption"] for ex in examples]
-    if tokenize is not None:
-      out["input_ids"], out["attention_mask"] = tokenize(captions)
-    else:
-      out["caption"] = np.asarray(captions)
+  # Strings cannot go to devices: captions leave the pipeline tokenized or not at all.
+  if "caption" in examples[0] and tokenize is not None:
+    out["input_ids"], out["attention_mask"] = tokenize([ex["caption"] for ex in examples])
   return out
 
 
@@ -229,6 +227,5 @@ def eval_batches(source, indices, batch_size: int):
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)
     batch = _collate([source[int(i)] for i in chunk])
-    batch.pop("caption", None)
     batch["mask"] = np.arange(batch_size) < n
     yield batch

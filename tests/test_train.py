@@ -1,0 +1,194 @@
+"""The trainer: determinism, 8 devices = 1 device, 2 processes = 1, kill and resume."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train as train_lib  # pylint: disable=wrong-import-position
+import prsl_jax  # pylint: disable=wrong-import-position
+from prsl_jax import checkpoints  # pylint: disable=wrong-import-position
+from prsl_jax import data  # pylint: disable=wrong-import-position
+from prsl_jax import sharding  # pylint: disable=wrong-import-position
+from prsl_jax import training  # pylint: disable=wrong-import-position
+from prsl_jax import zeroshot  # pylint: disable=wrong-import-position
+from tests import small_config  # pylint: disable=wrong-import-position
+
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+
+
+def _flat(params):
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def _run_in_process(workdir, **overrides):
+  config = small_config.get_config()
+  config.update_from_flattened_dict(overrides)
+  clip = prsl_jax.load_pretrained(config.model.path)
+  source, names = data.load("digits", "train", image_size=clip.image_size)
+  class_emb = zeroshot.class_embeddings(clip, clip.params, names)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  return _flat(train_lib.train(config, workdir, clip, source, class_emb, None, mesh))
+
+
+def _worker(workdir, out, *args, devices=1, check=True, timeout=600):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, WORKER, workdir, out, *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-5000:]}")
+  return proc
+
+
+def _assert_close(a, b, rtol, atol):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One device, in process: the run every other topology must reproduce."""
+  workdir = str(tmp_path_factory.mktemp("ref"))
+  return workdir, _run_in_process(workdir)
+
+
+def test_same_seed_is_bit_identical_and_training_moves_params(reference, tmp_path):
+  workdir, params = reference
+  again = _run_in_process(str(tmp_path))
+  for k in params:
+    np.testing.assert_array_equal(params[k], again[k], err_msg=k)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    m1 = f.read()
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    assert f.read() == m1
+  steps = [json.loads(line)["step"] for line in m1.splitlines()]
+  assert steps == list(range(1, 7))
+  # The vision tower moved, the frozen text tower did not.
+  start = _flat(prsl_jax.load_pretrained(small_config.get_config().model.path).params)
+  assert any(not np.array_equal(start[k], params[k]) for k in params if "vision_model" in k)
+  assert all(np.array_equal(start[k], params[k]) for k in params
+             if "text_model" in k or "logit_scale" in k)
+  # A different seed gives different numbers (the comparison above could fail).
+  other = _run_in_process(str(tmp_path / "seed1"), seed=1)
+  assert any(not np.array_equal(other[k], params[k]) for k in params)
+
+
+def test_eight_devices_match_one(reference, tmp_path):
+  _, params = reference
+  out = str(tmp_path / "p.npz")
+  proc = _worker(str(tmp_path / "w"), out, devices=8)
+  assert "devices=8" in proc.stdout
+  _assert_close(dict(np.load(out)), params, rtol=2e-4, atol=2e-5)
+
+
+def test_contrastive_eight_devices_match_one(tmp_path):
+  # The negatives are gathered from all devices: the loss must not depend on the split.
+  args = ["--config.objective=contrastive", "--config.total_steps=3", "--config.loss.k=4"]
+  _worker(str(tmp_path / "w8"), str(tmp_path / "p8.npz"), *args, devices=8)
+  _worker(str(tmp_path / "w1"), str(tmp_path / "p1.npz"), *args, devices=1)
+  _assert_close(dict(np.load(tmp_path / "p8.npz")), dict(np.load(tmp_path / "p1.npz")),
+                rtol=2e-4, atol=2e-5)
+
+
+def test_two_processes_match_one(reference, tmp_path):
+  import portpicker  # pylint: disable=g-import-not-at-top
+  _, params = reference
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, WORKER, str(tmp_path / "w"), str(tmp_path / "p.npz"),
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (so, se) in zip(procs, outs):
+    assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
+    assert "devices=2 processes=2" in so
+  _assert_close(dict(np.load(tmp_path / "p.npz")), params, rtol=2e-4, atol=2e-5)
+
+
+def test_killed_run_resumes_to_the_same_params(reference, tmp_path):
+  _, params = reference
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "p.npz")
+  proc = _worker(workdir, out, "--kill_after_save=4", check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert not os.path.exists(out)
+  _worker(workdir, out)
+  _assert_close(dict(np.load(out)), params, rtol=0, atol=0)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  # Logged steps 1-4 before the kill, then resumed after a checkpoint (2 or 4), not 0.
+  assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 6 and steps.count(1) == 1
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_warning(reference, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference[0], workdir)
+  for f in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "*"),
+                     recursive=True):
+    if os.path.isfile(f):
+      with open(f, "wb") as fh:
+        fh.write(b"garbage")
+  config = small_config.get_config()
+  clip = prsl_jax.load_pretrained(config.model.path)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  tx = training.make_optimizer(config.optimizer, config.total_steps, clip.params,
+                               config.train_towers)
+  state = sharding.replicate(training.init_state(clip.params, tx, 0), mesh)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  mgr = checkpoints.manager(workdir, max_to_keep=5)
+  with pytest.warns(UserWarning, match="resumed from step 4"):
+    restored, data_state = checkpoints.restore_latest(mgr, abstract)
+  assert int(restored["step"]) == 4 and data_state["next_index"] == 4
+
+
+def _config(**overrides):
+  c = small_config.get_config()
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+@pytest.mark.parametrize("overrides,names,error,match", [
+    ({"loss.k": 10}, data.DIGIT_NAMES, ValueError, r"config.loss.k=10 must be in 1..9"),
+    ({"loss.k": 0}, data.DIGIT_NAMES, ValueError, r"config.loss.k=0 must be in 1..9"),
+    ({"objective": "contrastive", "loss.k": 16}, None, ValueError, r"contrastive batch of 16"),
+    ({"loss.name": "hinge"}, None, ValueError, "config.loss.name"),
+    ({"loss.weight": -1.0}, None, ValueError, "config.loss.weight"),
+    ({"model.path": "/no/such/folder"}, None, FileNotFoundError, "/no/such/folder"),
+    ({"eval.eps": (-1.0,)}, None, ValueError, "config.eval.eps"),
+])
+def test_bad_configs_are_refused(overrides, names, error, match):
+  with pytest.raises(error, match=match):
+    train_lib.validate(_config(**overrides), names)
+
+
+def test_batch_not_divisible_by_devices():
+  mesh = types.SimpleNamespace(devices=np.empty(8))  # only .devices.size is read
+  with pytest.raises(ValueError, match=r"batch_size=20 must be divisible by the number of "
+                                       r"devices \(8\)"):
+    sharding.check_global_batch(20, mesh)
+  sharding.check_global_batch(16, mesh)
+
+
+def test_unknown_config_key_stops_train_py_before_compute(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                         "--config.loss.kk=3", f"--workdir={tmp_path}"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "kk" in proc.stderr and "loss" in proc.stderr
+  assert not os.listdir(tmp_path)
