@@ -134,9 +134,10 @@ def random_images(rng, n, size):
 def random_text_batch(rng, ckpt, n=4):
   """(ids, mask) int64 (n, MAX_LEN): BOS, random tokens, EOS, right padding.
 
-  Tokens are drawn from the whole embedding table, so some exceed the EOS id;
-  the last row also masks out one token before its EOS (a hole in the mask), so
-  the padding mask changes the pooled feature, not only padded positions.
+  Tokens are drawn from the whole embedding table and each row holds one id
+  above the EOS id (so argmax(ids) is not the EOS position). The last row also
+  masks out one token before its EOS (a hole in the mask), so the padding mask
+  changes the pooled feature, not only padded positions.
   """
   bos, eos = ckpt.tokenizer_size - 2, ckpt.tokenizer_size - 1
   ids = np.full((n, MAX_LEN), eos, np.int64)
@@ -145,6 +146,7 @@ def random_text_batch(rng, ckpt, n=4):
     length = int(rng.integers(4, MAX_LEN + 1))
     body = rng.integers(0, ckpt.vocab_size, length - 2)
     body[body == eos] = 0
+    body[rng.integers(0, len(body))] = eos + 1 + i % EXTRA_VOCAB  # an id above EOS
     ids[i, :length] = [bos, *body, eos]
     mask[i, :length] = 1
   mask[-1, 2] = 0
