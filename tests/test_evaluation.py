@@ -1,0 +1,298 @@
+"""prsl_jax.evaluation: the cascade's arithmetic, its soundness checks, reports.
+
+Tiny models (linear, one-hidden-layer MLP, a rounding model with zero input
+gradients) on random 6x6 RGB images; a few attack steps. Module-level logits
+functions let evaluation's compile cache serve every test.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prsl_jax import evaluation
+
+N, S, C = 32, 6, 10
+FAST = dict(steps=5, square_queries=40, batch_size=16, progress=False)
+
+
+class ArraySource:
+  """Random-access source over arrays, like prsl_jax.data's."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": np.int32(self.labels[i])}
+
+
+def linear(params, images):
+  return images.reshape(images.shape[0], -1) @ params["w"] + params["b"]
+
+
+def mlp(params, images):
+  return jnp.tanh(images.reshape(images.shape[0], -1) @ params["w1"]) @ params["w2"]
+
+
+def rounded(params, images):
+  # Quantised input, no gradient through it: gradients are exactly zero, yet the
+  # logits still move when pixels cross a rounding boundary.
+  q = jax.lax.stop_gradient(jnp.round(images * 2) / 2)
+  return linear(params, q)
+
+
+def _problem(fn, params, seed=0, n=N):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0, 1, (n, S, S, 3)).astype(np.float32)
+  y = np.asarray(jnp.argmax(fn(params, x), -1)).astype(np.int32)
+  y[:3] = (y[:3] + 1) % C  # a few clean mistakes
+  return ArraySource(x, y), np.arange(n)
+
+
+def _linear_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(S * S * 3, C)), jnp.float32),
+          "b": jnp.zeros(C, jnp.float32)}
+
+
+def _mlp_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"w1": jnp.asarray(0.3 * rng.normal(size=(S * S * 3, 64)), jnp.float32),
+          "w2": jnp.asarray(rng.normal(size=(64, C)), jnp.float32)}
+
+
+def _strip_times(results):
+  return {**results, "robust": [{k: v for k, v in r.items() if k != "seconds"}
+                                for r in results["robust"]]}
+
+
+@pytest.fixture(scope="module")
+def lin():
+  params = _linear_params()
+  source, idx = _problem(linear, params)
+  return params, source, idx
+
+
+def test_eps0_is_clean_and_robust_accuracy_falls_with_eps(lin):
+  params, source, idx = lin
+  eps = [0.0, 1 / 255, 2 / 255, 4 / 255, 16 / 255]
+  r = evaluation.evaluate(linear, params, source, idx, eps_list=eps, suite="fast", **FAST)
+  clean = r["clean_accuracy"]
+  assert clean == pytest.approx((N - 3) / N)  # the 3 flipped labels
+  at0 = r["robust"][0]
+  assert at0["robust_accuracy"] == clean
+  assert all(v == clean for v in at0["accuracy_after"].values())
+  assert sum(at0["broken"].values()) == 0
+  acc = [e["robust_accuracy"] for e in r["robust"]]
+  assert all(a >= b for a, b in zip(acc, acc[1:])), acc
+  assert acc[-1] < acc[1] <= clean  # the budgets matter: it is not a constant
+  for e in r["robust"]:
+    after = list(e["accuracy_after"].values())
+    assert all(a >= b for a, b in zip(after, after[1:]))  # cumulative
+    assert after[-1] == e["robust_accuracy"]
+    # Worst case per example: robust = survived every attack; mistakes never robust.
+    mask = np.asarray(e["robust_mask"])
+    assert mask.mean() == e["robust_accuracy"]
+    assert not mask[:3].any()
+    assert [b for b in e["broken_by"][:3]] == ["clean"] * 3
+    assert all((b is None) == m for b, m in zip(e["broken_by"], mask))
+  assert r["checks"]["passed"], r["checks"]
+  assert r["indices"] == list(range(N))
+
+
+def test_more_steps_never_raise_robust_accuracy():
+  params = _mlp_params()
+  source, idx = _problem(mlp, params)
+  eps = [2 / 255, 6 / 255, 12 / 255]
+  kw = dict(FAST, eps_list=eps, suite=["apgd-ce"])
+  few = evaluation.evaluate(mlp, params, source, idx, **dict(kw, steps=1))
+  many = evaluation.evaluate(mlp, params, source, idx, **dict(kw, steps=20))
+  acc_few = [e["robust_accuracy"] for e in few["robust"]]
+  acc_many = [e["robust_accuracy"] for e in many["robust"]]
+  assert all(m <= f for m, f in zip(acc_many, acc_few)), (acc_many, acc_few)
+  assert sum(acc_many) < sum(acc_few)  # steps reach the attack: 1 step is weaker here
+  assert (few["steps"], many["steps"]) == (1, 20)
+
+
+def test_cascade_is_worst_case_of_its_attacks_and_plain_model_is_silent(lin):
+  params, source, idx = lin
+  eps = [2 / 255, 6 / 255]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", evaluation.SoundnessWarning)  # plain: no warning
+    cascade = evaluation.evaluate(linear, params, source, idx, eps_list=eps,
+                                  suite="standard", **FAST)
+    alone = {a: evaluation.evaluate(linear, params, source, idx, eps_list=eps,
+                                    suite=[a], **FAST)
+             for a in evaluation.SUITES["standard"]}
+  assert cascade["checks"]["passed"] and not cascade["checks"]["gradient_masking"]
+  for i in range(len(eps)):
+    worst = cascade["robust"][i]
+    for name, res in alone.items():
+      assert worst["robust_accuracy"] <= res["robust"][i]["robust_accuracy"], name
+      # Per example too: a point one attack breaks alone is broken in the cascade
+      # (same per-example keys wherever the attack sits in the suite).
+      assert not np.any(np.asarray(worst["robust_mask"])
+                        & ~np.asarray(res["robust"][i]["robust_mask"])), name
+    # The first attack of the cascade is that attack alone.
+    assert worst["accuracy_after"]["apgd-ce"] == alone["apgd-ce"]["robust"][i]["robust_accuracy"]
+  assert cascade["robust"][-1]["robust_accuracy"] < cascade["clean_accuracy"]
+
+
+def test_masking_warning_fires_on_a_rounding_model():
+  params = _linear_params(1)
+  source, idx = _problem(rounded, params, seed=1)
+  with pytest.warns(evaluation.GradientMaskingWarning, match="gradient masking"):
+    r = evaluation.evaluate(rounded, params, source, idx, eps_list=[8 / 255],
+                            suite=["apgd-ce", "square"], **FAST)
+  e = r["robust"][0]
+  assert e["gradient_masking"] and r["checks"]["gradient_masking"]
+  assert e["broken"]["square"] > 0  # the black-box attack did what APGD could not
+  assert r["checks"]["zero_gradient_fraction"] == 1.0
+  assert not r["checks"]["gradients_ok"] and not r["checks"]["passed"]
+  assert any("gradient masking" in w for w in r["checks"]["warnings"])
+  assert "MASKING" in evaluation.format_table({"rounded": r})
+
+
+def test_same_seed_same_numbers(lin):
+  params, source, idx = lin
+  kw = dict(eps_list=[4 / 255], suite=["apgd-ce", "square"], **FAST)
+  a = evaluation.evaluate(linear, params, source, idx, seed=3, **kw)
+  b = evaluation.evaluate(linear, params, source, idx, seed=3, **kw)
+  assert _strip_times(a) == _strip_times(b)
+  assert a["seed"] == 3
+
+
+def test_out_of_ball_images_are_flagged_and_not_counted(lin, monkeypatch):
+  params, source, idx = lin
+
+  def too_far(fn, x, y, keys, eps, **_):
+    del fn, y, keys  # steps 2 eps away: outside the ball, even at eps=0 (+0.01)
+    return jnp.clip(x + 2 * eps + 0.01, 0, 1)
+
+  monkeypatch.setitem(evaluation.ATTACKS, "fgsm", too_far)
+  with pytest.warns(evaluation.SoundnessWarning):
+    r = evaluation.evaluate(linear, params, source, idx, eps_list=[8 / 255],
+                            suite=["fgsm"], **dict(FAST, batch_size=8))
+  e = r["robust"][0]
+  assert e["outside_ball"] > 0 and e["max_ball_excess"] > 1e-3
+  assert e["robust_accuracy"] == r["clean_accuracy"]  # nothing outside counts
+  assert not r["checks"]["ball_ok"] and not r["checks"]["eps0_ok"]
+  assert r["checks"]["eps0"]["fgsm"]["max_distance"] > 0
+
+
+def test_nondeterministic_logits_are_flagged(lin):
+  params, source, idx = lin
+  calls = []
+
+  def noisy(params, images):
+    # A fresh random offset at every trace: a stochastic "defence".
+    calls.append(1)
+    noise = np.random.default_rng(len(calls)).normal(size=(C,)).astype(np.float32)
+    return linear(params, images) + 10 * noise
+
+  with pytest.warns(evaluation.SoundnessWarning, match="not deterministic"):
+    r = evaluation.evaluate(noisy, params, source, idx, eps_list=[1 / 255],
+                            suite=["fgsm"], **FAST)
+  assert not r["checks"]["deterministic"] and r["checks"]["logits_max_abs_diff"] > 0.1
+
+
+def test_bad_arguments_fail_before_any_compute(lin):
+  params, source, idx = lin
+  kw = dict(eps_list=[1 / 255], **FAST)
+  with pytest.raises(ValueError, match="unknown suite"):
+    evaluation.evaluate(linear, params, source, idx, suite="strong", **kw)
+  with pytest.raises(ValueError, match="unknown attack"):
+    evaluation.evaluate(linear, params, source, idx, suite=["apgd-ce", "fab"], **kw)
+  with pytest.raises(ValueError, match=">= 0"):
+    evaluation.evaluate(linear, params, source, idx, suite="fast",
+                        **dict(kw, eps_list=[1 / 255, -1 / 255]))
+  with pytest.raises(ValueError, match="linf"):
+    evaluation.evaluate(linear, params, source, idx, suite=["fgsm"], norm="l2", **kw)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("batch",))
+  with pytest.raises(ValueError, match="'data' axis"):
+    evaluation.evaluate(linear, params, source, idx, suite="fast", mesh=mesh, **kw)
+
+
+def test_l2_budget_respected(lin):
+  params, source, idx = lin
+  r = evaluation.evaluate(linear, params, source, idx, eps_list=[0.0, 0.5], norm="l2",
+                          suite=["pgd-cw"], **FAST)
+  assert r["checks"]["passed"], r["checks"]
+  assert r["robust"][0]["robust_accuracy"] == r["clean_accuracy"]
+  assert r["robust"][1]["robust_accuracy"] < r["clean_accuracy"]
+  assert r["robust"][1]["max_ball_excess"] <= 1e-4
+
+
+_SHARDED = textwrap.dedent("""
+    import json, os, sys
+    import jax, numpy as np
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
+    import test_evaluation as t
+    from prsl_jax import evaluation
+    params = t._mlp_params()
+    source, idx = t._problem(t.mlp, params, n=30)  # 30: the last batch is padded
+    kw = dict(eps_list=[2 / 255, 8 / 255], suite=["apgd-ce", "square"],
+              **dict(t.FAST, batch_size=8))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    out = {"devices": len(jax.devices())}
+    out["one"] = t._strip_times(evaluation.evaluate(t.mlp, params, source, idx, **kw))
+    out["mesh"] = t._strip_times(evaluation.evaluate(t.mlp, params, source, idx,
+                                                     mesh=mesh, **kw))
+    try:
+      evaluation.evaluate(t.mlp, params, source, idx, mesh=mesh, **dict(kw, batch_size=6))
+    except ValueError as e:
+      out["error"] = str(e)
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_sharded_over_4_devices_matches_one_device(tmp_path):
+  script = tmp_path / "sharded.py"
+  script.write_text(_SHARDED)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(script), __file__], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  assert out["devices"] == 4
+  one, mesh = out["one"], out["mesh"]
+  assert (one["num_devices"], mesh["num_devices"]) == (1, 4)
+  for a, b in zip(one["robust"], mesh["robust"]):
+    assert a["robust_mask"] == b["robust_mask"] and a["broken_by"] == b["broken_by"]
+    assert a["accuracy_after"] == b["accuracy_after"]
+  assert one["robust"][-1]["robust_accuracy"] < one["clean_accuracy"]
+  assert "divisible" in out["error"] and "(4)" in out["error"]
+
+
+def _fake_results(norm="linf", eps=(1 / 255, 4 / 255), acc=(0.5, 0.25), clean=0.75):
+  return {"norm": norm, "suite": ["apgd-ce", "square"], "clean_accuracy": clean,
+          "checks": {"passed": True},
+          "robust": [{"eps": e, "robust_accuracy": a,
+                      "accuracy_after": {"apgd-ce": a + 0.125, "square": a}}
+                     for e, a in zip(eps, acc)]}
+
+
+def test_format_table_and_plot(tmp_path):
+  results = {"base": _fake_results(),
+             "prsl": _fake_results(eps=(4 / 255,), acc=(0.375,), clean=0.875)}
+  table = evaluation.format_table(results)
+  lines = table.splitlines()
+  assert lines[0] == "| model | clean | ε=1/255 | ε=4/255 | checks |"
+  assert lines[2] == "| base | 75.0 | 50.0 | 25.0 | ok |"
+  assert lines[3] == "| prsl | 87.5 | – | 37.5 | ok |"  # eps it was not run at
+  assert "| base | 4/255 | 37.5 | 25.0 |" in lines
+  path = evaluation.plot(results, str(tmp_path / "r.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.path.getsize(path) > 5000
