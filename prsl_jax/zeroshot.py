@@ -120,11 +120,15 @@ def tokenize(clip, texts):
   return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
+def _check_groups(num_prompts, num_classes):
+  if not isinstance(num_classes, int) or num_classes < 1 or num_prompts % num_classes:
+    raise ValueError(f"{num_prompts} prompts do not split into num_classes={num_classes} "
+                     "equal groups (rows must be class-major: C x T)")
+
+
 def _average_templates(emb, num_classes):
   """(C*T, D) class-major prompt embeddings -> (C, D) unit class embeddings."""
-  if emb.shape[0] % num_classes:
-    raise ValueError(f"{emb.shape[0]} prompts do not split into num_classes={num_classes} "
-                     "equal groups (rows must be class-major: C x T)")
+  _check_groups(emb.shape[0], num_classes)
   emb = l2_normalize(emb).reshape(num_classes, -1, emb.shape[-1])
   return l2_normalize(emb.mean(axis=1))
 
@@ -143,6 +147,7 @@ def embed_prompts(clip, params, input_ids, attention_mask, num_classes):
     (C, D) float32: per-prompt embeddings normalised, averaged over the
     templates of each class, renormalised.
   """
+  _check_groups(input_ids.shape[0], num_classes)  # before paying for the encoder
   return _average_templates(clip.encode_texts(params, input_ids, attention_mask),
                             num_classes)
 
