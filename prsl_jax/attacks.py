@@ -296,9 +296,11 @@ def _objective(loss, num_classes, targeted, attack):
 
 
 def _success_fn(labels, targeted):
+  """logits -> (B,) int32 success level: 1 if fooled (misclassified, or target
+  reached when targeted), else 0. Compared before the objective (see _better)."""
   if targeted:
-    return lambda logits: jnp.argmax(logits, axis=-1) == labels
-  return lambda logits: jnp.argmax(logits, axis=-1) != labels
+    return lambda logits: (jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32)
+  return lambda logits: (jnp.argmax(logits, axis=-1) != labels).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------
@@ -356,10 +358,11 @@ def _value_and_grad(logits_fn, obj_fn, labels):
 
 
 def _better(new, old):
-  """(B,) mask: `new` = (x, success, obj) beats `old`: success first, then obj."""
+  """(B,) mask: `new` = (x, level, obj) beats `old`: higher success level first,
+  then higher objective; ties keep the old (earlier) one."""
   _, s_new, o_new = new
   _, s_old, o_old = old
-  return (s_new & ~s_old) | ((s_new == s_old) & (o_new > o_old))
+  return (s_new > s_old) | ((s_new == s_old) & (o_new > o_old))
 
 
 def _select(mask, new, old):
@@ -372,7 +375,7 @@ def _merge(old, new):
 
 def _empty_best(x0):
   batch = x0.shape[0]
-  return (x0, jnp.zeros((batch,), bool), jnp.full((batch,), -jnp.inf, jnp.float32))
+  return (x0, jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -jnp.inf, jnp.float32))
 
 
 def _fold(keys, data):
@@ -644,10 +647,17 @@ def apgd_targeted(logits_fn: LogitsFn, images, labels, *, key, eps, steps,
 
   Targets are the `num_targets` (capped at C-1) wrong classes with the largest
   clean logits, attacked in that order (a lax.scan over targets, restarts inside
-  each), target j with keys fold_in(key, j). As in AutoAttack success means
-  misclassification (argmax != label, to any class); per example the first
-  target that succeeds is kept, and if none does, the highest objective. With
-  `target_labels` given, only those targets are attacked.
+  each), target j with keys fold_in(key, j). With `target_labels` given, only
+  those targets are attacked.
+
+  Which iterate is returned, per example, over steps, restarts and targets:
+  one that reaches its target beats one that is only misclassified (to another
+  class), which beats one still correctly classified; ties go to the higher
+  targeted-DLR objective. So, as in AutoAttack, a point counts as broken as
+  soon as any iterate is misclassified, and a caller who asked for specific
+  targets gets the target whenever an iterate reached it. (The targeted DLR is
+  not always largest with the target on top, so "highest objective" alone
+  would not guarantee that.)
 
   Args:
     logits_fn: images (B, H, W, C') float32 in [0, 1] -> logits (B, C).
@@ -700,16 +710,16 @@ def apgd_targeted(logits_fn: LogitsFn, images, labels, *, key, eps, steps,
     obj = lambda logits, t: -ce_objective(logits, t)
   else:
     obj = lambda logits, t: dlr_targeted_loss(logits, labels, t)
-  success = _success_fn(labels, False)
 
   def per_target(best, xs):
     target, j = xs
     vg = _value_and_grad(logits_fn, lambda logits, _: obj(logits, target), labels)
-    run = functools.partial(_apgd_single, vg, success, x0, eps=eps, steps=steps, norm=norm)
-    new = _best_of_restarts(run, _fold(keys, j), restarts, x0)
-    # First success wins (AutoAttack only attacks points still robust).
-    take = ~best[1] & (new[1] | (new[2] > best[2]))
-    return _select(take, new, best), None
+
+    def level(logits):  # 2: target reached, 1: misclassified, 0: robust
+      pred = jnp.argmax(logits, axis=-1)
+      return (pred != labels).astype(jnp.int32) + (pred == target).astype(jnp.int32)
+    run = functools.partial(_apgd_single, vg, level, x0, eps=eps, steps=steps, norm=norm)
+    return _merge(best, _best_of_restarts(run, _fold(keys, j), restarts, x0)), None
 
   best, _ = jax.lax.scan(
       per_target, _empty_best(x0), (targets.T, jnp.arange(targets.shape[1])))
@@ -728,15 +738,20 @@ def _square_p(p_init, i, queries):
   return p_init * 2.0 ** (-halvings.astype(jnp.float32))
 
 
-def _window(keys, size, height, width):
-  """Per-example random square of side `size` (traced): (B, H, W, 1) bool.
+def _uniforms(keys, n):
+  """(B, n) uniforms in [0, 1), one draw per example: all the randomness of a
+  query comes from one call, which keeps the loop body (and its compile) small."""
+  return jax.vmap(lambda k: jax.random.uniform(k, (n,), jnp.float32))(keys)
 
-  Any position where the window fits (the official code's randint(0, h - s)
-  never picks the last row/column; we do).
+
+def _window(u_row, u_col, size, height, width):
+  """Random square of side `size` (traced) per example: (B, H, W, 1) bool.
+
+  u_row, u_col: (B,) uniforms. Any position where the window fits (the official
+  code's randint(0, h - s) never picks the last row/column; we do).
   """
-  k_row, k_col = jax.vmap(jax.random.split, out_axes=1)(keys)
-  row = jax.vmap(lambda k: jax.random.randint(k, (), 0, height - size + 1))(k_row)
-  col = jax.vmap(lambda k: jax.random.randint(k, (), 0, width - size + 1))(k_col)
+  row = jnp.minimum(jnp.floor(u_row * (height - size + 1)).astype(jnp.int32), height - size)
+  col = jnp.minimum(jnp.floor(u_col * (width - size + 1)).astype(jnp.int32), width - size)
   hh = jnp.arange(height)[None, :, None]
   ww = jnp.arange(width)[None, None, :]
   inside = ((hh >= row[:, None, None]) & (hh < row[:, None, None] + size)
@@ -744,20 +759,23 @@ def _window(keys, size, height, width):
   return inside[..., None], row, col
 
 
+def _signs(u):
+  return jnp.where(u < 0.5, -1.0, 1.0)
+
+
 def _square_linf_init(keys, x0, eps):
   # Vertical stripes: one +-eps per (column, channel); they work best (paper).
   _, _, width, chans = x0.shape
-  signs = jax.vmap(lambda k: jax.random.rademacher(k, (1, width, chans), jnp.float32))(keys)
+  signs = _signs(_uniforms(keys, width * chans)).reshape(-1, 1, width, chans)
   return jnp.clip(x0 + eps * signs, 0.0, 1.0)
 
 
 def _square_linf_step(keys, x0, x_best, eps, size):
   """Set one random square window to a random +-eps colour per channel."""
   _, height, width, chans = x0.shape
-  k_win, k_col = jax.vmap(jax.random.split, out_axes=1)(keys)
-  win, _, _ = _window(k_win, size, height, width)
-  colours = jax.vmap(lambda k: jax.random.rademacher(
-      k, (_SQUARE_TRIES, chans), jnp.float32))(k_col)
+  u = _uniforms(keys, 2 + _SQUARE_TRIES * chans)
+  win, _, _ = _window(u[:, 0], u[:, 1], size, height, width)
+  colours = _signs(u[:, 2:]).reshape(-1, _SQUARE_TRIES, chans)
   # The paper re-draws the colour while the window would not change (a wasted
   # query). Vectorised: draw a few colours, take the first that changes it.
   def unchanged(sign):
@@ -781,7 +799,7 @@ def _square_l2_init(keys, x0, eps):
   _, height, width, chans = x0.shape
   side = max(min(height, width) // 5, 1)
   grid = (-(-height // side), -(-width // side))
-  signs = jax.vmap(lambda k: jax.random.rademacher(k, grid + (chans,), jnp.float32))(keys)
+  signs = _signs(_uniforms(keys, grid[0] * grid[1] * chans)).reshape((-1,) + grid + (chans,))
   delta = signs[:, np.arange(height) // side][:, :, np.arange(width) // side]
   return _to_sphere(x0, delta, eps)
 
@@ -797,9 +815,9 @@ def _square_l2_step(keys, x0, x_best, eps, size):
   a random axis) instead of the paper's pair of pseudo-Gaussian bumps.
   """
   _, height, width, chans = x0.shape
-  k1, k2, k_sign, k_axis = jax.vmap(lambda k: jax.random.split(k, 4), out_axes=1)(keys)
-  win1, row, col = _window(k1, size, height, width)
-  win2, _, _ = _window(k2, size, height, width)
+  u = _uniforms(keys, 5 + chans)
+  win1, row, col = _window(u[:, 0], u[:, 1], size, height, width)
+  win2, _, _ = _window(u[:, 2], u[:, 3], size, height, width)
   delta = x_best - x0
 
   def chan_norm(mask):  # (B, 1, 1, C') L2 norm of delta over a window, per channel
@@ -810,10 +828,10 @@ def _square_l2_step(keys, x0, x_best, eps, size):
 
   rel_h = jnp.arange(height)[None, :, None] - row[:, None, None]
   rel_w = jnp.arange(width)[None, None, :] - col[:, None, None]
-  by_rows = jax.vmap(lambda k: jax.random.bernoulli(k))(k_axis)[:, None, None]
+  by_rows = (u[:, 4] < 0.5)[:, None, None]
   first_half = jnp.where(by_rows, rel_h, rel_w) < size // 2
   pattern = jnp.where(first_half, 1.0, -1.0)[..., None] / size.astype(jnp.float32)
-  signs = jax.vmap(lambda k: jax.random.rademacher(k, (chans,), jnp.float32))(k_sign)
+  signs = _signs(u[:, 5:])
   new = pattern * signs[:, None, None, :] + delta / (chan_norm(win1) + 1e-10)
   new = jnp.where(win1, new, 0.0)
   new = new / (jnp.sqrt(jnp.sum(jnp.square(new), axis=(1, 2), keepdims=True)) + _TINY) * target
