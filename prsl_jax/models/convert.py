@@ -222,7 +222,8 @@ def to_hf_state_dict(params, config):
     if x.shape != tuple(want):
       raise ValueError(f"param {'/'.join(path)!r} has shape {x.shape} but the config "
                        f"expects {tuple(want)}")
-    out[hf] = np.ascontiguousarray(_to_hf(x, kind))
+    # Not np.ascontiguousarray: it turns the 0-d logit_scale into shape (1,).
+    out[hf] = np.array(_to_hf(x, kind), order="C")
   return out
 
 
