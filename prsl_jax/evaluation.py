@@ -116,7 +116,9 @@ MASKING_TOL = 0.002
 
 
 def resolve_suite(suite, norm="linf"):
-  """Suite name or list of attack names -> list of attack names; errors up front."""
+  """Suite name, attack name or list of attack names -> attack names; errors up front."""
+  if isinstance(suite, str) and suite in ATTACKS and suite not in SUITES:
+    suite = [suite]  # one attack by name
   if isinstance(suite, str):
     if suite not in SUITES:
       raise ValueError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)} or pass "

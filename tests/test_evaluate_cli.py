@@ -1,0 +1,212 @@
+"""evaluate.py end to end, in subprocesses (absl flags are process-global).
+
+A tiny random HF CLIP (conftest's tiny_ckpt) and a train.py-style orbax run
+folder made from it are evaluated on the embedded digits in one call; a second
+call runs on tfds.testing.mock_data's CIFAR-10; a third process feeds the CLI
+bad input and checks each fails before any compute.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVALUATE = os.path.join(REPO, "evaluate.py")
+TINY = ["--batch-size", "8", "--steps", "2", "--square-queries", "10"]
+
+
+def _run(argv, *, driver=None, timeout=500):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  cmd = [sys.executable] + ([driver] if driver else [EVALUATE]) + argv
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return proc
+
+
+def _flipped_run(tiny_ckpt, tiny_clip, path):
+  """A train.py run folder whose checkpoint is the tiny CLIP with its image
+  projection negated (so its predictions differ from the HF folder's)."""
+  from prsl_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  params = jax.tree.map(np.asarray, tiny_clip.params)
+  params["visual_projection"] = jax.tree.map(np.negative, params["visual_projection"])
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"seed": 0, "model": {"path": tiny_ckpt.path}}, f)
+  mgr = checkpoints.manager(path)
+  state = {"params": params, "opt": {"count": np.zeros((), np.int32)},
+           "step": np.int32(7), "rng": np.zeros((2,), np.uint32)}
+  checkpoints.save(mgr, state, {"position": 0})
+  mgr.wait_until_finished()
+  mgr.close()
+  return params
+
+
+def _clean_correct(clip, params, dataset_name, indices):
+  """Per example, is the zero-shot prediction right? Computed directly."""
+  from prsl_jax import data, zeroshot  # pylint: disable=g-import-not-at-top
+  source, names = data.load(dataset_name, "test", image_size=clip.image_size)
+  batch = next(data.eval_batches(source, np.asarray(indices), len(indices)))
+  emb = zeroshot.class_embeddings(clip, params, names)
+  pred = np.argmax(zeroshot.logits(clip, params, emb, batch["image"]), -1)
+  return (pred == batch["label"]).tolist()
+
+
+def test_digits_two_checkpoints_one_plot(tiny_ckpt, tiny_clip, tmp_path):
+  run_dir = str(tmp_path / "run" / "prsl")
+  flipped = _flipped_run(tiny_ckpt, tiny_clip, run_dir)
+  out = str(tmp_path / "out")
+  argv = ["--checkpoint", f"{tiny_ckpt.path},{run_dir}", "--dataset", "digits",
+          "--eps", "0,2/255,8/255", "--suite", "fgsm,square", "--num-examples", "24",
+          "--seed", "1", "--outdir", out] + TINY
+  proc = _run(argv)
+  assert sorted(os.listdir(out)) == ["results.json", "results.md", "robustness.png"]
+  with open(os.path.join(out, "results.json")) as f:
+    res = json.load(f)
+
+  # Provenance: exact command, versions, seed, the subset.
+  assert res["argv"][1:] == argv and "--num-examples 24" in res["command"]
+  assert res["versions"]["jax"] == jax.__version__
+  assert res["seed"] == 1 and res["settings"]["eps"] == [0.0, 2 / 255, 8 / 255]
+  from prsl_jax import data  # pylint: disable=g-import-not-at-top
+  assert res["indices"] == data.eval_indices(359, 24, 1).tolist()
+  assert res["class_names"] == list(data.DIGIT_NAMES)
+
+  hf, run = res["models"][tiny_ckpt.path], res["models"][run_dir]
+  assert (hf["checkpoint"]["kind"], run["checkpoint"]["kind"]) == ("hf", "workdir")
+  assert run["checkpoint"]["model"] == tiny_ckpt.path
+  # The numbers are the models' own: clean predictions recomputed here, directly
+  # (at eps=0 the robust points are exactly the clean-correct ones).
+  want_hf = _clean_correct(tiny_clip, tiny_clip.params, "digits", res["indices"])
+  want_run = _clean_correct(tiny_clip, flipped, "digits", res["indices"])
+  assert want_hf != want_run  # the run folder's params really are different
+  for r, want in ((hf, want_hf), (run, want_run)):
+    assert r["robust"][0]["robust_mask"] == want
+    assert r["clean_accuracy"] == pytest.approx(np.mean(want))
+    acc = [e["robust_accuracy"] for e in r["robust"]]
+    assert acc[0] == r["clean_accuracy"] >= acc[1] >= acc[2]
+    assert r["suite"] == ["fgsm", "square"] and r["square_queries"] == 10
+    assert r["checks"]["eps0_ok"] and r["checks"]["ball_ok"]
+
+  with open(os.path.join(out, "results.md")) as f:
+    md = f.read()
+  assert f"| {tiny_ckpt.path} | {100 * np.mean(want_hf):.1f} |" in md
+  assert f"| {run_dir} | {100 * np.mean(want_run):.1f} |" in md and "ε=8/255" in md
+  assert "24 digits test examples" in md and md.strip() in proc.stdout
+  with open(os.path.join(out, "robustness.png"), "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+
+
+
+_MOCK_DRIVER = textwrap.dedent("""
+    import runpy, sys
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=16):
+      sys.argv = [sys.argv[1]] + sys.argv[2:]
+      runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def test_tfds_mock_cifar10(tiny_ckpt, tmp_path):
+  driver = tmp_path / "mock_driver.py"
+  driver.write_text(_MOCK_DRIVER)
+  out = str(tmp_path / "out")
+  _run([EVALUATE, "--checkpoint", tiny_ckpt.path, "--dataset", "cifar10", "--eps",
+        "4/255", "--suite", "pgd-ce", "--num_examples", "12", "--outdir", out,
+        "--templates", "imagenet"] + TINY, driver=str(driver))
+  assert sorted(os.listdir(out)) == ["results.json", "results.md", "robustness.png"]
+  with open(os.path.join(out, "results.json")) as f:
+    res = json.load(f)
+  from prsl_jax import classnames  # pylint: disable=g-import-not-at-top
+  assert res["class_names"] == list(classnames.CIFAR10)
+  assert len(res["indices"]) == 12 and len(res["settings"]["templates"]) == 80
+  (r,) = res["models"].values()
+  assert r["suite"] == ["pgd-ce"] and r["num_examples"] == 12
+  assert 0 <= r["robust"][0]["robust_accuracy"] <= r["clean_accuracy"] <= 1
+
+
+_ERRORS_DRIVER = textwrap.dedent("""
+    import importlib.util, json, os, sys, time
+    spec = importlib.util.spec_from_file_location("evaluate_cli", sys.argv[1])
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cases = json.loads(sys.argv[2])
+    out = {}
+    for name, argv in cases.items():
+      cli.FLAGS.unparse_flags()
+      t0 = time.time()
+      try:
+        cli.parse_flags(["evaluate.py"] + argv)
+        cli.main(["evaluate.py"])
+        out[name] = ("ok", "", time.time() - t0)
+      except Exception as e:  # pylint: disable=broad-except
+        out[name] = (type(e).__name__, str(e), time.time() - t0)
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_bad_input_fails_before_compute(tiny_ckpt, tmp_path):
+  fresh = str(tmp_path / "fresh")  # must never be created
+  done = tmp_path / "done"
+  done.mkdir()
+  (done / "results.json").write_text("{}")
+  runs = tmp_path / "train_out"
+  (runs / "prsl" / "checkpoints").mkdir(parents=True)
+  (runs / "ce" / "checkpoints").mkdir(parents=True)
+  empty_tfds = tmp_path / "tfds"
+  empty_tfds.mkdir()
+  config = tmp_path / "eval_config.py"
+  config.write_text(textwrap.dedent(f"""
+      import ml_collections
+      def get_config():
+        return ml_collections.ConfigDict(dict(
+            checkpoint={tiny_ckpt.path!r}, outdir={fresh!r}, eps="1/255,-4/255",
+            suite="strongest"))
+  """))
+  ok = ["--checkpoint", tiny_ckpt.path, "--outdir", fresh]
+  cases = {
+      "unknown_suite": ok + ["--suite", "strongest"],
+      "unknown_attack": ok + ["--suite", "apgd-ce,fab-t"],
+      "negative_eps": ok + ["--eps", "1/255,-2/255"],
+      "code_as_eps": ok + ["--eps", "__import__('os').getcwd()"],
+      "zero_denominator": ok + ["--eps", "1/0"],
+      "fgsm_l2": ok + ["--suite", "fgsm", "--norm", "l2"],
+      "missing_checkpoint": ["--checkpoint", str(tmp_path / "nope"), "--outdir", fresh],
+      "train_output_folder": ["--checkpoint", str(runs), "--outdir", fresh],
+      "not_prepared": ok + ["--dataset", "cifar10", "--data-dir", str(empty_tfds)],
+      "results_exist": ["--checkpoint", tiny_ckpt.path, "--outdir", str(done)],
+      "no_checkpoint": ["--outdir", fresh],
+      "config_file_read": ["--config", str(config)],
+      "flag_beats_config": ["--config", str(config), "--eps", "2/255"],
+  }
+  driver = tmp_path / "errors_driver.py"
+  driver.write_text(_ERRORS_DRIVER)
+  proc = _run([EVALUATE, json.dumps(cases)], driver=str(driver), timeout=300)
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  expect = {
+      "unknown_suite": ("ValueError", "unknown suite 'strongest'"),
+      "unknown_attack": ("ValueError", "fab-t"),
+      "negative_eps": ("ValueError", ">= 0"),
+      "code_as_eps": ("ValueError", "cannot read"),
+      "zero_denominator": ("ValueError", "cannot read '1/0'"),
+      "fgsm_l2": ("ValueError", "linf"),
+      "missing_checkpoint": ("FileNotFoundError", "not found"),
+      "train_output_folder": ("ValueError", "['ce', 'prsl']"),
+      "not_prepared": ("FileNotFoundError", "not prepared"),
+      "results_exist": ("FileExistsError", "--overwrite"),
+      "no_checkpoint": ("ValueError", "--checkpoint is required"),
+      "config_file_read": ("ValueError", "'-4/255'"),
+      "flag_beats_config": ("ValueError", "unknown suite 'strongest'"),
+  }
+  for name, (kind, text) in expect.items():
+    got_kind, message, seconds = out[name]
+    assert (got_kind, text in message) == (kind, True), (name, out[name])
+    assert seconds < 30, (name, seconds)  # no model loaded, nothing compiled
+  assert not os.path.exists(fresh)
+  assert (done / "results.json").read_text() == "{}"
