@@ -48,6 +48,6 @@ def base_config():
 
   # End-of-run robustness table: starting model vs each fine-tuned one.
   c.eval = ml_collections.ConfigDict(dict(
-      num_examples=256, batch_size=64, eps=(1 / 255, 4 / 255),
+      num_examples=256, batch_size=64, eps=(1 / 255, 2 / 255),
       attacks=("pgd-ce", "apgd-dlr"), steps=10, seed=0))
   return c

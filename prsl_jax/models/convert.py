@@ -213,7 +213,8 @@ def to_hf_state_dict(params, config):
   flat_want = {path for _, path, _ in kmap}
   if flat_have != flat_want:
     fmt = lambda ps: {"/".join(p) for p in ps}
-    raise ValueError(f"params do not match the config: missing [{_list(fmt(flat_want - flat_have))}]; "
+    raise ValueError("params do not match the config: "
+                     f"missing [{_list(fmt(flat_want - flat_have))}]; "
                      f"unexpected [{_list(fmt(flat_have - flat_want))}]")
   out = {}
   for hf, path, kind in kmap:
