@@ -46,7 +46,8 @@ def clip_preprocess(image, size):
 
   if image.dtype == np.uint8:
     # 8-bit PIL resize, as transformers' processor does for uint8 inputs.
-    out = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h), Image.BICUBIC))
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    out = np.asarray(pil.resize((new_w, new_h), Image.BICUBIC))
     out = out.astype(np.float32) / 255.0
   elif np.issubdtype(image.dtype, np.floating):
     img = image.astype(np.float32)

@@ -11,7 +11,6 @@ renormalised (CLIP's prompt ensembling); logits = scale * cos(image, class).
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from prsl_jax.models.clip import l2_normalize

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 
+from prsl_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from prsl_jax.models.tokenizer import build_word_tokenizer
 
 WORDS = ("this is a photo of a zero one two three four five six seven eight nine "
@@ -94,7 +95,6 @@ def write_hf_checkpoint(name, path, seed=0):
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
       json.dump({"image_processor_type": "CLIPImageProcessor",
                  "image_mean": list(spec["mean"]), "image_std": list(spec["std"])}, f)
-  from prsl_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # pylint: disable=g-import-not-at-top
   return Checkpoint(
       name=name, path=path, vocab_size=config.text_config.vocab_size,
       tokenizer_size=tokenizer_size, eos_token_id=config.text_config.eos_token_id,

@@ -13,7 +13,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from tests.conftest import MAX_LEN, random_images, random_text_batch
+from tests.conftest import MAX_LEN, random_images
 from prsl_jax.models import convert
 from prsl_jax.models.convert import load_pretrained, save_pretrained
 

@@ -114,8 +114,8 @@ def test_preprocess_non_square_uint8():
   assert out.shape == (16, 16, 3) and out.dtype == np.float32
   assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.5
   # Same resize + crop geometry as transformers' CLIP processor (PIL backend).
-  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # pylint: disable=g-import-not-at-top
-  proc = CLIPImageProcessorPil(size={"shortest_edge": 16},
+  from transformers.models.clip import image_processing_pil_clip  # pylint: disable=g-import-not-at-top
+  proc = image_processing_pil_clip.CLIPImageProcessorPil(size={"shortest_edge": 16},
                                crop_size={"height": 16, "width": 16}, do_normalize=False)
   ref = proc(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
   np.testing.assert_allclose(out, ref, atol=1 / 255 + 1e-6)
