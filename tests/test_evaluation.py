@@ -171,6 +171,21 @@ def test_same_seed_same_numbers(lin):
   assert a["seed"] == 3
 
 
+def test_an_example_draws_the_same_randomness_in_any_batch():
+  # Keys are per example (fold_in of its source index), so its outcome depends
+  # neither on the batch size nor on which other examples are evaluated.
+  params = _mlp_params()
+  source, idx = _problem(mlp, params)
+  kw = dict(FAST, eps_list=[4 / 255], suite=["square"], square_queries=8)
+  full = evaluation.evaluate(mlp, params, source, idx, **kw)
+  part = evaluation.evaluate(mlp, params, source, idx[1::2], **dict(kw, batch_size=8))
+  got = part["robust"][0]["broken_by"]
+  assert got == full["robust"][0]["broken_by"][1::2]
+  # Random search with 8 queries breaks some points and not others: the
+  # comparison above is about the random draws, not a foregone conclusion.
+  assert 0 < sum(b == "square" for b in got) < sum(b != "clean" for b in got)
+
+
 def test_out_of_ball_images_are_flagged_and_not_counted(lin, monkeypatch):
   params, source, idx = lin
 
