@@ -373,14 +373,42 @@ def _merge(old, new):
   return _select(_better(new, old), new, old)
 
 
+def _batch_zeros(x0):
+  """(B,) float32 zeros computed from x0, not created from scratch.
+
+  Under jax.shard_map the images vary across devices, and so does every value a
+  loop computes from them; a loop carry must start with the same "varying" type
+  it ends with, which a fresh jnp.zeros does not have.
+  """
+  return x0[:, 0, 0, 0] * 0.0
+
+
 def _empty_best(x0):
-  batch = x0.shape[0]
-  return (x0, jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -jnp.inf, jnp.float32))
+  zero = _batch_zeros(x0)
+  return (x0, zero.astype(jnp.int32), zero - jnp.inf)
 
 
 def _fold(keys, data):
   """fold_in per example: (B,) keys, scalar data -> (B,) keys."""
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
+
+
+def _draw(sample, keys, shape):
+  """Per-example draws: sample(key, (n,)) per key, reshaped to (B,) + shape.
+
+  Drawn flat because JAX's partitionable threefry compiles several times slower
+  for a multi-dimensional shape than for the same number of values in 1-D.
+  """
+  n = int(np.prod(shape))
+  return jax.vmap(lambda k: sample(k, (n,)))(keys).reshape((-1,) + tuple(shape))
+
+
+def _uniform_pm1(key, shape):
+  return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+
+
+def _normal(key, shape):
+  return jax.random.normal(key, shape, jnp.float32)
 
 
 def _best_of_restarts(run, keys, restarts, x0):
@@ -437,14 +465,15 @@ def _random_start(keys, x0, eps, norm):
   """Uniform in the L-inf ball / uniform in the L2 ball, then clip to [0, 1]."""
   shape = x0.shape[1:]
   if norm == "linf":
-    u = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0))(keys)
-    delta = eps * u
+    delta = eps * _draw(_uniform_pm1, keys, shape)
   else:
-    k_dir, k_rad = jax.vmap(jax.random.split, out_axes=1)(keys)
-    d = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(k_dir)
-    r = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(k_rad)
-    # Radius eps * U^(1/n) makes the point uniform in the ball (n = H*W*C').
-    r = r ** (1.0 / np.prod(shape))
+    # One draw of n + 1 normals per example (each random call site costs
+    # compile time): n for the direction, one mapped to U(0, 1) for the radius.
+    n = int(np.prod(shape))
+    g = _draw(_normal, keys, (n + 1,))
+    d = g[:, :n].reshape(x0.shape)
+    # Radius eps * U^(1/n) makes the point uniform in the ball.
+    r = jax.scipy.special.ndtr(g[:, n]) ** (1.0 / n)
     delta = eps * _bcast(r, x0) * d / jnp.maximum(_l2(d), _TINY)
   return _project(x0 + delta, x0, eps, norm)
 
@@ -543,15 +572,14 @@ def _apgd_single(vg, success, x0, keys, *, eps, steps, norm):
   period0 = max(int(_APGD_P1 * steps), 1)
   decr = max(int(_APGD_DECR * steps), 1)
   period_min = max(int(_APGD_MIN * steps), 1)
-  batch = x0.shape[0]
   shape = x0.shape[1:]
 
   # AutoAttack's start: a random point on the ball's boundary (L-inf: max |t| = 1).
   if norm == "linf":
-    t = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0))(keys)
+    t = _draw(_uniform_pm1, keys, shape)
     t = t / (jnp.max(jnp.abs(t), axis=_sum_axes(t), keepdims=True) + _TINY)
   else:
-    t = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+    t = _draw(_normal, keys, shape)
     t = t / (_l2(t) + _TINY)
   x = _project(x0 + eps * t, x0, eps, norm)
   obj, logits, grad = vg(x)
@@ -559,12 +587,12 @@ def _apgd_single(vg, success, x0, keys, *, eps, steps, norm):
   state = dict(
       x=x, x_old=x, grad=grad, obj=obj,
       x_max=x, grad_max=grad, obj_max=obj,
-      step=2.0 * eps * jnp.ones((batch,), jnp.float32),
+      step=_batch_zeros(x0) + 2.0 * eps,
       best=(x, success(logits), obj),
-      n_up=jnp.zeros((batch,), jnp.int32),
+      n_up=_batch_zeros(x0).astype(jnp.int32),
       obj_max_at_check=obj,
       # AutoAttack starts this at ones so condition 2 cannot fire at w_1.
-      halved_at_check=jnp.ones((batch,), bool),
+      halved_at_check=_batch_zeros(x0) == 0.0,
       since_check=jnp.zeros((), jnp.int32),
       period=jnp.full((), period0, jnp.int32))
 
@@ -741,7 +769,7 @@ def _square_p(p_init, i, queries):
 def _uniforms(keys, n):
   """(B, n) uniforms in [0, 1), one draw per example: all the randomness of a
   query comes from one call, which keeps the loop body (and its compile) small."""
-  return jax.vmap(lambda k: jax.random.uniform(k, (n,), jnp.float32))(keys)
+  return _draw(functools.partial(jax.random.uniform, dtype=jnp.float32), keys, (n,))
 
 
 def _window(u_row, u_col, size, height, width):
@@ -885,15 +913,15 @@ def square(logits_fn: LogitsFn, images, labels, *, key, eps, queries=5000, norm=
 
   init, step = ((_square_linf_init, _square_linf_step) if norm == "linf"
                 else (_square_l2_init, _square_l2_step))
-  k_init, k_loop = jax.vmap(jax.random.split, out_axes=1)(keys)
-  x_best = init(k_init, x0, eps)
+  # The init draws from `keys`, query i from fold_in(keys, i).
+  x_best = init(keys, x0, eps)
   m_best = margin(x_best)
 
   def body(i, carry):
     x_best, m_best = carry
     p = _square_p(p_init, i, queries)
     size = jnp.clip(jnp.round(jnp.sqrt(p * height * width)), 1, min(height, width) - 1)
-    x_new = step(_fold(k_loop, i), x0, x_best, eps, size.astype(jnp.int32))
+    x_new = step(_fold(keys, i), x0, x_best, eps, size.astype(jnp.int32))
     m_new = margin(x_new)
     accept = (m_best > 0) & (m_new < m_best)
     return _select(accept, (x_new, m_new), (x_best, m_best))
