@@ -34,10 +34,14 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prsl_jax import attacks
 from prsl_jax import data as data_lib
+
+
+DATA = "data"  # the mesh axis batches are split over (prsl_jax.sharding.DATA)
 
 
 class SoundnessWarning(UserWarning):
@@ -156,14 +160,30 @@ def check_eps_list(eps_list):
 # ----------------------------------------------------------------------------
 
 
-def _shard(fn, mesh, in_specs, out_specs):
+def _shard(fn, mesh, in_specs):
+  """jit(fn), or fn per shard of the mesh with its outputs gathered on every device.
+
+  Gathered (replicated) outputs are readable by every process of a multi-host
+  run; they are a few numbers per example, so the gather costs nothing.
+  """
   if mesh is None:
     return jax.jit(fn)
-  # check_vma=False: the per-shard code has no collectives, and the attacks'
-  # loop carries start from the replicated eps yet vary per shard, which the
-  # varying-axes type check rejects.
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+  def per_shard(*args):
+    return tuple(jax.lax.all_gather(o, DATA, tiled=True) for o in fn(*args))
+  # check_vma=False: the attacks' loop carries start from the replicated eps yet
+  # vary per shard, which the varying-axes type check rejects; the only
+  # collective is the final gather.
+  return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=P(),
                                check_vma=False))
+
+
+def _to_mesh(mesh, batch_spec, *arrays):
+  """Host arrays (the full batch, on every process) -> global arrays on the mesh."""
+  if mesh is None:
+    return arrays
+  sharding = NamedSharding(mesh, batch_spec)
+  return tuple(jax.make_array_from_callback(x.shape, sharding, lambda i, x=x: x[i])
+               for x in map(np.asarray, arrays))
 
 
 # Cached so that evaluating several budgets, seeds or suites with the same
@@ -181,13 +201,13 @@ def _clean_fn(logits_fn, mesh):
     (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(x)
     grad = grad.astype(jnp.float32).reshape(x.shape[0], -1)
     return logits, jnp.max(jnp.abs(grad), axis=1), jnp.all(jnp.isfinite(grad), axis=1)
-  return _shard(run, mesh, (P(), P("data"), P("data")), (P("data"),) * 3)
+  return _shard(run, mesh, (P(), P(DATA), P(DATA)))
 
 
 @_cache
 def _logits_fn(logits_fn, mesh):
-  return _shard(lambda params, x: logits_fn(params, x).astype(jnp.float32), mesh,
-                (P(), P("data")), P("data"))
+  return _shard(lambda params, x: (logits_fn(params, x).astype(jnp.float32),), mesh,
+                (P(), P(DATA)))
 
 
 @_cache
@@ -208,7 +228,7 @@ def _attack_fn(name, logits_fn, *, norm, steps, queries, mesh):
     in_range = (jnp.all(jnp.isfinite(flat), axis=1) & (jnp.min(flat, axis=1) >= 0)
                 & (jnp.max(flat, axis=1) <= 1))
     return fn(x_adv).astype(jnp.float32), dist, in_range
-  return _shard(run, mesh, (P(), P("data"), P("data"), P("data"), P()), (P("data"),) * 3)
+  return _shard(run, mesh, (P(), P(DATA), P(DATA), P(DATA), P()))
 
 
 def _ball_tol(eps, norm, numel):
@@ -217,12 +237,13 @@ def _ball_tol(eps, norm, numel):
 
 
 def _keys(seed, eps, name, example_ids):
-  """Per-example keys (B,): see the module docstring."""
+  """Per-example raw keys (B, 2) uint32: see the module docstring."""
   key = jax.random.key(seed)
   key = jax.random.fold_in(key, int(np.float32(eps).view(np.uint32)))
   key = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(
-      jnp.asarray(example_ids, dtype=jnp.uint32))
+  # Raw key data, so that it shards like any array (attacks take (B, 2) uint32).
+  return np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(key, i))(
+      jnp.asarray(example_ids, dtype=jnp.uint32))))
 
 
 def _batches(source, indices, positions, batch_size):
@@ -300,12 +321,18 @@ def evaluate(logits_fn, params, source, indices, *, eps_list, suite="standard",
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   num_devices = 1
   if mesh is not None:
-    if "data" not in mesh.axis_names:
+    if DATA not in mesh.axis_names:
       raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
-    num_devices = mesh.shape["data"]
+    num_devices = mesh.shape[DATA]
     if batch_size % num_devices:
       raise ValueError(f"batch_size={batch_size} must be divisible by the number of "
                        f"devices on the mesh's 'data' axis ({num_devices})")
+  for name, value in (("steps", steps), ("square_queries", square_queries)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+      raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+  if mesh is not None:
+    # Replicated on every device (a multi-host run needs global arrays).
+    params = jax.device_put(params, NamedSharding(mesh, P()))
   n = len(indices)
   checks = {"warnings": []}
 
@@ -320,7 +347,8 @@ def evaluate(logits_fn, params, source, indices, *, eps_list, suite="standard",
   zero_grad = nonfinite_grad = 0
   first = None
   for batch, rows, _ in _batches(source, indices, np.arange(n), batch_size):
-    logits, gmax, gfinite = jax.device_get(clean(params, batch["image"], batch["label"]))
+    logits, gmax, gfinite = jax.device_get(
+        clean(params, *_to_mesh(mesh, P(DATA), batch["image"], batch["label"])))
     valid = batch["mask"]
     pred = np.argmax(logits, axis=-1)
     correct[rows[valid]] = (pred == batch["label"])[valid]
@@ -336,7 +364,8 @@ def evaluate(logits_fn, params, source, indices, *, eps_list, suite="standard",
   # --- Checks on the first batch: determinism, logits vs probabilities. ---
   batch0, rows0, logits0 = first
   valid0 = batch0["mask"]
-  again = np.asarray(_logits_fn(logits_fn, mesh)(params, batch0["image"]))
+  (again,) = jax.device_get(
+      _logits_fn(logits_fn, mesh)(params, *_to_mesh(mesh, P(DATA), batch0["image"])))
   diff = float(np.max(np.abs(again - logits0)[valid0])) if valid0.any() else 0.0
   scale = float(np.max(np.abs(logits0[valid0]))) if valid0.any() else 1.0
   checks["deterministic"] = bool(np.isfinite(diff) and diff <= 1e-4 * max(1.0, scale))
@@ -369,9 +398,10 @@ def evaluate(logits_fn, params, source, indices, *, eps_list, suite="standard",
   # --- eps = 0 on the first batch: every attack must return the clean images. ---
   eps0 = {}
   for name in names:
-    keys = _keys(seed, 0.0, name, indices[rows0])
+    args = _to_mesh(mesh, P(DATA), batch0["image"], batch0["label"],
+                    _keys(seed, 0.0, name, indices[rows0]))
     logits, dist, in_range = jax.device_get(
-        run[name](params, batch0["image"], batch0["label"], keys, jnp.float32(0.0)))
+        run[name](params, *args, *_to_mesh(mesh, P(), np.float32(0.0))))
     agree = float(np.mean((np.argmax(logits, -1) == clean_pred[rows0])[valid0]))
     eps0[name] = {"max_distance": float(np.max(dist[valid0])),
                   "prediction_agreement": agree, "in_range": bool(in_range[valid0].all())}
@@ -398,9 +428,10 @@ def evaluate(logits_fn, params, source, indices, *, eps_list, suite="standard",
       bar.reset(total=-(-len(positions) // batch_size))
       bar.set_description(f"eps={_eps_str(eps)} {name}")
       for batch, rows, ids in _batches(source, indices, positions, batch_size):
-        keys = _keys(seed, eps, name, ids)
+        args = _to_mesh(mesh, P(DATA), batch["image"], batch["label"],
+                        _keys(seed, eps, name, ids))
         logits, dist, in_range = jax.device_get(
-            run[name](params, batch["image"], batch["label"], keys, jnp.float32(eps)))
+            run[name](params, *args, *_to_mesh(mesh, P(), np.float32(eps))))
         valid = batch["mask"]
         ok = in_range & (dist <= eps + tol)
         outside += int(np.sum(~ok & valid))
