@@ -210,3 +210,35 @@ def test_bad_input_fails_before_compute(tiny_ckpt, tmp_path):
     assert seconds < 30, (name, seconds)  # no model loaded, nothing compiled
   assert not os.path.exists(fresh)
   assert (done / "results.json").read_text() == "{}"
+
+
+def test_class_names_follow_tfds_label_order():
+  """The names the CLI prompts with line up with TFDS's label indices."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from prsl_jax import classnames  # pylint: disable=g-import-not-at-top
+  tfds_names = {}
+  for name, names in classnames.CLASSNAMES.items():
+    label = tfds.builder(name).info.features["label"]  # code only, no data needed
+    assert label.num_classes == len(names), name
+    tfds_names[name] = label.names
+  # Same order, CLIP's spelling of the TFDS label.
+  for name in ("food101", "dtd", "resisc45", "oxford_iiit_pet", "cars196"):
+    assert classnames.get(name) == tuple(n.replace("_", " ") for n in tfds_names[name])
+  sun = [n[3:].replace("_", " ").replace("/", " ") for n in tfds_names["sun397"]]
+  assert classnames.get("sun397") == tuple(sun)
+  # Where CLIP's list is in another order or spelling, by label name.
+  def name_of(dataset, tfds_label):
+    return classnames.get(dataset)[tfds_names[dataset].index(tfds_label)]
+  assert name_of("eurosat", "SeaLake") == "lake or sea"
+  assert name_of("eurosat", "HerbaceousVegetation") == "brushland or shrubland"
+  assert name_of("caltech101", "faces_easy") == "centered face"
+  assert name_of("caltech101", "background_google") == "background"
+  assert name_of("oxford_flowers102", "ball moss") == "air plant"
+  assert name_of("imagenet2012", "n02085620") == "Chihuahua"
+  assert name_of("imagenet_r", "n01443537") == "goldfish"
+  assert classnames.get("eurosat/rgb:2.0.0") == classnames.EUROSAT
+  assert classnames.get("not_a_set", ["a_b", "c"]) == ("a b", "c")
+  with pytest.raises(KeyError):
+    classnames.get("not_a_set")
+  with pytest.raises(ValueError, match="classes"):
+    classnames.get("cifar10", [str(i) for i in range(9)])
