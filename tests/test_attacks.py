@@ -160,6 +160,30 @@ def test_restarts_help_somewhere():
   assert np.max(gains) > 1e-3
 
 
+def _pgd_fixed_path(steps):
+  # No random start and a step as wide as the ball: a deterministic path that
+  # oscillates between corners, so its last iterate is often not its best.
+  return jax.jit(lambda x, y, eps: attacks.pgd(
+      mlp3, x, y, key=jax.random.key(0), eps=eps, steps=steps, step_size=eps,
+      random_start=False))
+
+
+PGD_PATH = {n: _pgd_fixed_path(n) for n in (3, 8)}
+
+
+@HYP
+@given(seed=st.integers(0, 2**31 - 1), eps=st.floats(0.05, 0.4))
+def test_pgd_returns_best_iterate_not_last(seed, eps):
+  # The 8-step path extends the 3-step one, so its best iterate is at least as
+  # strong (misclassified first, then objective); a last-iterate PGD fails this.
+  x, y = _images(seed)
+  s3, f3 = _level_and_ce(PGD_PATH[3](x, y, eps), y)
+  s8, f8 = _level_and_ce(PGD_PATH[8](x, y, eps), y)
+  assert np.all(s8 >= s3)
+  same = s8 == s3
+  assert np.all(f8[same] >= f3[same] - 1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Objectives.
 # ---------------------------------------------------------------------------
