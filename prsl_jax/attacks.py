@@ -11,12 +11,14 @@ Conventions shared by every attack (DESIGN.md section 2):
 - Logits are cast to float32 before the objective, so gradients are float32
   whatever the model's compute dtype.
 - Every attack returns, per example, its best iterate: a misclassified iterate
-  (target reached, for targeted PGD) beats a robust one; among equals the higher
-  attack objective wins. The last iterate is never returned just for being last.
-- Pure, with an explicit PRNG key. `key` is either one key, split into one key
-  per example, or a batch of B keys, one per example: with per-example keys
-  (e.g. fold_in(key, global_index)), an example's random draws do not depend on
-  the batch it sits in, so 1 device and N devices under jax.shard_map agree.
+  (target reached, for targeted PGD; for APGD-T reaching the target beats mere
+  misclassification) beats a robust one; among equals the higher attack
+  objective wins. The last iterate is never returned just for being last.
+- Pure, with an explicit PRNG key. `key` is either one key, split here into one
+  key per example, or a batch of B keys, one per example. With one key the draws
+  depend on the batch (its size and an example's position in it); with
+  per-example keys (e.g. fold_in(key, global_index)) they do not, so 1 device
+  and N devices under jax.shard_map give the same adversarial images.
 - Compiled once whatever `steps` / `queries` / `restarts` / number of targets:
   steps are a lax.fori_loop, restarts and APGD-T targets a lax.scan. `steps`,
   `restarts`, `queries`, `norm`, `loss` are static Python values (mark them
@@ -761,8 +763,9 @@ def apgd_targeted(logits_fn: LogitsFn, images, labels, *, key, eps, steps,
 
 def _square_p(p_init, i, queries):
   """The paper's piecewise-constant schedule of p, the fraction of pixels changed."""
-  it = (i * 10000) // queries
-  halvings = jnp.sum(it > jnp.array(_SQUARE_P_BOUNDS, jnp.int32))
+  # Float, not i * 10000 // queries: that int32 product overflows past 214k queries.
+  it = jnp.floor(i * (10000.0 / queries))
+  halvings = jnp.sum(it > jnp.array(_SQUARE_P_BOUNDS, jnp.float32))
   return p_init * 2.0 ** (-halvings.astype(jnp.float32))
 
 
@@ -899,7 +902,7 @@ def square(logits_fn: LogitsFn, images, labels, *, key, eps, queries=5000, norm=
   """
   _common_checks(images, labels, eps, norm)
   _check_int("queries", queries, 1)
-  if not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
+  if not isinstance(p_init, (int, float, np.floating)) or not 0 < p_init <= 1:
     raise ValueError(f"p_init must be a number in (0, 1], got p_init={p_init!r}")
   _, height, width, _ = images.shape
   if min(height, width) < 2:
