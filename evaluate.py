@@ -177,6 +177,11 @@ def load_model(ckpt, allow_pickle):
   return clip, clip.params
 
 
+# CLIP config -> logits_fn (see main); module level, so repeated main() calls in
+# one process (tests, notebooks) reuse the compiled functions too.
+_LOGITS_FNS = {}
+
+
 def _zero_shot_logits(clip, params, images):
   from prsl_jax import zeroshot  # pylint: disable=g-import-not-at-top
   return zeroshot.logits(clip, params["model"], params["classes"], images)
@@ -260,7 +265,7 @@ def main(argv):
                      f"devices ({mesh.devices.size})")
   templates = zeroshot.IMAGENET_TEMPLATES if s["templates"] == "imagenet" else None
 
-  results, logits_fns = {}, {}
+  results = {}
   for name, ckpt in zip(model_names(specs), ckpts):
     print(f"{name}: loading ({ckpt['kind']})", flush=True)
     clip, params = load_model(ckpt, s["allow_pickle"])
@@ -270,10 +275,10 @@ def main(argv):
     # One logits_fn per architecture: CLIP's functions are pure in the params, so
     # checkpoints of one config share it and evaluation compiles it once. The
     # class embeddings travel with the params (replicated on the mesh).
-    if clip.config not in logits_fns:
-      logits_fns[clip.config] = functools.partial(_zero_shot_logits, clip)
+    logits_fn = _LOGITS_FNS.setdefault(clip.config,
+                                       functools.partial(_zero_shot_logits, clip))
     res = evaluation.evaluate(
-        logits_fns[clip.config],
+        logits_fn,
         {"model": params, "classes": class_emb}, source, indices,
         eps_list=eps, suite=suite, norm=s["norm"], seed=s["seed"],
         batch_size=s["batch_size"], mesh=mesh, steps=s["steps"],

@@ -1,9 +1,9 @@
 """evaluate.py end to end, in subprocesses (absl flags are process-global).
 
 A tiny random HF CLIP (conftest's tiny_ckpt) and a train.py-style orbax run
-folder made from it are evaluated on the embedded digits in one call; a second
-call runs on tfds.testing.mock_data's CIFAR-10; a third process feeds the CLI
-bad input and checks each fails before any compute.
+folder made from it are evaluated on the embedded digits in one call, then the
+HF one on tfds.testing.mock_data's CIFAR-10 (both calls in one process); a
+second process feeds the CLI bad input and checks each fails before any compute.
 """
 
 import json
@@ -58,20 +58,58 @@ def _clean_correct(clip, params, dataset_name, indices):
   return (pred == batch["label"]).tolist()
 
 
-def test_digits_two_checkpoints_one_plot(tiny_ckpt, tiny_clip, tmp_path):
-  run_dir = str(tmp_path / "run" / "prsl")
-  flipped = _flipped_run(tiny_ckpt, tiny_clip, run_dir)
-  out = str(tmp_path / "out")
-  argv = ["--checkpoint", f"{tiny_ckpt.path},{run_dir}", "--dataset", "digits",
-          "--eps", "0,2/255,8/255", "--suite", "fgsm,square", "--num-examples", "24",
-          "--seed", "1", "--outdir", out] + TINY
-  proc = _run(argv)
-  assert sorted(os.listdir(out)) == ["results.json", "results.md", "robustness.png"]
-  with open(os.path.join(out, "results.json")) as f:
-    res = json.load(f)
+# Runs evaluate.py's main() once per argv list in one process, all inside
+# tfds.testing.mock_data (the digits never touch TFDS): the runs share imports
+# and compiled functions, which is most of the time.
+_DRIVER = textwrap.dedent("""
+    import importlib.util, json, sys
+    import tensorflow_datasets as tfds
+    spec = importlib.util.spec_from_file_location("evaluate_cli", sys.argv[1])
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with tfds.testing.mock_data(num_examples=16):
+      for argv in json.loads(sys.argv[2]):
+        cli.FLAGS.unparse_flags()
+        sys.argv = [spec.origin] + argv  # what results.json records
+        cli.main(cli.parse_flags(sys.argv))
+""")
 
+
+@pytest.fixture(scope="module")
+def cli_runs(tiny_ckpt, tiny_clip, tmp_path_factory):
+  """Two evaluate.py calls: digits with two checkpoints, mock CIFAR-10."""
+  tmp = tmp_path_factory.mktemp("cli")
+  run_dir = str(tmp / "run" / "prsl")
+  flipped = _flipped_run(tiny_ckpt, tiny_clip, run_dir)
+  digits = ["--checkpoint", f"{tiny_ckpt.path},{run_dir}", "--dataset", "digits",
+            "--eps", "0,2/255,8/255", "--suite", "fgsm,square", "--num-examples", "24",
+            "--seed", "1", "--outdir", str(tmp / "digits")] + TINY
+  cifar = ["--checkpoint", tiny_ckpt.path, "--dataset", "cifar10", "--eps", "4/255",
+           "--suite", "fgsm", "--num_examples", "12", "--outdir", str(tmp / "cifar"),
+           "--templates", "imagenet"] + TINY
+  driver = tmp / "driver.py"
+  driver.write_text(_DRIVER)
+  proc = _run([EVALUATE, json.dumps([digits, cifar])], driver=str(driver))
+  return dict(proc=proc, digits=digits, run_dir=run_dir, flipped=flipped,
+              digits_out=str(tmp / "digits"), cifar_out=str(tmp / "cifar"))
+
+
+def _outputs(outdir):
+  assert sorted(os.listdir(outdir)) == ["results.json", "results.md", "robustness.png"]
+  with open(os.path.join(outdir, "robustness.png"), "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+  with open(os.path.join(outdir, "results.md")) as f:
+    md = f.read()
+  with open(os.path.join(outdir, "results.json")) as f:
+    return json.load(f), md
+
+
+def test_digits_two_checkpoints_one_table_one_plot(cli_runs, tiny_ckpt, tiny_clip):
+  res, md = _outputs(cli_runs["digits_out"])
+  run_dir = cli_runs["run_dir"]
   # Provenance: exact command, versions, seed, the subset.
-  assert res["argv"][1:] == argv and "--num-examples 24" in res["command"]
+  assert res["argv"][1:] == cli_runs["digits"]
+  assert "--num-examples 24" in res["command"] and EVALUATE in res["command"]
   assert res["versions"]["jax"] == jax.__version__
   assert res["seed"] == 1 and res["settings"]["eps"] == [0.0, 2 / 255, 8 / 255]
   from prsl_jax import data  # pylint: disable=g-import-not-at-top
@@ -84,7 +122,7 @@ def test_digits_two_checkpoints_one_plot(tiny_ckpt, tiny_clip, tmp_path):
   # The numbers are the models' own: clean predictions recomputed here, directly
   # (at eps=0 the robust points are exactly the clean-correct ones).
   want_hf = _clean_correct(tiny_clip, tiny_clip.params, "digits", res["indices"])
-  want_run = _clean_correct(tiny_clip, flipped, "digits", res["indices"])
+  want_run = _clean_correct(tiny_clip, cli_runs["flipped"], "digits", res["indices"])
   assert want_hf != want_run  # the run folder's params really are different
   for r, want in ((hf, want_hf), (run, want_run)):
     assert r["robust"][0]["robust_mask"] == want
@@ -94,41 +132,21 @@ def test_digits_two_checkpoints_one_plot(tiny_ckpt, tiny_clip, tmp_path):
     assert r["suite"] == ["fgsm", "square"] and r["square_queries"] == 10
     assert r["checks"]["eps0_ok"] and r["checks"]["ball_ok"]
 
-  with open(os.path.join(out, "results.md")) as f:
-    md = f.read()
   assert f"| {tiny_ckpt.path} | {100 * np.mean(want_hf):.1f} |" in md
   assert f"| {run_dir} | {100 * np.mean(want_run):.1f} |" in md and "ε=8/255" in md
-  assert "24 digits test examples" in md and md.strip() in proc.stdout
-  with open(os.path.join(out, "robustness.png"), "rb") as f:
-    assert f.read(4) == b"\x89PNG"
+  assert "24 digits test examples" in md
+  assert md.split("\n\n", 1)[1] in cli_runs["proc"].stdout  # the table is printed
 
 
-
-_MOCK_DRIVER = textwrap.dedent("""
-    import runpy, sys
-    import tensorflow_datasets as tfds
-    with tfds.testing.mock_data(num_examples=16):
-      sys.argv = [sys.argv[1]] + sys.argv[2:]
-      runpy.run_path(sys.argv[0], run_name="__main__")
-""")
-
-
-def test_tfds_mock_cifar10(tiny_ckpt, tmp_path):
-  driver = tmp_path / "mock_driver.py"
-  driver.write_text(_MOCK_DRIVER)
-  out = str(tmp_path / "out")
-  _run([EVALUATE, "--checkpoint", tiny_ckpt.path, "--dataset", "cifar10", "--eps",
-        "4/255", "--suite", "pgd-ce", "--num_examples", "12", "--outdir", out,
-        "--templates", "imagenet"] + TINY, driver=str(driver))
-  assert sorted(os.listdir(out)) == ["results.json", "results.md", "robustness.png"]
-  with open(os.path.join(out, "results.json")) as f:
-    res = json.load(f)
+def test_tfds_mock_cifar10(cli_runs):
+  res, md = _outputs(cli_runs["cifar_out"])
   from prsl_jax import classnames  # pylint: disable=g-import-not-at-top
   assert res["class_names"] == list(classnames.CIFAR10)
   assert len(res["indices"]) == 12 and len(res["settings"]["templates"]) == 80
   (r,) = res["models"].values()
-  assert r["suite"] == ["pgd-ce"] and r["num_examples"] == 12
+  assert r["suite"] == ["fgsm"] and r["num_examples"] == 12
   assert 0 <= r["robust"][0]["robust_accuracy"] <= r["clean_accuracy"] <= 1
+  assert "12 cifar10 test examples" in md
 
 
 _ERRORS_DRIVER = textwrap.dedent("""
