@@ -68,21 +68,27 @@ flags.DEFINE_integer("square_queries", None, "Square attack queries (default 500
 flags.DEFINE_bool("allow_pickle", False, "Accept pytorch_model.bin checkpoints (a pickle "
                   "can run code).")
 flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in --outdir.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: 'auto' (TPU pods, SLURM) or "
+                    "host:port; every host runs the same command, process 0 writes.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 FLAGS = flags.FLAGS
 FIELDS = ("checkpoint", "dataset", "split", "data_dir", "eps", "suite", "norm",
           "num_examples", "seed", "outdir", "templates", "batch_size", "steps",
           "square_queries", "allow_pickle", "overwrite")
+_DASHABLE = FIELDS + ("coordinator_address", "num_processes", "process_id")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def undash(argv):
-  """--num-examples=5 -> --num_examples=5 for our flags (absl wants underscores)."""
+  """--num-examples=5 -> --num_examples=5, --no-overwrite -> --nooverwrite (absl's)."""
   out = []
   for arg in argv:
-    m = re.fullmatch(r"--(no)?([a-z][a-z0-9-]*)(=.*)?", arg, flags=re.S)
-    if m and "-" in m.group(2) and m.group(2).replace("-", "_") in FIELDS:
-      arg = f"--{m.group(1) or ''}{m.group(2).replace('-', '_')}{m.group(3) or ''}"
+    m = re.fullmatch(r"--(no-?)?([a-z][a-z0-9-]*)(=.*)?", arg, flags=re.S)
+    if (m and (m.group(1) == "no-" or "-" in m.group(2))
+        and m.group(2).replace("-", "_") in _DASHABLE):
+      arg = f"--{'no' if m.group(1) else ''}{m.group(2).replace('-', '_')}{m.group(3) or ''}"
     out.append(arg)
   return out
 
@@ -247,6 +253,10 @@ def main(argv):
   # Everything that can be checked without compute, first.
   specs, ckpts, eps, suite = validate(s)
   from prsl_jax import data  # pylint: disable=g-import-not-at-top
+  from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
+  # Before anything touches a JAX backend (loading a checkpoint does).
+  sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                        FLAGS.process_id)
   data_dir = s["data_dir"] or None
   source, class_names = data.load(s["dataset"], s["split"], image_size=224,
                                   data_dir=data_dir)
@@ -257,7 +267,6 @@ def main(argv):
 
   import jax  # pylint: disable=g-import-not-at-top
   from prsl_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
   from prsl_jax import zeroshot  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   if s["batch_size"] % mesh.devices.size:
@@ -286,6 +295,8 @@ def main(argv):
     res.pop("indices")  # stored once, at the top level
     results[name] = dict(res, checkpoint=ckpt, image_size=clip.image_size)
 
+  if jax.process_index() != 0:
+    return  # every process holds the same results; one writes them
   outdir = s["outdir"]
   os.makedirs(outdir, exist_ok=True)
   table = evaluation.format_table(results)
