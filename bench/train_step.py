@@ -1,0 +1,182 @@
+r"""Adversarial fine-tuning step (PGD-2 + PRSL + AdamW), steps/s, ours vs PyTorch.
+
+  python bench/train_step.py                      # ViT-B/32 vision tower, batch 8
+  python bench/train_step.py --quick              # smoke test
+  python bench/train_step.py --batch_size 16 --dtype bfloat16 --remat
+
+Ours: prsl_jax.training.make_train_step (the trainer's own jitted, state-donated
+shard_map step) with a TeCoA-style config: PGD-2 L-inf (eps 1/255) on the
+zero-shot logits against random unit class embeddings (text frozen), then PRSL
+(k=3, weight=10) on the adversarial images, gradients w.r.t. the vision tower,
+AdamW behind global-norm clipping at 1.0.
+
+PyTorch: the same on transformers' CLIPModel holding the same weights: the same
+PGD (common.torch_pgd, params frozen during the attack), the PRSL loss written
+in torch, clip_grad_norm_(1.0) and torch.optim.AdamW on the vision tower and
+projection. Torch threads = cores.
+
+Prints one JSON object and appends it to bench/results.jsonl.
+"""
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=wrong-import-position
+
+import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--num_classes", type=int, default=1000)
+  p.add_argument("--attack_steps", type=int, default=2)
+  p.add_argument("--eps", type=float, default=1 / 255)
+  p.add_argument("--loss", default="prsl", choices=("prsl", "ce", "topk_ce"))
+  p.add_argument("--k", type=int, default=3)
+  p.add_argument("--weight", type=float, default=10.0)
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps per framework")
+  p.add_argument("--repeats", type=int, default=2, help="timed steps per framework")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="our compute dtype (torch stays float32)")
+  p.add_argument("--remat", action="store_true", help="rematerialise our encoder layers")
+  p.add_argument("--frameworks", default="jax,torch")
+  p.add_argument("--torch_threads", type=int, default=0, help="0 = the number of cores")
+  p.add_argument("--quick", action="store_true", help="small ViT for smoke tests")
+  return p.parse_args(argv)
+
+
+def make_config(args):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  c = base.base_config()
+  c.loss.name = args.loss
+  c.loss.k = args.k
+  c.loss.weight = args.weight
+  c.adversarial.enabled = True
+  c.adversarial.eps = args.eps
+  c.adversarial.steps = args.attack_steps
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "constant"
+  return c
+
+
+def jax_step(clip, cls, config, x, y):
+  """(compiled step, state, batch, compile seconds) for prsl_jax's trainer step."""
+  from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from prsl_jax import training  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  tx = training.make_optimizer(config.optimizer, 1000, clip.params, config.train_towers)
+  state = sharding.replicate(training.init_state(clip.params, tx, config.seed), mesh)
+  batch = sharding.shard_batch({"image": x, "label": y}, mesh)
+  step = training.make_train_step(clip, config, mesh, tx, class_emb=cls)
+  t0 = time.perf_counter()
+  exe = step.lower(state, batch).compile()
+  return exe, state, batch, time.perf_counter() - t0
+
+
+def torch_prsl(logits, labels, k, weight):
+  """PRSL as DESIGN.md section 1 defines it, per example, in torch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  logp = torch.log_softmax(logits.float(), dim=-1)
+  ce = -logp.gather(1, labels[:, None])[:, 0]
+  masked = logits.detach().scatter(1, labels[:, None], float("-inf"))
+  idx = masked.topk(k, dim=-1).indices
+  v = logp.gather(1, idx).exp()
+  r = ((v - v.mean(-1, keepdim=True)) ** 2).mean(-1)
+  return ce + weight * r
+
+
+def torch_step_fn(clip, cls, args, quick):
+  """A closure running one PyTorch adversarial fine-tuning step on (x, y)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  model = common.torch_clip(clip, quick)
+  zs = common.TorchZeroShot(model, np.asarray(cls), clip.config.vision.image_mean,
+                            clip.config.vision.image_std)
+  trainable = list(model.vision_model.parameters()) + list(model.visual_projection.parameters())
+  opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+  gen = torch.Generator().manual_seed(0)
+
+  def step(xt, yt):
+    for p in trainable:  # the attack sees frozen params (stop_gradient in ours)
+      p.requires_grad_(False)
+    x_adv = common.torch_pgd(zs, xt, yt, eps=args.eps, steps=args.attack_steps, generator=gen)
+    for p in trainable:
+      p.requires_grad_(True)
+    logits = zs(x_adv.detach())
+    if args.loss == "prsl":
+      loss = torch_prsl(logits, yt, args.k, args.weight).mean()
+    else:
+      loss = F.cross_entropy(logits, yt)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    opt.step()
+    acc = (logits.argmax(-1) == yt).float().mean()
+    return loss.detach(), acc, grad_norm
+  return step
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  frameworks = [f for f in args.frameworks.split(",") if f]
+  t_start = time.perf_counter()
+  clip = common.make_clip(args.quick)
+  clip_ours = common.with_dtype(clip, jnp.dtype(args.dtype), remat=args.remat) \
+      if args.dtype != "float32" or args.remat else clip
+  cls = common.class_embeddings(args.num_classes)
+  size = clip.config.vision.image_size
+  x, y = common.images_and_labels(args.batch_size, size, args.num_classes)
+  config = make_config(args)
+
+  fns, extra = {}, {}
+  if "jax" in frameworks:
+    exe, state, batch, compile_s = jax_step(clip_ours, cls, config, x, y)
+    extra["jax_compile_s"] = round(compile_s, 2)
+    holder = {"state": state}
+
+    def run_jax():
+      # The step donates its state: feed each new state to the next call.
+      holder["state"], metrics = exe(holder["state"], batch)
+      return metrics
+    fns["jax"] = run_jax
+    ca = exe.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    extra["jax_step_flops_xla"] = float(ca.get("flops", float("nan")))
+  torch_threads = None
+  if "torch" in frameworks:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_threads = common.set_torch_threads(args.torch_threads or None)
+    torch.manual_seed(0)
+    step = torch_step_fn(clip, cls, args, args.quick)
+    xt, yt = common.nchw(x), torch.from_numpy(y).long()
+    fns["torch"] = functools.partial(step, xt, yt)
+
+  timed = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+  results = {name: {**t, "steps_per_s": 1.0 / t["median_s"], "steps_per_s_best": 1.0 / t["min_s"],
+                    "images_per_s": args.batch_size / t["median_s"]}
+             for name, t in timed.items()}
+  ratio = None
+  if "jax" in results and "torch" in results:
+    ratio = round(results["jax"]["steps_per_s"] / results["torch"]["steps_per_s"], 3)
+
+  common.emit("train_step", {
+      "model": "quick" if args.quick else "ViT-B/32 vision tower, random weights",
+      "step": (f"PGD-{args.attack_steps} L-inf eps={args.eps:.5f} (CE) + {args.loss} "
+               f"(k={args.k}, weight={args.weight}) + AdamW, grad clip 1.0, vision tower trained"),
+      "batch_size": args.batch_size, "num_classes": args.num_classes,
+      "dtype": args.dtype, "remat": args.remat, "torch_threads": torch_threads,
+      "results": results, "ratio_jax_over_torch": ratio, **extra,
+      "wall_s": round(time.perf_counter() - t_start, 1),
+  })
+
+
+if __name__ == "__main__":
+  main()
