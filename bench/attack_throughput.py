@@ -129,9 +129,11 @@ def _with_steps(clip, cls, eps, steps, images, labels, key):
   return attacks.pgd(logits_fn, images, labels, key=key, eps=eps, steps=steps)
 
 
-def recompile_check(clip, cls, eps, steps):
+def recompile_check(cls, eps, steps):
   """Calls the jitted attack on two different batches/keys of one shape and
-  counts backend compilations: expected exactly 1 (one per shape)."""
+  counts backend compilations: expected exactly 1 (one per shape). Uses the
+  --quick model: the check is structural and the same for any size."""
+  clip = common.make_clip(quick=True)
   count = []
   def listener(event, duration, **kw):
     del duration, kw
@@ -232,7 +234,7 @@ def main(argv=None):
       common.attack_flops_per_image(vision, args.steps, args.num_classes))
 
   checks = hot_path_checks(clip, cls, x8, y8, args.steps, args.eps)
-  checks.update(recompile_check(clip, cls, args.eps, args.steps))
+  checks.update(recompile_check(cls, args.eps, args.steps))
 
   results = []
   for b in batch_sizes:
