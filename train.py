@@ -95,8 +95,13 @@ def run_config(config, loss_name):
   return c
 
 
-def train(config, workdir, clip, train_source, class_emb, prompts, mesh, *, desc="train"):
-  """Fine-tunes clip.params with config; resumes from workdir. Returns final params."""
+def train(config, workdir, clip, train_source, class_emb, prompts, mesh, *, desc="train",
+          eval_source=None):
+  """Fine-tunes clip.params with config; resumes from workdir. Returns final params.
+
+  With eval_source (classification only) and config.eval_every > 0, logs the clean
+  accuracy on the seeded eval subset as eval_accuracy every eval_every steps.
+  """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -131,6 +136,10 @@ def train(config, workdir, clip, train_source, class_emb, prompts, mesh, *, desc
     logging.info("resumed %s from step %d", workdir, int(state["step"]))
   start = int(jax.device_get(state["step"]))
 
+  clean_accuracy = None
+  if eval_source is not None and config.eval_every and class_emb is not None:
+    clean_accuracy = make_clean_accuracy(config, clip, eval_source, class_emb, prompts, mesh)
+
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   bar = tqdm.tqdm(total=config.total_steps, initial=start, desc=desc, disable=not is_main,
                   dynamic_ncols=True, file=sys.stdout)
@@ -138,8 +147,12 @@ def train(config, workdir, clip, train_source, class_emb, prompts, mesh, *, desc
     batch = sharding.shard_batch(next(train_iter), mesh)
     state, metrics = step_fn(state, batch)
     bar.update(1)
-    if step % config.log_every == 0 or step == config.total_steps:
+    log_now = step % config.log_every == 0 or step == config.total_steps
+    eval_now = clean_accuracy is not None and step % config.eval_every == 0
+    if log_now or eval_now:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if eval_now:
+        metrics["eval_accuracy"] = clean_accuracy(state["params"])
       if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; stopping "
                                  f"(last good checkpoint is kept in {workdir})")
@@ -153,6 +166,19 @@ def train(config, workdir, clip, train_source, class_emb, prompts, mesh, *, desc
   mgr.wait_until_finished()
   mgr.close()
   return jax.device_get(state["params"])
+
+
+def make_clean_accuracy(config, clip, eval_source, class_emb, prompts, mesh):
+  """fn(params) -> clean zero-shot accuracy on the seeded eval subset (host float)."""
+  indices = data.eval_indices(len(eval_source), config.eval.num_examples, config.eval.seed)
+  batches = [sharding.shard_batch(b, mesh)
+             for b in data.eval_batches(eval_source, indices, config.eval.batch_size)]
+  count = training.make_eval_step(clip, mesh)
+  embed = jax.jit(lambda p: zeroshot.embed_prompts(clip, p, *prompts)) if prompts else None
+  def accuracy(params):
+    cls = class_emb if embed is None else embed(params)
+    return sum(int(count(params, cls, b)) for b in batches) / len(indices)
+  return accuracy
 
 
 def main(argv):
@@ -186,6 +212,11 @@ def main(argv):
       ids, mask = zeroshot.tokenize(clip, [t.format(c) for c in class_names for t in templates])
       prompts = (ids, mask, len(class_names))
 
+  eval_source = None
+  if class_names:
+    eval_source, _ = data.load(config.data.name, config.data.eval_split,
+                               image_size=clip.image_size, data_dir=data_dir)
+
   # Fine-tune with the main loss and each comparison loss, from the same start.
   losses_to_run = [config.loss.name] + [n for n in config.compare_losses
                                         if n != config.loss.name]
@@ -194,7 +225,7 @@ def main(argv):
   for name in losses_to_run:
     cfg = run_config(config, name)
     finals[name] = train(cfg, os.path.join(workdir, name), clip, train_source, class_emb,
-                         prompts, mesh, desc=f"fine-tune {name}")
+                         prompts, mesh, desc=f"fine-tune {name}", eval_source=eval_source)
     if config.export and jax.process_index() == 0:
       prsl_jax.save_pretrained(clip, finals[name], os.path.join(workdir, name, "export"))
   train_time = time.time() - t0
@@ -202,15 +233,13 @@ def main(argv):
   # Evaluate the start and every fine-tuned model on the same seeded subset.
   if class_names:
     evaluate_and_report(config, workdir, clip, class_names, templates, finals, mesh,
-                        train_time)
+                        train_time, eval_source)
 
 
 def evaluate_and_report(config, workdir, clip, class_names, templates, finals, mesh,
-                        train_time):
+                        train_time, eval_source):
   """Clean and robust accuracy of start vs fine-tuned models: table, JSON, plot."""
   from prsl_jax import evaluation  # pylint: disable=g-import-not-at-top
-  eval_source, _ = data.load(config.data.name, config.data.eval_split,
-                             image_size=clip.image_size, data_dir=config.data.data_dir or None)
   indices = data.eval_indices(len(eval_source), config.eval.num_examples, config.eval.seed)
   models = {"start": clip.params, **{f"{n} fine-tuned": p for n, p in finals.items()}}
   results = {}

@@ -40,8 +40,13 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a pytree of host or device arrays on every device of the mesh."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """A copy of a pytree of host or device arrays on every device of the mesh.
+
+  Always a copy (may_alias=False): the train state is donated to the step, and
+  without the copy a one-device run would delete the caller's arrays (e.g. the
+  pretrained params that the next run starts from).
+  """
+  return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False)
 
 
 def shard_batch(local_batch, mesh: Mesh):

@@ -181,15 +181,17 @@ def make_train_step(clip, config, mesh, tx, *, class_emb=None, prompts=None):
   return jax.jit(sharded, donate_argnums=(0,))
 
 
-def make_eval_step(clip, mesh, class_emb):
-  """Jitted (params, batch) -> number of correct rows (clean), summed over devices."""
+def make_eval_step(clip, mesh):
+  """Jitted (params, class_emb (C, D), batch) -> correct rows (clean), summed over devices.
+
+  batch: image (B, S, S, 3), label (B,), mask (B,) bool (padding rows are False).
+  """
   def shard(params, cls, batch):
     logits = zeroshot.logits(clip, params, cls, batch["image"])
     correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return jax.lax.psum(jnp.sum(correct.astype(jnp.int32)), sharding.DATA)
-  fn = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(), P(sharding.DATA)),
-                             out_specs=P(), check_vma=False))
-  return lambda params, batch: fn(params, class_emb, batch)
+  return jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(), P(sharding.DATA)),
+                               out_specs=P(), check_vma=False))
 
 
 def _l2n(x):

@@ -192,3 +192,29 @@ def test_unknown_config_key_stops_train_py_before_compute(tmp_path):
   assert proc.returncode != 0
   assert "kk" in proc.stderr and "loss" in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_train_py_end_to_end_prints_table_and_exports(tmp_path):
+  # Two losses from one start: also guards against donating the caller's params.
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}",
+       "--config.total_steps=3", "--config.batch_size=16", "--config.checkpoint_every=3",
+       "--config.eval.num_examples=32", "--config.eval.batch_size=16", "--config.eval.steps=2"],
+      capture_output=True, text=True, timeout=900,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  out = proc.stdout
+  for row in ("start", "prsl fine-tuned", "ce fine-tuned"):
+    assert row in out, out[-3000:]
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)["results"]
+  assert set(results) == {"start", "prsl fine-tuned", "ce fine-tuned"}
+  for r in results.values():
+    assert [e["eps"] for e in r["robust"]] == pytest.approx([1 / 255, 2 / 255])
+    assert all(e["robust_accuracy"] <= r["clean_accuracy"] for e in r["robust"])
+  assert (tmp_path / "robustness.png").stat().st_size > 1000
+  # The export is a HF folder our loader (and transformers) reads, with new weights.
+  exported = prsl_jax.load_pretrained(str(tmp_path / "prsl" / "export"))
+  start = prsl_jax.load_pretrained(small_config.get_config().model.path)
+  a, b = _flat(exported.params), _flat(start.params)
+  assert any(not np.array_equal(a[k], b[k]) for k in a if "vision_model" in k)
