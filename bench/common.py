@@ -174,7 +174,7 @@ def interleaved(fns, *, warmup=1, repeats=3):
   return {k: summary(v) for k, v in times.items()}
 
 
-def matmul_peak(n=2048, repeats=5, dtype=jnp.float32):
+def matmul_peak(n=2048, repeats=8, dtype=jnp.float32):
   """Measured FLOP/s of a jitted (n, n) @ (n, n) on the default device.
 
   The best of `repeats` calls, so the figure is the machine's matmul peak as
