@@ -33,9 +33,28 @@ from prsl_jax import sharding
 from prsl_jax import training
 from prsl_jax import zeroshot
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
-    "Training config file (ml_collections get_config); override with --config.key=value.")
+def _define_config_flag():
+  """--config, with a clear message for an override of a field the config lacks.
+
+  config_flags applies the --config.* overrides when the flag is defined, and a
+  missing field fails there with only the bare key ("'kk'"): name the argument.
+  """
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                               "default.py"),
+        "Training config file (ml_collections get_config); override with --config.key=value.")
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip("\"'")
+    bad = [a for a in sys.argv[1:]
+           if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+    if not bad:
+      raise
+    sys.exit(f"error: unknown config key in {bad[0]!r}: the config has no field {key!r} "
+             f"(an override must name an existing field of the --config file)")
+
+
+_CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: config.workdir).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: 'auto' (TPU pods, SLURM) or host:port.")
@@ -242,13 +261,16 @@ def evaluate_and_report(config, workdir, clip, class_names, templates, finals, m
   from prsl_jax import evaluation  # pylint: disable=g-import-not-at-top
   indices = data.eval_indices(len(eval_source), config.eval.num_examples, config.eval.seed)
   models = {"start": clip.params, **{f"{n} fine-tuned": p for n, p in finals.items()}}
+  # One logits_fn for every model (weights and class embeddings are its params), so
+  # the evaluation compiles each attack once, not once per model.
+  logits_fn = lambda p, x: zeroshot.logits(clip, p["params"], p["class_emb"], x)
   results = {}
   for name, params in models.items():
     # The text tower may have trained: class embeddings from each model's own params.
     cls = zeroshot.class_embeddings(clip, params, class_names, templates)
-    logits_fn = lambda p, x, cls=cls: zeroshot.logits(clip, p, cls, x)
     results[name] = evaluation.evaluate(
-        logits_fn, params, eval_source, indices, eps_list=list(config.eval.eps),
+        logits_fn, {"params": params, "class_emb": cls}, eval_source, indices,
+        eps_list=list(config.eval.eps),
         suite=list(config.eval.attacks), seed=config.eval.seed,
         batch_size=config.eval.batch_size, mesh=mesh, steps=config.eval.steps)
   if jax.process_index() != 0:

@@ -1,4 +1,4 @@
-"""A few adversarial PRSL steps of the bundled tiny CLIP: the trainer tests' config."""
+"""A few PRSL steps of the bundled tiny CLIP: the trainer tests' config."""
 
 from configs import base
 
@@ -12,11 +12,18 @@ def get_config(arg=None):
   c.checkpoint_every = 2
   c.keep_checkpoints = 5
   c.loss.k = 3
-  c.adversarial.enabled = True  # exercises per-example random starts
+  # Clean by default: L-inf PGD steps by sign(grad), so float-level differences
+  # between topologies flip pixels and compound over steps; the adversarial path
+  # has its own short topology test.
+  c.adversarial.enabled = False
   c.adversarial.eps = 4 / 255
   c.adversarial.steps = 2
-  c.optimizer.warmup_steps = 2
-  c.optimizer.lr = 1e-3
+  # Momentum SGD, not Adam: Adam's g / sqrt(v) turns float noise in near-zero
+  # gradients into full-size steps, which would hide a real topology bug behind a
+  # loose tolerance. With SGD, 1 vs 8 devices agree to ~1e-7.
+  c.optimizer.name = "sgd"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.lr = 0.05
   return c
 
 

@@ -45,7 +45,8 @@ def _run_in_process(workdir, **overrides):
 def _worker(workdir, out, *args, devices=1, check=True, timeout=600):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, WORKER, workdir, out, *args], env=env,
+  proc = subprocess.run([sys.executable, WORKER, f"--workdir={workdir}", f"--out={out}", *args],
+                        env=env,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -77,9 +78,10 @@ def test_same_seed_is_bit_identical_and_training_moves_params(reference, tmp_pat
     assert f.read() == m1
   steps = [json.loads(line)["step"] for line in m1.splitlines()]
   assert steps == list(range(1, 7))
-  # The vision tower moved, the frozen text tower did not.
+  # The vision tower moved (far beyond the tolerance of the topology tests), the
+  # frozen text tower did not.
   start = _flat(prsl_jax.load_pretrained(small_config.get_config().model.path).params)
-  assert any(not np.array_equal(start[k], params[k]) for k in params if "vision_model" in k)
+  assert max(np.abs(start[k] - params[k]).max() for k in params if "vision_model" in k) > 1e-3
   assert all(np.array_equal(start[k], params[k]) for k in params
              if "text_model" in k or "logit_scale" in k)
   # A different seed gives different numbers (the comparison above could fail).
@@ -92,7 +94,18 @@ def test_eight_devices_match_one(reference, tmp_path):
   out = str(tmp_path / "p.npz")
   proc = _worker(str(tmp_path / "w"), out, devices=8)
   assert "devices=8" in proc.stdout
-  _assert_close(dict(np.load(out)), params, rtol=2e-4, atol=2e-5)
+  _assert_close(dict(np.load(out)), params, rtol=1e-5, atol=2e-6)
+
+
+def test_adversarial_eight_devices_match_one(tmp_path):
+  # Random starts use per-example keys (fold_in of the global row), so the attack
+  # draws the same noise however the batch is split. Measured: 7e-6 apart after 2
+  # steps; per-shard keys instead give 2e-3.
+  args = ["--config.adversarial.enabled=True", "--config.total_steps=2"]
+  _worker(str(tmp_path / "w8"), str(tmp_path / "p8.npz"), *args, devices=8)
+  _worker(str(tmp_path / "w1"), str(tmp_path / "p1.npz"), *args, devices=1)
+  _assert_close(dict(np.load(tmp_path / "p8.npz")), dict(np.load(tmp_path / "p1.npz")),
+                rtol=0, atol=5e-5)
 
 
 def test_contrastive_eight_devices_match_one(tmp_path):
@@ -101,7 +114,7 @@ def test_contrastive_eight_devices_match_one(tmp_path):
   _worker(str(tmp_path / "w8"), str(tmp_path / "p8.npz"), *args, devices=8)
   _worker(str(tmp_path / "w1"), str(tmp_path / "p1.npz"), *args, devices=1)
   _assert_close(dict(np.load(tmp_path / "p8.npz")), dict(np.load(tmp_path / "p1.npz")),
-                rtol=2e-4, atol=2e-5)
+                rtol=1e-5, atol=2e-6)
 
 
 def test_two_processes_match_one(reference, tmp_path):
@@ -111,14 +124,14 @@ def test_two_processes_match_one(reference, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
-      [sys.executable, WORKER, str(tmp_path / "w"), str(tmp_path / "p.npz"),
+      [sys.executable, WORKER, f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'p.npz'}",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (so, se) in zip(procs, outs):
     assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
     assert "devices=2 processes=2" in so
-  _assert_close(dict(np.load(tmp_path / "p.npz")), params, rtol=2e-4, atol=2e-5)
+  _assert_close(dict(np.load(tmp_path / "p.npz")), params, rtol=1e-5, atol=2e-6)
 
 
 def test_killed_run_resumes_to_the_same_params(reference, tmp_path):
@@ -190,7 +203,8 @@ def test_unknown_config_key_stops_train_py_before_compute(tmp_path):
                          "--config.loss.kk=3", f"--workdir={tmp_path}"],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
-  assert "kk" in proc.stderr and "loss" in proc.stderr
+  assert "unknown config key in '--config.loss.kk=3'" in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
   assert not os.listdir(tmp_path)
 
 

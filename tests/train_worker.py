@@ -3,7 +3,7 @@
 Run as a subprocess by test_train.py so that device count, process count and a
 SIGKILL are real:
 
-  python tests/train_worker.py WORKDIR OUT.npz [--steps N] [--kill_after_save S]
+  python tests/train_worker.py --workdir=DIR --out=OUT.npz [--kill_after_save=S]
       [--coordinator_address host:port --num_processes 2 --process_id i]
       [--config.key=value ...]
 """
@@ -17,6 +17,11 @@ from absl import flags
 import jax
 import numpy as np
 
+# A small config by default; --config.key=value overrides still work. This must
+# precede `import train`: config_flags reads sys.argv when the flag is defined.
+if not any(a.startswith("--config=") for a in sys.argv):
+  sys.argv.insert(1, "--config=" + os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "small_config.py"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train as train_lib  # pylint: disable=wrong-import-position
 import prsl_jax  # pylint: disable=wrong-import-position
@@ -26,10 +31,12 @@ from prsl_jax import sharding  # pylint: disable=wrong-import-position
 from prsl_jax import zeroshot  # pylint: disable=wrong-import-position
 
 _KILL = flags.DEFINE_integer("kill_after_save", 0, "SIGKILL self right after saving this step.")
+_OUT = flags.DEFINE_string("out", None, "Where to save the final params (.npz).")
 
 
 def main(argv):
-  workdir, out = argv[1], argv[2]
+  del argv
+  workdir, out = train_lib._WORKDIR.value, _OUT.value  # pylint: disable=protected-access
   train_lib.quiet_logs()
   sharding.maybe_initialize_distributed(train_lib._COORDINATOR.value,  # pylint: disable=protected-access
                                         train_lib._NUM_PROCESSES.value,  # pylint: disable=protected-access
@@ -55,7 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # A small config by default; --config.key=value overrides still work.
-  flags.FLAGS.set_default(
-      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_config.py"))
   app.run(main)
