@@ -346,6 +346,7 @@ def evaluate(logits_fn, params, source, indices, *, eps_list, suite="standard",
   clean_pred = np.zeros(n, np.int64)
   zero_grad = nonfinite_grad = 0
   first = None
+  seen = 0
   for batch, rows, _ in _batches(source, indices, np.arange(n), batch_size):
     logits, gmax, gfinite = jax.device_get(
         clean(params, *_to_mesh(mesh, P(DATA), batch["image"], batch["label"])))
@@ -357,8 +358,9 @@ def evaluate(logits_fn, params, source, indices, *, eps_list, suite="standard",
     nonfinite_grad += int(np.sum(~gfinite & valid))
     if first is None:
       first = (batch, rows, logits)
+    seen += int(valid.sum())
     bar.update()
-    bar.set_postfix(clean_acc=f"{correct.sum() / n:.3f}")
+    bar.set_postfix(clean_acc=f"{correct.sum() / seen:.3f}")  # over the rows seen so far
   clean_acc = float(correct.mean())
 
   # --- Checks on the first batch: determinism, logits vs probabilities. ---

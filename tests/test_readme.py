@@ -1,0 +1,26 @@
+"""The README's Python examples run as written."""
+
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _blocks():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+def test_readme_has_examples():
+  assert len(_blocks()) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(_blocks())))
+def test_readme_example_runs(index, tmp_path, monkeypatch):
+  code = _blocks()[index].replace("/tmp/my_clip", str(tmp_path / "my_clip"))
+  monkeypatch.chdir(ROOT)
+  monkeypatch.syspath_prepend(ROOT)
+  exec(compile(code, f"README block {index}", "exec"), {"__name__": "readme"})  # pylint: disable=exec-used
