@@ -72,6 +72,25 @@ def _cpu_flags():
   return []
 
 
+def total_memory_bytes():
+  """Physical memory (psutil is not a requirement of the project: /proc first)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    import psutil  # pylint: disable=g-import-not-at-top
+    return psutil.virtual_memory().total
+
+
+def rss_bytes():
+  """This process's resident set size now (Linux /proc; psutil elsewhere)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except OSError:
+    import psutil  # pylint: disable=g-import-not-at-top
+    return psutil.Process().memory_info().rss
+
+
 def _git_commit():
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -91,13 +110,12 @@ def _version(name):
 def machine():
   """What the figures were measured on. loadavg is taken now: on a shared machine
   a load above the core count means the timings are slowed by other processes."""
-  import psutil  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   return {
       "cpu_model": _cpu_model(),
       "cpu_flags": _cpu_flags(),
       "cores": num_cores(),
-      "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
+      "mem_gib": round(total_memory_bytes() / 2**30, 1),
       "jax_backend": jax.default_backend(),
       "device": getattr(dev, "device_kind", str(dev)),
       "num_devices": jax.device_count(),

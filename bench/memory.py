@@ -7,7 +7,7 @@ r"""Peak memory of one PGD attack batch, each setting in a fresh subprocess.
 
 Each setting runs in its own python process (so one setting's allocations and
 compilation never hide another's peak) that builds the model, then runs the
-attack while a thread samples the process's resident set (psutil, every 5 ms).
+attack while a thread samples the process's resident set (/proc/self/statm, every 5 ms).
 Reported per setting:
   rss_before_attack_mib   resident set with model, data and (jax) the compiled
                           attack loaded
@@ -61,16 +61,16 @@ class PeakSampler:
   """Samples this process's RSS in a thread; .peak is the highest seen (bytes)."""
 
   def __init__(self, interval=0.005):
-    import psutil  # pylint: disable=g-import-not-at-top
-    self.proc = psutil.Process()
+    import common  # pylint: disable=g-import-not-at-top
+    self.rss = common.rss_bytes
     self.interval = interval
-    self.peak = self.proc.memory_info().rss
+    self.peak = self.rss()
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
 
   def _run(self):
     while not self._stop.is_set():
-      self.peak = max(self.peak, self.proc.memory_info().rss)
+      self.peak = max(self.peak, self.rss())
       time.sleep(self.interval)
 
   def __enter__(self):
@@ -80,7 +80,7 @@ class PeakSampler:
   def __exit__(self, *exc):
     self._stop.set()
     self._thread.join()
-    self.peak = max(self.peak, self.proc.memory_info().rss)
+    self.peak = max(self.peak, self.rss())
 
 
 def _maxrss_bytes():
@@ -134,8 +134,7 @@ def child(setting, args):
     run = lambda: common.torch_pgd(zs, xt, yt, eps=args.eps, steps=args.steps)
   else:
     raise SystemExit(f"unknown framework {framework!r} in setting {setting!r}")
-  import psutil  # pylint: disable=g-import-not-at-top
-  before = psutil.Process().memory_info().rss
+  before = common.rss_bytes()
   t0 = time.perf_counter()
   with PeakSampler() as s:
     run()
