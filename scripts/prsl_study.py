@@ -284,6 +284,10 @@ def row_values(runs, study):
       for a, v in s["accuracy_after"].items():
         add(f"{a}@{e}", v)
       add(f"pgd@{e}", r["pgd_ce"]["robust"][e]["robust_accuracy"])
+      # How much a single attack overstates the cascade's robust accuracy (paired
+      # per seed: same model, same images).
+      add(f"pgd_gap@{e}", vals[f"pgd@{e}"][-1] - s["robust_accuracy"])
+      add(f"apgdce_gap@{e}", s["accuracy_after"]["apgd-ce"] - s["robust_accuracy"])
   return vals
 
 
@@ -330,6 +334,25 @@ def tables(summary, study):
     for e in ek:
       cells += [fmt(v.get(f"pgd@{e}")), fmt(v.get(f"apgd-ce@{e}")), fmt(v.get(f"std@{e}"))]
     lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "How many points (%) a single attack overstates the cascade's robust accuracy "
+            "(paired per seed), and the difference to CE of each (+: looks more robust than "
+            "CE). A loss that only fools one attack shows up here.", ""]
+  head = ["row"] + [f"{a} ε={e}" for e in ek for a in ("PGD−AA", "APGD-CE−AA")]
+  head += [f"{a} vs CE ε={e}" for e in ek[1:2] for a in ("PGD-CE", "AA")]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  ce = summary.get("ce", {}).get("values", {})
+  for name, s in summary.items():
+    v = s["values"]
+    cells = [s["label"]]
+    for e in ek:
+      cells += [fmt(v.get(f"pgd_gap@{e}")), fmt(v.get(f"apgdce_gap@{e}"))]
+    for e in ek[1:2]:
+      for key in ("pgd", "std"):
+        if ce.get(f"{key}@{e}") and v.get(f"{key}@{e}") and name != "ce":
+          cells.append(f"{100 * (mean_std(v[f'{key}@{e}'])[0] - mean_std(ce[f'{key}@{e}'])[0]):+.1f}")
+        else:
+          cells.append("–")
+    lines.append("| " + " | ".join(cells) + " |")
   lines += ["", f"Output diversity on the clean test split: mean entropy (nats) of the "
             f"softmax (max ln 10 = 2.303) and of its top-{topk} part (softmax renormalised "
             f"over the {topk} most probable classes; max ln {topk} = {np.log(topk):.3f}).", ""]
@@ -344,6 +367,8 @@ def tables(summary, study):
   return "\n".join(lines) + "\n"
 
 
+MARKERS = {"start": "*", "adv_ce": "s", "adv_prsl": "s", "prsl_renorm_k3_w10": "D",
+           "topk_ce_k3": "D", "prsl_k3_w1e5": "^", "prsl_k5_w1e5": "^", "prsl_k9_w1e5": "^"}
 COLORS = {"start": "black", "ce": "tab:blue", "prsl": "tab:orange", "renorm": "tab:red",
           "topk": "tab:purple", "adv": "tab:green"}
 
@@ -354,20 +379,22 @@ def plots(summary, study, outdir):
   import matplotlib.pyplot as plt
   ek = eps_keys(study)
   paths = []
-  # Trade-off: clean accuracy (whole test split) vs robust accuracy, one panel per eps.
-  fig, axes = plt.subplots(1, len(ek), figsize=(4.2 * len(ek), 3.8), squeeze=False)
-  for ax, e in zip(axes[0], ek):
+  # Trade-off: clean accuracy (whole test split) vs robust accuracy, one panel per
+  # eps at which some row keeps a robust point (an all-zero panel says nothing).
+  shown = [e for e in ek if any(max(s["values"].get(f"std@{e}", [0])) > 0
+                                for s in summary.values())] or ek[:1]
+  fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 4), squeeze=False)
+  for ax, e in zip(axes[0], shown):
     for name, s in summary.items():
       v = s["values"]
       if not v.get(f"std@{e}"):
         continue
       (cx, sx), (ry, sy) = mean_std(v["clean_full"]), mean_std(v[f"std@{e}"])
-      marker = "s" if name.startswith("adv") else ("*" if name == "start" else "o")
-      if "renorm" in name or "topk" in name:
-        marker = "D"
+      marker = MARKERS.get(name, "o")
       ax.errorbar(100 * cx, 100 * ry, xerr=100 * (sx or 0), yerr=100 * (sy or 0),
                   fmt=marker, color=COLORS[s["family"]], ms=6, capsize=2, alpha=0.85)
       short = name if name.startswith("adv") else name.replace("prsl_", "")
+      short = "k1 (= ce)" if name == "prsl_k1" else short
       ax.annotate(short, (100 * cx, 100 * ry), fontsize=6, xytext=(3, 2),
                   textcoords="offset points")
     ax.set_xlabel("clean accuracy (%), test split")
@@ -375,8 +402,10 @@ def plots(summary, study, outdir):
     ax.grid(alpha=0.3)
   handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in COLORS.items()]
   axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
-  fig.suptitle("Robustness vs clean accuracy (mean ± std over seeds; digits, tiny CLIP)",
-               fontsize=9)
+  hidden = [e for e in ek if e not in shown]
+  fig.suptitle("Robust (standard cascade) vs clean accuracy, mean ± std over seeds; digits, "
+               "tiny CLIP" + (f"; every row is at 0% at ε={', '.join(hidden)}" if hidden else ""),
+               fontsize=8)
   fig.tight_layout()
   paths.append(os.path.join(outdir, "tradeoff.png"))
   fig.savefig(paths[-1], dpi=90)
@@ -392,7 +421,7 @@ def plots(summary, study, outdir):
       if not v.get(f"{metric}@{ek[0]}"):
         continue
       ys = [mean_std(v["clean_subset"])] + [mean_std(v[f"{metric}@{e}"]) for e in ek]
-      style = "--" if s["family"] == "prsl" and name != "prsl_k3_w1e5" else "-"
+      style = "--" if name in ("adv_prsl", "topk_ce_k3") or s["family"] == "prsl" else "-"
       ax.errorbar(xs, [100 * m for m, _ in ys], yerr=[100 * (sd or 0) for _, sd in ys],
                   color=COLORS[s["family"]], ls=style, marker="o", ms=3, capsize=2,
                   alpha=0.8, label=name, lw=1)
@@ -400,7 +429,7 @@ def plots(summary, study, outdir):
     ax.set_xlabel("L-inf ε (× 1/255)")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel(f"accuracy (%) on {study['eval_examples']} test images")
-  axes[1].legend(fontsize=6, ncol=2)
+  axes[0].legend(fontsize=6, ncol=2, loc="lower left")
   fig.tight_layout()
   paths.append(os.path.join(outdir, "robust_vs_eps.png"))
   fig.savefig(paths[-1], dpi=90)
@@ -427,6 +456,20 @@ def summarize(rows, results, study):
 
 SEEDS_OF = {}
 SCALES = None
+FRESH = set()  # (row, seed) evaluated (not read from cache) by this invocation
+PREVIOUS_INVOCATIONS = []  # from an earlier study.json in the outdir
+
+
+def previous_invocations(outdir):
+  """Timings of the earlier invocations on this outdir (so a rerun keeps them)."""
+  path = os.path.join(outdir, "study.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    old = json.load(f)
+  if "invocations" in old:
+    return old["invocations"]
+  return [old["this_invocation"]] if "this_invocation" in old else []
 
 
 # ----------------------------------------------------------------------------
@@ -449,6 +492,7 @@ def main():
   study = QUICK if args.quick else STUDY
   outdir = args.outdir or ("runs/study_quick" if args.quick else "runs/study")
   os.makedirs(outdir, exist_ok=True)
+  PREVIOUS_INVOCATIONS[:] = previous_invocations(outdir)
   rows = [r for r in ROWS if not args.quick or r["name"] in QUICK_ROWS]
   if args.rows:
     wanted = args.rows.split(",")
@@ -565,6 +609,7 @@ def main():
       with open(cache, "w") as f:
         json.dump(record, f, indent=2)
       results[(name, seed)] = record
+      FRESH.add((name, seed))
       ek = eps_keys(study)
       print(f"[{name} seed {seed}] clean {record['clean_accuracy_full']:.3f}  AA "
             + " ".join(f"{e}:{record['standard']['robust'][e]['robust_accuracy']:.3f}"
@@ -583,8 +628,14 @@ def main():
     print("\n" + f.read())
   wall, cpu = time.time() - t_start, cpu_seconds() - cpu_start
   print(f"wrote {', '.join(report_paths)}")
-  print(f"wall time {wall / 60:.1f} min (this invocation; process CPU time {cpu / 60:.1f} min); "
-        f"load average {np.mean(loads):.1f} (mean over runs) on {os.cpu_count()} CPUs")
+  print(f"wall time {wall / 60:.1f} min (this invocation: {len(FRESH)} runs done, "
+        f"{sum(1 for r in SEEDS_OF.values() for _ in r) - len(FRESH)} cached; process CPU "
+        f"time {cpu / 60:.1f} min); load average {np.mean(loads):.1f} (mean over runs) on "
+        f"{os.cpu_count()} CPUs")
+  if PREVIOUS_INVOCATIONS:
+    total = sum(i["wall_seconds"] for i in PREVIOUS_INVOCATIONS) + wall
+    print(f"all {len(PREVIOUS_INVOCATIONS) + 1} invocations on {outdir}: {total / 60:.1f} min "
+          f"wall")
 
 
 def write_reports(rows, results, study, outdir, seeds, t_start, cpu_start, loads):
@@ -594,6 +645,11 @@ def write_reports(rows, results, study, outdir, seeds, t_start, cpu_start, loads
     f.write(md)
   paths = plots(summary, study, outdir)
   per_run = {f"{n}/seed{s}": {k: v for k, v in r.items()} for (n, s), r in sorted(results.items())}
+  current = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+             "wall_seconds": time.time() - t_start, "cpu_seconds": cpu_seconds() - cpu_start,
+             "load_average_mean": float(np.mean(loads)),
+             "load_average_max": float(np.max(loads)),
+             "runs_done": len(FRESH), "runs_cached": len(results) - len(FRESH)}
   totals = {
       "train_seconds": sum(r.get("train_seconds", 0) for r in results.values()),
       "train_cpu_seconds": sum(r.get("train_cpu_seconds", 0) for r in results.values()),
@@ -615,10 +671,8 @@ def write_reports(rows, results, study, outdir, seeds, t_start, cpu_start, loads
                   for n, s in summary.items()},
       "runs": per_run,
       "totals_over_runs": totals,
-      "this_invocation": {"wall_seconds": time.time() - t_start,
-                          "cpu_seconds": cpu_seconds() - cpu_start,
-                          "load_average_mean": float(np.mean(loads)),
-                          "load_average_max": float(np.max(loads))},
+      "this_invocation": current,
+      "invocations": PREVIOUS_INVOCATIONS + [current],
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                   "python": platform.python_version(), "jax": jax.__version__},
   }
