@@ -141,6 +141,17 @@ def row_config(row, study, seed):
   return c
 
 
+def portable(train_spec):
+  """The train spec with the bundled model's path relative to the repo (clones compare)."""
+  if not train_spec:
+    return train_spec
+  out = json.loads(json.dumps(train_spec))
+  path = out["model"]["path"]
+  if os.path.isabs(path) and path.endswith(os.path.join("prsl_jax", "assets", "tiny_clip")):
+    out["model"]["path"] = os.path.join("prsl_jax", "assets", "tiny_clip")
+  return out
+
+
 def fingerprint(obj):
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -387,14 +398,14 @@ def plots(summary, study, outdir):
   for ax, e in zip(axes[0], shown):
     for name, s in summary.items():
       v = s["values"]
-      if not v.get(f"std@{e}"):
+      if not v.get(f"std@{e}") or name == "prsl_k1":  # k1 trains to CE's exact params
         continue
       (cx, sx), (ry, sy) = mean_std(v["clean_full"]), mean_std(v[f"std@{e}"])
       marker = MARKERS.get(name, "o")
       ax.errorbar(100 * cx, 100 * ry, xerr=100 * (sx or 0), yerr=100 * (sy or 0),
                   fmt=marker, color=COLORS[s["family"]], ms=6, capsize=2, alpha=0.85)
       short = name if name.startswith("adv") else name.replace("prsl_", "")
-      short = "k1 (= ce)" if name == "prsl_k1" else short
+      short = "ce (= k1)" if name == "ce" and "prsl_k1" in summary else short
       ax.annotate(short, (100 * cx, 100 * ry), fontsize=6, xytext=(3, 2),
                   textcoords="offset points")
     ax.set_xlabel("clean accuracy (%), test split")
@@ -555,7 +566,7 @@ def main():
         with open(spec_path) as f:
           old = json.load(f)
         # Other training settings: the checkpoint is another model; never mix.
-        if fingerprint(old["train"]) != fingerprint(spec["train"]):
+        if fingerprint(portable(old["train"])) != fingerprint(portable(spec["train"])):
           raise SystemExit(f"{wd} holds a model trained with other settings "
                            f"(study_spec.json differs); use a new --outdir")
         # Other evaluation settings: keep the model, evaluate it again.
