@@ -1,6 +1,12 @@
-"""prsl_jax: robust CLIP fine-tuning with PRSL, and strong attacks, in JAX/Flax."""
+"""prsl_jax: robust vision-language fine-tuning with PRSL, and strong attacks, in JAX/Flax."""
+
+import os
 
 from prsl_jax import losses
-from prsl_jax.models.convert import CLIP, load_pretrained, save_pretrained
+from prsl_jax.models.convert import Pretrained, load_pretrained, save_pretrained
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# The tiny CLIP bundled with the package, in HuggingFace format (made by
+# scripts/pretrain_tiny_clip.py): the embedded default's starting model.
+TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_clip")

@@ -10,9 +10,13 @@ Two towers, as in transformers/models/clip/modeling_clip.py:
 
 Pixel normalisation lives inside the image encoder so that attacks, budgets and
 data pipelines all work on [0, 1] pixels. Parameter names mirror the HF state
-dict (convert.py holds the explicit key map); the top-level keys are exactly
+dict (`key_map` below is the explicit map); the top-level keys are exactly
 'vision_model', 'text_model', 'visual_projection', 'text_projection',
 'logit_scale' (the trainer masks the optimizer by them).
+
+`CLIP` is the static part of a model: its config, hashable and equal by value,
+so two checkpoints of one architecture share every compiled function. Params
+are a plain pytree passed as an argument, never stored in it.
 
 `dtype` is the compute dtype; params are always float32 and the projected
 embeddings are returned in float32, so logits and attack gradients stay float32.
@@ -24,6 +28,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from prsl_jax.losses import l2_normalize
 
 # OpenAI CLIP's pixel statistics, used when a checkpoint has no
 # preprocessor_config.json.
@@ -400,6 +406,165 @@ class CLIPModule(nn.Module):
                 logits_per_image=logits_per_image, logits_per_text=logits_per_image.T)
 
 
-def l2_normalize(x, axis=-1):
-  """x / ||x|| along axis (no epsilon, as HF; embeddings are never zero)."""
-  return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+# ----------------------------------------------------------------------------
+# The static model: config only, hashable and equal by value.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIP:
+  """A CLIP architecture: pure functions of the params they are given.
+
+  Hashable and equal by value (its config), so it is a safe jit static argument:
+  two checkpoints of the same config compile once, and nothing here keeps
+  params alive.
+  """
+  config: CLIPConfig
+  kind = "clip"  # config.json's model_type
+
+  @property
+  def module(self) -> CLIPModule:
+    return CLIPModule(self.config)
+
+  def init(self, key):
+    """Random float32 params (for training from scratch)."""
+    v, t = self.config.vision, self.config.text
+    images = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    ids = jnp.zeros((1, t.max_position_embeddings), jnp.int32)
+    return nn.unbox(self.module.init(key, images, ids))["params"]
+
+  def param_shapes(self):
+    """Nested dict of jax.ShapeDtypeStruct: the params' structure, no FLOPs."""
+    return jax.eval_shape(self.init, jax.random.key(0))
+
+  def encode_images(self, params, images):
+    """images: (B, H, W, C) float in [0, 1] -> (B, P) float32, not normalised."""
+    return self.module.apply({"params": params}, images, method=CLIPModule.encode_images)
+
+  def encode_texts(self, params, input_ids, attention_mask=None):
+    """input_ids, attention_mask: (B, T) int -> (B, P) float32, not normalised."""
+    return self.module.apply({"params": params}, input_ids, attention_mask,
+                             method=CLIPModule.encode_texts)
+
+  def logit_scale(self, params):
+    """exp(params['logit_scale']), float32 scalar.
+
+    Not clipped: transformers' CLIPModel.forward does not clip either (OpenAI
+    clamps the parameter to ln(100) in its training loop, not in the model).
+    """
+    return jnp.exp(jnp.asarray(params["logit_scale"], jnp.float32))
+
+  @property
+  def image_size(self):
+    return self.config.vision.image_size
+
+  @property
+  def max_text_length(self):
+    return self.config.text.max_position_embeddings
+
+
+# ----------------------------------------------------------------------------
+# HuggingFace CLIPModel: config and explicit key map.
+# HF state-dict name -> (flax param path, layout kind); kinds:
+#   "linear" torch (out, in) <-> flax kernel (in, out);
+#   "conv"   torch (O, I, kh, kw) <-> flax (kh, kw, I, O);
+#   "copy"   same layout (embeddings, LayerNorm, biases, scalars).
+# ----------------------------------------------------------------------------
+
+
+def _encoder_keys(hf, fx, num_layers):
+  out = []
+  for i in range(num_layers):
+    h, f = f"{hf}.encoder.layers.{i}", fx + ("encoder", f"layers_{i}")
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+      out += [(f"{h}.self_attn.{proj}.weight", f + ("self_attn", proj, "kernel"), "linear"),
+              (f"{h}.self_attn.{proj}.bias", f + ("self_attn", proj, "bias"), "copy")]
+    for ln in ("layer_norm1", "layer_norm2"):
+      out += [(f"{h}.{ln}.weight", f + (ln, "scale"), "copy"),
+              (f"{h}.{ln}.bias", f + (ln, "bias"), "copy")]
+    for fc in ("fc1", "fc2"):
+      out += [(f"{h}.mlp.{fc}.weight", f + ("mlp", fc, "kernel"), "linear"),
+              (f"{h}.mlp.{fc}.bias", f + ("mlp", fc, "bias"), "copy")]
+  return out
+
+
+def _layer_norm_keys(hf, fx):
+  return [(f"{hf}.weight", fx + ("scale",), "copy"), (f"{hf}.bias", fx + ("bias",), "copy")]
+
+
+def key_map(config):
+  """[(hf_name, flax_path, kind)] for every parameter of a CLIPModule(config)."""
+  v, t = ("vision_model",), ("text_model",)
+  return [
+      ("vision_model.embeddings.class_embedding", v + ("embeddings", "class_embedding"), "copy"),
+      ("vision_model.embeddings.patch_embedding.weight",
+       v + ("embeddings", "patch_embedding", "kernel"), "conv"),
+      ("vision_model.embeddings.position_embedding.weight",
+       v + ("embeddings", "position_embedding", "embedding"), "copy"),
+      *_layer_norm_keys("vision_model.pre_layrnorm", v + ("pre_layrnorm",)),
+      *_encoder_keys("vision_model", v, config.vision.num_hidden_layers),
+      *_layer_norm_keys("vision_model.post_layernorm", v + ("post_layernorm",)),
+      ("text_model.embeddings.token_embedding.weight",
+       t + ("embeddings", "token_embedding", "embedding"), "copy"),
+      ("text_model.embeddings.position_embedding.weight",
+       t + ("embeddings", "position_embedding", "embedding"), "copy"),
+      *_encoder_keys("text_model", t, config.text.num_hidden_layers),
+      *_layer_norm_keys("text_model.final_layer_norm", t + ("final_layer_norm",)),
+      ("visual_projection.weight", ("visual_projection", "kernel"), "linear"),
+      ("text_projection.weight", ("text_projection", "kernel"), "linear"),
+      ("logit_scale", ("logit_scale",), "copy"),
+  ]
+
+
+def config_to_hf(config):
+  """Our CLIPConfig -> transformers.CLIPConfig (for config.json)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  v, t = config.vision, config.text
+  vision = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                num_hidden_layers=v.num_hidden_layers,
+                num_attention_heads=v.num_attention_heads, num_channels=v.num_channels,
+                image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act,
+                layer_norm_eps=v.layer_norm_eps, projection_dim=config.projection_dim)
+  text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+              num_attention_heads=t.num_attention_heads,
+              max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act,
+              layer_norm_eps=t.layer_norm_eps, eos_token_id=t.eos_token_id,
+              bos_token_id=t.bos_token_id, pad_token_id=t.pad_token_id,
+              projection_dim=config.projection_dim)
+  hf = transformers.CLIPConfig(text_config=text, vision_config=vision,
+                               projection_dim=config.projection_dim,
+                               logit_scale_init_value=config.logit_scale_init_value)
+  hf.architectures = ["CLIPModel"]
+  return hf
+
+
+def preprocessor_config(config):
+  """preprocessor_config.json: the fields of transformers' CLIPImageProcessor."""
+  v = config.vision
+  return {
+      "image_processor_type": "CLIPImageProcessor",
+      "do_resize": True, "size": {"shortest_edge": v.image_size}, "resample": 3,  # bicubic
+      "do_center_crop": True, "crop_size": {"height": v.image_size, "width": v.image_size},
+      "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+      "image_mean": list(v.image_mean), "image_std": list(v.image_std),
+      "do_convert_rgb": True,
+  }
+
+
+def load_tokenizer(folder):
+  """transformers' CLIPTokenizerFast from a checkpoint folder."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.CLIPTokenizerFast.from_pretrained(folder)
+
+
+def from_hf(hf_config, *, image_mean=None, image_std=None, dtype=jnp.float32, remat=False):
+  """The static CLIP for a transformers CLIPConfig or config.json dict."""
+  return CLIP(config_from_hf(hf_config, image_mean=image_mean, image_std=image_std,
+                             dtype=dtype, remat=remat))
+
+
+def vocab_size(model):
+  return model.config.text.vocab_size
