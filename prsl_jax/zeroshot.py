@@ -3,17 +3,20 @@
 Each class is the average of its prompts' normalised text embeddings,
 renormalised (CLIP's prompt ensembling); logits = scale * cos(image, class).
 
-    class_emb = class_embeddings(clip, params, ["zero", "one", ...])
-    logits_fn = functools.partial(logits, clip, params, class_emb)
+    model, params, tokenizer = prsl_jax.load_pretrained(prsl_jax.TINY_CLIP)
+    class_emb = class_embeddings(model, params, tokenizer, ["zero", "one", ...])
+    logits_fn = Classifier(model).bind({"params": params, "class_emb": class_emb})
     # logits_fn(images) -> (B, C): what every attack in prsl_jax.attacks takes.
 """
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import numpy as np
 
-from prsl_jax.models.clip import l2_normalize
+from prsl_jax.losses import l2_normalize
 
 # The prompt of TeCoA, FARE and PMG-AFT.
 DEFAULT_TEMPLATES = ("This is a photo of a {}",)
@@ -103,19 +106,19 @@ IMAGENET_TEMPLATES = (
 )
 
 
-def tokenize(clip, texts):
-  """Tokenizes texts with clip.tokenizer, padded/truncated to clip.max_text_length.
+def tokenize(tokenizer, texts, max_length):
+  """Tokenizes texts, padded/truncated to max_length.
 
   Returns:
-    (input_ids, attention_mask), numpy int32 (N, clip.max_text_length).
+    (input_ids, attention_mask), numpy int32 (N, max_length).
   """
-  if clip.tokenizer is None:
-    raise ValueError("clip.tokenizer is None (the checkpoint folder has no tokenizer "
-                     "files); tokenize the prompts yourself and use embed_prompts")
+  if tokenizer is None:
+    raise ValueError("the checkpoint has no tokenizer files; tokenize the prompts yourself "
+                     "and use embed_prompts")
   if isinstance(texts, str):
     texts = [texts]
-  enc = clip.tokenizer(list(texts), padding="max_length", truncation=True,
-                       max_length=clip.max_text_length, return_tensors="np")
+  enc = tokenizer(list(texts), padding="max_length", truncation=True,
+                  max_length=max_length, return_tensors="np")
   return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
@@ -132,11 +135,11 @@ def _average_templates(emb, num_classes):
   return l2_normalize(emb.mean(axis=1))
 
 
-def embed_prompts(clip, params, input_ids, attention_mask, num_classes):
+def embed_prompts(model, params, input_ids, attention_mask, num_classes):
   """Class embeddings from tokenized prompts; jittable (num_classes static).
 
   Args:
-    clip: a prsl_jax CLIP.
+    model: a prsl_jax CLIP (static).
     params: its params.
     input_ids, attention_mask: (C*T, L) int, class-major (class c's T templates
       are rows c*T .. c*T+T-1).
@@ -147,25 +150,38 @@ def embed_prompts(clip, params, input_ids, attention_mask, num_classes):
     templates of each class, renormalised.
   """
   _check_groups(input_ids.shape[0], num_classes)  # before paying for the encoder
-  return _average_templates(clip.encode_texts(params, input_ids, attention_mask),
+  return _average_templates(model.encode_texts(params, input_ids, attention_mask),
                             num_classes)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _embed_batched(clip, params, ids, mask, num_classes, num_texts):
+def _embed_batched(model, params, ids, mask, num_classes, num_texts):
   # ids, mask: (num_batches, batch, L). lax.map runs one batch at a time, so the
   # memory is one batch's, and it compiles once whatever the number of batches.
-  emb = jax.lax.map(lambda b: clip.encode_texts(params, b[0], b[1]), (ids, mask))
+  # `model` is static and equal by value: checkpoints of one config share this.
+  emb = jax.lax.map(lambda b: model.encode_texts(params, b[0], b[1]), (ids, mask))
   emb = emb.reshape(-1, emb.shape[-1])[:num_texts]
   return _average_templates(emb, num_classes)
 
 
-def class_embeddings(clip, params, class_names, templates=None, batch_size=256):
+def prompts(class_names, templates=None):
+  """The C x T class-major prompt strings, checked."""
+  templates = DEFAULT_TEMPLATES if templates is None else tuple(templates)
+  if isinstance(class_names, str) or not len(class_names):
+    raise ValueError(f"class_names must be a non-empty sequence of names, got {class_names!r}")
+  if not templates or any("{}" not in t for t in templates):
+    raise ValueError(f"templates must be non-empty format strings with one '{{}}', "
+                     f"got {templates!r}")
+  return [t.format(c) for c in class_names for t in templates]
+
+
+def class_embeddings(model, params, tokenizer, class_names, templates=None, batch_size=256):
   """Zero-shot class embeddings for class_names under templates.
 
   Args:
-    clip: a prsl_jax CLIP with a tokenizer.
+    model: a prsl_jax CLIP (static).
     params: its params (only the text side is used).
+    tokenizer: the checkpoint's tokenizer (Pretrained.tokenizer).
     class_names: sequence of C names, each formatted into every template.
     templates: sequence of format strings with one "{}"; default
       DEFAULT_TEMPLATES ("This is a photo of a {}").
@@ -174,15 +190,10 @@ def class_embeddings(clip, params, class_names, templates=None, batch_size=256):
   Returns:
     (C, D) float32, unit-norm rows.
   """
-  templates = DEFAULT_TEMPLATES if templates is None else tuple(templates)
-  if isinstance(class_names, str) or not len(class_names):
-    raise ValueError(f"class_names must be a non-empty sequence of names, got {class_names!r}")
-  if not templates or any("{}" not in t for t in templates):
-    raise ValueError(f"templates must be non-empty format strings with one '{{}}', got {templates!r}")
+  texts = prompts(class_names, templates)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  texts = [t.format(c) for c in class_names for t in templates]
-  ids, mask = tokenize(clip, texts)
+  ids, mask = tokenize(tokenizer, texts, model.max_text_length)
   n = len(texts)
   bs = min(batch_size, n)
   pad = -n % bs
@@ -190,22 +201,43 @@ def class_embeddings(clip, params, class_names, templates=None, batch_size=256):
   ids = np.concatenate([ids, np.repeat(ids[:1], pad, axis=0)])
   mask = np.concatenate([mask, np.repeat(mask[:1], pad, axis=0)])
   shape = (-1, bs, ids.shape[-1])
-  return _embed_batched(clip, params, ids.reshape(shape), mask.reshape(shape),
+  return _embed_batched(model, params, ids.reshape(shape), mask.reshape(shape),
                         len(class_names), n)
 
 
-def logits(clip, params, class_emb, images):
+def logits(model, params, class_emb, images):
   """Zero-shot logits, scale * cos(image, class).
 
   Args:
-    clip: a prsl_jax CLIP.
+    model: a prsl_jax CLIP (static).
     params: its params.
     class_emb: (C, D) class embeddings (class_embeddings / embed_prompts).
-    images: (B, H, W, 3) float in [0, 1] at clip.image_size.
+    images: (B, H, W, 3) float in [0, 1] at model.image_size.
 
   Returns:
-    (B, C) float32. functools.partial(logits, clip, params, class_emb) is the
-    logits_fn the attacks take.
+    (B, C) float32.
   """
-  img = l2_normalize(clip.encode_images(params, images))
-  return clip.logit_scale(params) * (img @ l2_normalize(class_emb).T)
+  img = l2_normalize(model.encode_images(params, images))
+  return model.logit_scale(params) * (img @ l2_normalize(class_emb).T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+  """The zero-shot classifier under attack: fn(variables, images) -> (B, C) logits.
+
+  A value-hashable callable (its model is static and equal by value), so every
+  checkpoint of one architecture shares its compiled attacks, and no params are
+  kept alive by a cache. variables = {"params": model params, "class_emb":
+  (C, D) class embeddings}.
+
+      classify = Classifier(model)
+      variables = {"params": params, "class_emb": class_embeddings(...)}
+      logits_fn = classify.bind(variables)     # images -> logits: what attacks take
+  """
+  model: Any
+
+  def __call__(self, variables, images):
+    return logits(self.model, variables["params"], variables["class_emb"], images)
+
+  def bind(self, variables):
+    return functools.partial(self, variables)
