@@ -3,14 +3,9 @@
 An unknown --config.key is an error (the ConfigDict is locked by config_flags).
 """
 
-import os
-
 import ml_collections
 
 import prsl_jax
-
-# The tiny CLIP bundled with the package (scripts/pretrain_tiny_clip.py makes it).
-TINY_CLIP = os.path.join(os.path.dirname(prsl_jax.__file__), "assets", "tiny_clip")
 
 
 def base_config():
@@ -18,18 +13,26 @@ def base_config():
   c.seed = 0
   c.workdir = "runs/default"
 
-  # HF-format CLIP: a local folder or a hub id (when online).
+  # HF-format checkpoint: a local folder or a hub id (when online).
   c.model = ml_collections.ConfigDict(dict(
-      path=TINY_CLIP, dtype="float32", remat=False, allow_pickle=False))
+      path=prsl_jax.TINY_CLIP, dtype="float32", remat=False, allow_pickle=False))
   c.data = ml_collections.ConfigDict(dict(
       name="digits", train_split="train", eval_split="test", data_dir="",
       templates="default"))  # 'default' ("This is a photo of a {}") or 'imagenet'
 
-  c.objective = "classification"  # or 'contrastive' (image-caption pairs)
-  # renormalize=True: the raw R_K scales with p^2 and vanishes once the model is
-  # confident (about 5e-9 at the tiny CLIP's fine-tuned logits), which makes raw
-  # PRSL cross-entropy in all but name; the renormalised R_K is scale-free.
-  c.loss = ml_collections.ConfigDict(dict(name="prsl", k=3, weight=1.0, renormalize=True))
+  # 'classification' (zero-shot head), 'contrastive' (image-caption pairs) or
+  # 'captioning' (teacher-forced caption tokens).
+  c.objective = "classification"
+  # The loss (prsl_jax.losses.get_loss). 'prsl' is the authors' PRSL:
+  #   ce_weight * CE + weight * x, x = n logsumexp(m) - sum(m), m_i the mean of
+  #   row i's wrong-class logits ranked start..end-1, the rows of a group.
+  # group_size 0: the global batch is one group; G: groups of G rows (averaged).
+  # 'drsl': the authors' DRSL (weight, ce_weight). Ours, ablations:
+  # 'topk_variance' (k, weight, renormalize), 'topk_ce' (k). 'ce': cross-entropy.
+  # The default weight is set from measurement on this model (configs/default.py).
+  c.loss = ml_collections.ConfigDict(dict(
+      name="prsl", start=0, end=4, weight=1e-3, ce_weight=1.0, group_size=0,
+      k=3, renormalize=False))
   # Extra losses trained from the same start and reported beside the main one.
   c.compare_losses = ("ce",)
   c.train_towers = "vision"  # 'vision' (text frozen), 'text' or 'both'
@@ -49,8 +52,13 @@ def base_config():
   c.keep_checkpoints = 3
   c.export = True  # write the fine-tuned model with prsl_jax.save_pretrained
 
-  # End-of-run robustness table: starting model vs each fine-tuned one.
+  # End-of-run robustness table: the starting model vs each fine-tuned one. Each
+  # entry of `suites` is its own cascade: a suite name (standard, fast, pgd,
+  # paper) or comma-separated attacks. 'paper' attacks each model through its
+  # own training loss (BIM-10). steps / queries / num_targets: 0 = the attack's
+  # default (AutoAttack: 100 steps, 5000 queries, 9 targets; BIM: 10 steps).
   c.eval = ml_collections.ConfigDict(dict(
-      num_examples=256, batch_size=64, eps=(1 / 255, 2 / 255),
-      attacks=("pgd-ce", "apgd-dlr"), steps=10, seed=0))
+      num_examples=256, batch_size=64, eps=(1 / 255, 2 / 255), norm="linf",
+      suites=("paper", "pgd-ce", "apgd-ce,apgd-t"), steps=10, queries=0, num_targets=3,
+      seed=0))
   return c

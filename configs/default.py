@@ -1,10 +1,11 @@
 """The embedded default: fine-tune the bundled tiny CLIP on the digits with PRSL.
 
-No download needed. Trains PRSL and a cross-entropy baseline from the same start,
-then prints clean / PGD-CE / APGD-DLR accuracy of all three models.
+No download needed. Trains the authors' PRSL and a cross-entropy baseline from the
+same start, then evaluates the three models under the paper's attack (BIM-10
+through each model's own training loss), PGD-CE and APGD-CE + APGD-T.
 
   python train.py                                  # this config
-  python train.py --config configs/default.py --config.loss.k=5 --workdir /tmp/run
+  python train.py --config configs/default.py --config.loss.end=6 --workdir /tmp/run
 """
 
 from configs import base

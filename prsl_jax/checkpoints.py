@@ -61,13 +61,13 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state):
   return None
 
 
-def restore_params(workdir: str, clip=None):
+def restore_params(workdir: str, model=None):
   """Params of the newest checkpoint in a training workdir, as host numpy arrays.
 
   Args:
     workdir: a train.py workdir (has checkpoints/<step>/state).
-    clip: optional prsl_jax CLIP whose params give the expected tree; shapes are
-      checked against it.
+    model: optional static model (Pretrained.model) whose param shapes the
+      checkpoint must match.
 
   Returns:
     the params pytree.
@@ -88,8 +88,8 @@ def restore_params(workdir: str, clip=None):
       warnings.warn(f"checkpoint step {step} in {path} unreadable ({e}); trying older")
   else:
     raise ValueError(f"no readable checkpoint in {path!r}")
-  if clip is not None:
-    want = jax.tree.map(np.shape, clip.params)
+  if model is not None:
+    want = jax.tree.map(lambda x: tuple(x.shape), model.param_shapes())
     got = jax.tree.map(np.shape, params)
     if want != got:
       raise ValueError(f"checkpoint params in {workdir!r} do not match the model config")

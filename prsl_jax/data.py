@@ -173,9 +173,10 @@ def train_iterator(source, *, global_batch_size, seed, process_index=0, process_
     process_index, process_count: this host and the number of hosts.
     caption_templates: templates '{}'-formatted with the example's caption (the
       digits carry their class name as caption); () keeps captions as they are.
-    tokenize: optional fn(list[str]) -> (ids (n, L), mask (n, L)) applied to the
-      batch's captions, adding 'input_ids' and 'attention_mask'; without it,
-      captions are dropped (batches hold only arrays that can go to devices).
+    tokenize: optional fn(list[str]) -> {name: (n, L) int array} applied to the
+      batch's captions, adding those arrays to the batch (e.g. input_ids and
+      attention_mask); without it, captions are dropped (batches hold only
+      arrays that can go to devices).
 
   Returns:
     grain DatasetIterator of dicts of numpy arrays with leading dim B / process_count;
@@ -203,7 +204,7 @@ def _collate(examples, tokenize=None):
   out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k != "caption"}
   # Strings cannot go to devices: captions leave the pipeline tokenized or not at all.
   if "caption" in examples[0] and tokenize is not None:
-    out["input_ids"], out["attention_mask"] = tokenize([ex["caption"] for ex in examples])
+    out.update(tokenize([ex["caption"] for ex in examples]))
   return out
 
 

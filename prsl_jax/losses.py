@@ -235,10 +235,12 @@ def _spread(m, valid, axis_name=None):
   runs over the last axis. Returns (...,) x and (...,) the row count n.
   """
   neg_inf = jnp.asarray(-jnp.inf, m.dtype)
-  shift = jnp.max(jnp.where(valid, m, neg_inf), axis=-1, keepdims=True)
+  # The shift is a constant for differentiation (pmax has no derivative rule, and
+  # logsumexp's value does not depend on it).
+  shift = jax.lax.stop_gradient(jnp.max(jnp.where(valid, m, neg_inf), axis=-1, keepdims=True))
   if axis_name is not None:
     shift = jax.lax.pmax(shift, axis_name)
-  shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   expsum = jnp.sum(jnp.where(valid, jnp.exp(jnp.where(valid, m - shift, neg_inf)), 0.0), -1)
   msum = jnp.sum(jnp.where(valid, m, 0.0), axis=-1)
   n = jnp.sum(valid.astype(jnp.float32), axis=-1)

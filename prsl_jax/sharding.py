@@ -49,11 +49,12 @@ def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False)
 
 
-def shard_batch(local_batch, mesh: Mesh):
-  """This process's rows -> global arrays split over 'data'.
+def to_global(local_batch, mesh: Mesh):
+  """This process's rows -> global arrays split over 'data': the one host-to-device path.
 
   Args:
-    local_batch: pytree of numpy arrays with leading dim B / process_count.
+    local_batch: pytree of numpy arrays with leading dim B / process_count (for
+      one process, the whole batch).
     mesh: the data mesh.
 
   Returns:
@@ -67,6 +68,19 @@ def shard_batch(local_batch, mesh: Mesh):
           f"devices (global batch = per-process batch x {jax.process_count()} processes)")
     return jax.make_array_from_process_local_data(NamedSharding(mesh, P(DATA)), x)
   return jax.tree.map(put, local_batch)
+
+
+def process_rows(global_batch):
+  """A pytree of full global batches (the same on every process) -> this process's rows.
+
+  Evaluation reads the whole batch on every process; `to_global(process_rows(b), mesh)`
+  then takes the same path to the devices as training does.
+  """
+  count, index = jax.process_count(), jax.process_index()
+  def take(x):
+    rows = x.shape[0] // count
+    return x[index * rows:(index + 1) * rows]
+  return jax.tree.map(take, global_batch)
 
 
 def check_global_batch(global_batch_size: int, mesh: Mesh):

@@ -1,8 +1,26 @@
-"""Train state, optimizer and the data-parallel update step.
+"""Train state, optimizer and the data-parallel update step, as pure pieces.
 
-The state is a plain pytree {"params", "opt", "step", "rng"}: "rng" holds the raw
-key data of the run's root key, and the step's key is fold_in(root, step), so a
-resumed run draws exactly the numbers an uninterrupted one would.
+The state is a plain pytree {"params", "opt", "step", "rng"}: "rng" is the run's
+root key (typed) and the step's key is fold_in(rng, step), so a resumed run draws
+exactly the numbers an uninterrupted one would.
+
+The step is built from top-level pure functions, each of (arrays, *, statics):
+
+  task_logits(params, batch, images, head, *, model, objective)  -> logits, labels
+  batch_loss(params, batch, images, head, *, ..., loss_fn, axis_name) -> loss, metrics
+  adversarial_images(params, batch, head, key, *, ..., adversarial, axis_name) -> images
+  apply_gradients(state, grads, *, tx) -> state
+  train_step(state, batch, head, *, ...) -> state, metrics
+
+`make_train_step` only partials train_step with the statics, shard_maps it over
+the mesh's 'data' axis and jits it with the state donated. Objectives:
+
+  classification  zero-shot logits (B, C) against class embeddings (head)
+  contrastive     CLIP's image-caption loss, negatives from every device
+  captioning      teacher-forced token logits (B, T, V), labels = caption tokens
+
+The loss is any batch loss of the registry (losses.get_loss): it gets the mesh
+axis, so PRSL's group is the global batch and one device equals eight.
 """
 
 import functools
@@ -19,44 +37,42 @@ from prsl_jax import zeroshot
 
 VISION_KEYS = ("vision_model", "visual_projection")
 TEXT_KEYS = ("text_model", "text_projection", "logit_scale")
-TOWERS = {"vision": VISION_KEYS, "text": TEXT_KEYS, "both": VISION_KEYS + TEXT_KEYS}
+CLIP_TOWERS = {"vision": VISION_KEYS, "text": TEXT_KEYS, "both": VISION_KEYS + TEXT_KEYS}
+OBJECTIVES = ("classification", "contrastive", "captioning")
 
 
-def loss_fn_from_config(loss_config):
-  """fn(logits (B, C), labels (B,)) -> (B,) from a ConfigDict(name, k, weight, renormalize)."""
-  name = loss_config.name
-  if name == "ce":
-    return losses.cross_entropy
-  if name == "prsl":
-    return functools.partial(losses.prsl_loss, k=loss_config.k, weight=loss_config.weight,
-                             renormalize=loss_config.get("renormalize", False))
-  if name == "topk_ce":
-    return functools.partial(losses.topk_cross_entropy, k=loss_config.k)
-  raise ValueError(f"config.loss.name must be one of 'ce', 'prsl', 'topk_ce', got {name!r}")
+def trainable_keys(model, train_towers: str):
+  """Top-level param keys the optimizer updates; the rest stays frozen."""
+  if model.kind == "clip":
+    if train_towers not in CLIP_TOWERS:
+      raise ValueError(f"train_towers must be one of {sorted(CLIP_TOWERS)}, got "
+                       f"{train_towers!r}")
+    return CLIP_TOWERS[train_towers]
+  return model.trainable_keys(train_towers)
 
 
-def make_optimizer(opt_config, total_steps: int, params, train_towers: str):
-  """optax chain for the trainable towers; the rest gets zero updates and no state.
+def make_optimizer(opt_config, total_steps: int, params, trainable):
+  """optax chain for the trainable params; the rest gets zero updates and no state.
 
   Args:
     opt_config: ConfigDict with name ('adamw' | 'sgd'), lr, weight_decay,
-      schedule ('cosine' | 'constant'), warmup_steps, grad_clip (None or norm),
+      schedule ('cosine' | 'constant'), warmup_steps, grad_clip (0 or a norm),
       momentum (sgd).
     total_steps: length of the schedule.
-    params: the params pytree (top keys as prsl_jax.models.clip).
-    train_towers: 'vision' (default; text frozen), 'text' or 'both'.
+    params: the params pytree.
+    trainable: top-level keys of params to train (trainable_keys).
   """
-  if train_towers not in TOWERS:
-    raise ValueError(f"train_towers must be one of {sorted(TOWERS)}, got {train_towers!r}")
   warmup = opt_config.warmup_steps
   if opt_config.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, opt_config.lr, warmup, max(total_steps, warmup + 1))
+    lr = optax.warmup_cosine_decay_schedule(0.0, opt_config.lr, warmup,
+                                            max(total_steps, warmup + 1))
   elif opt_config.schedule == "constant":
     lr = optax.join_schedules(
-        [optax.linear_schedule(0.0, opt_config.lr, warmup), optax.constant_schedule(opt_config.lr)],
-        [warmup]) if warmup else opt_config.lr
+        [optax.linear_schedule(0.0, opt_config.lr, warmup),
+         optax.constant_schedule(opt_config.lr)], [warmup]) if warmup else opt_config.lr
   else:
-    raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {opt_config.schedule!r}")
+    raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got "
+                     f"{opt_config.schedule!r}")
   if opt_config.name == "adamw":
     tx = optax.adamw(lr, weight_decay=opt_config.weight_decay)
   elif opt_config.name == "sgd":
@@ -66,133 +82,173 @@ def make_optimizer(opt_config, total_steps: int, params, train_towers: str):
     raise ValueError(f"optimizer.name must be 'adamw' or 'sgd', got {opt_config.name!r}")
   if opt_config.get("grad_clip"):
     tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), tx)
-  trainable = TOWERS[train_towers]
   labels = {k: ("train" if k in trainable else "freeze") for k in params}
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
 def init_state(params, tx, seed: int):
   return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "rng": jax.random.key_data(jax.random.key(seed))}
+          "rng": jax.random.key(seed)}
 
 
-def make_train_step(clip, config, mesh, tx, *, class_emb=None, prompts=None):
-  """The jitted update: (state, batch) -> (state, metrics), state donated.
+# ----------------------------------------------------------------------------
+# The pieces of a step (per shard; `axis_name` is the mesh axis or None).
+# ----------------------------------------------------------------------------
 
-  Args:
-    clip: prsl_jax CLIP (module and pure encoders).
-    config: the run's ConfigDict (objective, loss, adversarial, train_towers).
-    mesh: data mesh; the step runs per shard and averages gradients with pmean.
-    tx: optimizer from make_optimizer.
-    class_emb: (C, D) fixed class embeddings (classification, text frozen).
-    prompts: (input_ids (C*T, L), attention_mask, C) to recompute the class
-      embeddings from the text tower in the step (classification, text trained).
+
+def class_embeddings(model, params, head):
+  """(C, D) class embeddings: fixed (text frozen) or recomputed from the prompts."""
+  if "class_emb" in head:
+    return head["class_emb"]
+  ids, mask = head["prompt_ids"], head["prompt_mask"]  # (C, T, L): C classes, T templates
+  return zeroshot.embed_prompts(model, params, ids.reshape(-1, ids.shape[-1]),
+                                mask.reshape(-1, mask.shape[-1]), ids.shape[0])
+
+
+def _row_offset(batch, axis_name):
+  """The global index of this shard's first row."""
+  n = batch["image"].shape[0]
+  return 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+
+
+def _gathered_texts(model, params, batch, axis_name):
+  txt = losses.l2_normalize(model.encode_texts(params, batch["input_ids"],
+                                               batch["attention_mask"]))
+  return txt if axis_name is None else jax.lax.all_gather(txt, axis_name, tiled=True)
+
+
+def task_logits(params, batch, images, head, *, model, objective, axis_name=None):
+  """The logits and labels the task scores: (B, C)/(B,) or (B, T, V)/(B, T)."""
+  if objective == "classification":
+    return zeroshot.logits(model, params, class_embeddings(model, params, head),
+                           images), batch["label"]
+  if objective == "contrastive":
+    # Image -> text over the texts of every device: labels are global rows.
+    img = losses.l2_normalize(model.encode_images(params, images))
+    txt = _gathered_texts(model, params, batch, axis_name)
+    labels = _row_offset(batch, axis_name) + jnp.arange(images.shape[0])
+    return model.logit_scale(params) * img @ txt.T, labels
+  if objective == "captioning":
+    return model.logits(params, images, batch["decoder_input_ids"],
+                        batch["decoder_attention_mask"]), batch["labels"]
+  raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def batch_loss(params, batch, images, head, *, model, objective, loss_fn, axis_name=None):
+  """The loss of one batch (global over `axis_name`) and its accuracy (this shard's).
 
   Returns:
-    step(state, batch): batch is a dict of global arrays split over 'data':
-    classification: image (B, S, S, 3) float32 in [0, 1], label (B,) int32;
-    contrastive: image, input_ids (B, L), attention_mask (B, L).
-    Metrics are global means: loss, accuracy, and adv_accuracy when adversarial.
+    (scalar loss, {"accuracy": scalar}); accuracy is top-1 over rows (tokens
+    for captioning, ignoring padding), a mean over this shard.
   """
-  row_loss = loss_fn_from_config(config.loss)
-  adv = config.adversarial
-  contrastive = config.objective == "contrastive"
-  if config.objective not in ("classification", "contrastive"):
-    raise ValueError(f"objective must be 'classification' or 'contrastive', got {config.objective!r}")
+  if objective == "contrastive":
+    img = model.encode_images(params, images)
+    txt = model.encode_texts(params, batch["input_ids"], batch["attention_mask"])
+    loss = losses.contrastive_loss(img, txt, model.logit_scale(params), loss=loss_fn,
+                                   axis_name=axis_name)
+    logits, labels = task_logits(jax.lax.stop_gradient(params), batch, images, head,
+                                 model=model, objective=objective, axis_name=axis_name)
+  else:
+    logits, labels = task_logits(params, batch, images, head, model=model,
+                                 objective=objective, axis_name=axis_name)
+    loss = loss_fn(logits, labels, axis_name=axis_name)
+  valid = labels != losses.IGNORE_INDEX
+  hit = (jnp.argmax(logits, axis=-1) == labels) & valid
+  accuracy = jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
+  return loss, {"accuracy": accuracy}
 
-  def class_embeddings(params):
-    if prompts is None:
-      return class_emb
-    ids, mask, num_classes = prompts
-    return zeroshot.embed_prompts(clip, params, ids, mask, num_classes)
 
-  def classify(params, cls, images):
-    return zeroshot.logits(clip, params, cls, images)
+def adversarial_images(params, batch, head, key, *, model, objective, adversarial,
+                       axis_name=None):
+  """PGD images for this shard against frozen params (TeCoA-style training).
 
-  def perturb(params, batch, key, offset):
-    """Adversarial images for this shard (the attack sees frozen params)."""
-    params = jax.lax.stop_gradient(params)
-    if contrastive:
-      # Attack the image->text matching of the (gathered) batch: labels = rows.
-      txt = _l2n(jax.lax.all_gather(clip.encode_texts(params, batch["input_ids"],
-                                                      batch["attention_mask"]),
-                                    sharding.DATA, tiled=True))
-      logits_fn = lambda x: clip.logit_scale(params) * _l2n(clip.encode_images(params, x)) @ txt.T
-      labels = offset + jnp.arange(batch["image"].shape[0])
-    else:
-      cls = class_embeddings(params)
-      logits_fn = functools.partial(classify, params, cls)
-      labels = batch["label"]
-    # Per-example keys from the example's global row: the same noise whatever the
-    # number of devices the batch is split over.
-    keys = jax.vmap(functools.partial(jax.random.fold_in, key))(
-        offset + jnp.arange(batch["image"].shape[0]))
-    kw = dict(eps=adv.eps, steps=adv.steps, norm=adv.norm, loss=adv.get("loss", "ce"))
-    if adv.get("step_size"):
-      kw["step_size"] = adv.step_size
-    return attacks.pgd(logits_fn, batch["image"], labels, key=keys, **kw)
+  Each example's attack key is fold_in(key, its global row), so the noise does
+  not depend on how many devices the batch is split over.
+  """
+  params = jax.lax.stop_gradient(params)
+  def logits_fn(x):
+    return task_logits(params, batch, x, head, model=model, objective=objective,
+                       axis_name=axis_name)[0]
+  rows = _row_offset(batch, axis_name) + jnp.arange(batch["image"].shape[0])
+  labels = {"classification": batch.get("label"), "contrastive": rows,
+            "captioning": batch.get("labels")}[objective]
+  keys = jax.vmap(functools.partial(jax.random.fold_in, key))(rows)
+  return attacks.pgd(logits_fn, batch["image"], labels, key=keys, eps=adversarial.eps,
+                     steps=adversarial.steps, step_size=adversarial.get("step_size") or None,
+                     norm=adversarial.norm, loss=adversarial.get("loss", "ce"))
 
-  def loss_and_metrics(params, batch, images, offset):
-    if contrastive:
-      img = clip.encode_images(params, images)
-      txt = clip.encode_texts(params, batch["input_ids"], batch["attention_mask"])
-      # Gather both sides: the negatives are the whole global batch, so the loss
-      # does not depend on how many devices share the batch.
-      img_all = jax.lax.all_gather(img, sharding.DATA, tiled=True)
-      txt_all = jax.lax.all_gather(txt, sharding.DATA, tiled=True)
-      logits = clip.logit_scale(params) * _l2n(img) @ _l2n(txt_all).T
-      logits_t = clip.logit_scale(params) * _l2n(txt) @ _l2n(img_all).T
-      labels = offset + jnp.arange(img.shape[0])
-      loss = 0.5 * (row_loss(logits, labels) + row_loss(logits_t, labels))
-    else:
-      logits = classify(params, class_embeddings(params), images)
-      labels = batch["label"]
-      loss = row_loss(logits, labels)
-    acc = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return jnp.mean(loss), jnp.mean(acc)
 
-  def step_shard(state, batch):
-    params = state["params"]
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    n_local = batch["image"].shape[0]
-    offset = jax.lax.axis_index(sharding.DATA) * n_local
-    metrics = {}
-    images = batch["image"]
-    if adv.enabled:
-      images = perturb(params, batch, key, offset)
-    (loss, acc), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(
-        params, batch, images, offset)
-    # Each shard holds the mean over its rows; equal shard sizes make the mean of
-    # the means the global mean.
-    grads = jax.lax.pmean(grads, sharding.DATA)
-    updates, opt = tx.update(grads, state["opt"], params)
-    params = optax.apply_updates(params, updates)
-    metrics["loss"] = jax.lax.pmean(loss, sharding.DATA)
-    metrics["adv_accuracy" if adv.enabled else "accuracy"] = jax.lax.pmean(acc, sharding.DATA)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    new_state = {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
-    return new_state, metrics
+def apply_gradients(state, grads, *, tx):
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  return {"params": optax.apply_updates(state["params"], updates), "opt": opt,
+          "step": state["step"] + 1, "rng": state["rng"]}
 
+
+def train_step(state, batch, head, *, model, objective, loss_fn, adversarial, tx,
+               axis_name=sharding.DATA):
+  """One update: (state, batch, head) -> (state, metrics), per shard.
+
+  Gradients are averaged with lax.pmean. Each shard's loss is either its own
+  mean (per-row losses over equal shards) or the global value itself (batch
+  losses given axis_name); with shard_map's psum/all_gather transposes, the
+  pmean of the per-shard gradients is the gradient of the mean of the
+  per-shard losses, which is the global loss in both cases.
+  """
+  key = jax.random.fold_in(state["rng"], state["step"])
+  images = batch["image"]
+  if adversarial is not None and adversarial.enabled:
+    images = adversarial_images(state["params"], batch, head, key, model=model,
+                                objective=objective, adversarial=adversarial,
+                                axis_name=axis_name)
+  grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
+  (loss, metrics), grads = grad_fn(state["params"], batch, images, head, model=model,
+                                   objective=objective, loss_fn=loss_fn,
+                                   axis_name=axis_name)
+  grads = jax.lax.pmean(grads, axis_name)
+  state = apply_gradients(state, grads, tx=tx)
+  metrics = jax.lax.pmean(dict(metrics, loss=loss), axis_name)
+  if adversarial is not None and adversarial.enabled:
+    metrics["adv_accuracy"] = metrics.pop("accuracy")
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return state, metrics
+
+
+def make_train_step(mesh, *, model, objective, loss_fn, adversarial, tx):
+  """jit(shard_map(train_step)): (state, batch, head) -> (state, metrics).
+
+  batch: dict of global arrays split over 'data' (sharding.to_global):
+    classification: image (B, S, S, 3) float32 in [0, 1], label (B,) int32;
+    contrastive: image, input_ids (B, L), attention_mask (B, L);
+    captioning: image, decoder_input_ids (B, T), decoder_attention_mask (B, T),
+      labels (B, T) with IGNORE_INDEX on padding.
+  head: replicated dict: {"class_emb": (C, D)} (text frozen), or
+    {"prompt_ids", "prompt_mask": (C, T, L)} (C classes x T templates) to
+    recompute the class embeddings in the step (text trained); {} otherwise.
+  """
+  step = functools.partial(train_step, model=model, objective=objective, loss_fn=loss_fn,
+                           adversarial=adversarial, tx=tx, axis_name=sharding.DATA)
   # check_vma=False: with it on, grad w.r.t. replicated params comes back already
   # summed over devices; we keep the explicit pmean, the documented contract.
-  sharded = jax.shard_map(step_shard, mesh=mesh, in_specs=(P(), P(sharding.DATA)),
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(sharding.DATA), P()),
                           out_specs=(P(), P()), check_vma=False)
   # Donating the state lets XLA update params and optimizer state in place.
   return jax.jit(sharded, donate_argnums=(0,))
 
 
-def make_eval_step(clip, mesh):
-  """Jitted (params, class_emb (C, D), batch) -> correct rows (clean), summed over devices.
+def make_eval_step(mesh, *, model, objective):
+  """jit: (params, batch, head) -> (correct rows, counted rows), summed over devices.
 
-  batch: image (B, S, S, 3), label (B,), mask (B,) bool (padding rows are False).
+  batch as for make_train_step plus mask (B,) bool (padding rows are False).
   """
-  def shard(params, cls, batch):
-    logits = zeroshot.logits(clip, params, cls, batch["image"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
-    return jax.lax.psum(jnp.sum(correct.astype(jnp.int32)), sharding.DATA)
-  return jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(), P(sharding.DATA)),
-                               out_specs=P(), check_vma=False))
+  def shard(params, batch, head):
+    logits, labels = task_logits(params, batch, batch["image"], head, model=model,
+                                 objective=objective, axis_name=sharding.DATA)
+    valid = labels != losses.IGNORE_INDEX
+    mask = batch["mask"].reshape(batch["mask"].shape + (1,) * (labels.ndim - 1))
+    counted = valid & mask
+    correct = (jnp.argmax(logits, -1) == labels) & counted
+    total = lambda v: jax.lax.psum(jnp.sum(v.astype(jnp.int32)), sharding.DATA)
+    return total(correct), total(counted)
+  return jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(sharding.DATA), P()),
+                               out_specs=(P(), P()), check_vma=False))
 
-
-def _l2n(x):
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))

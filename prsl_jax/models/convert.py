@@ -160,7 +160,14 @@ def to_hf_state_dict(params, model):
 # ----------------------------------------------------------------------------
 # Reading checkpoint folders.
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(spec) -> bool:
+  """True for 'org/name' strings that are not local paths (the one hub-id rule)."""
+  spec = str(spec)
+  looks_local = spec.startswith((".", "/", "~")) or os.path.exists(spec.split("/")[0])
+  return bool(_HUB_ID.fullmatch(spec)) and not looks_local
 
 
 def _env_offline():
@@ -178,8 +185,9 @@ def _resolve_folder(path_or_hub_id, allow_pickle):
   if os.path.exists(path):
     raise NotADirectoryError(f"checkpoint path {path!r} is a file; load_pretrained "
                              "expects the checkpoint folder (with config.json)")
-  if not _HUB_ID.match(str(path_or_hub_id)):
-    raise FileNotFoundError(f"checkpoint folder not found: {path!r}")
+  if not is_hub_id(path_or_hub_id):
+    raise FileNotFoundError(f"checkpoint folder not found: {path!r} (and not a hub id "
+                            "such as openai/clip-vit-base-patch32)")
   from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
   offline = _env_offline()
   patterns = ["*.json", "*.safetensors", "*.txt"] + (["*.bin"] if allow_pickle else [])

@@ -1,0 +1,101 @@
+"""Tables and plots of evaluation results (evaluation.Result or its to_dict())."""
+
+from prsl_jax.evaluation import format_eps
+
+SUITE_LABELS = {
+    "standard": "AutoAttack standard cascade",
+    "fast": "APGD-CE + APGD-T",
+    "pgd": "PGD-CE + PGD-CW",
+    "paper": "paper: BIM-10 on the training loss",
+}
+
+
+def _as_dict(result):
+  return result.to_dict() if hasattr(result, "to_dict") else result
+
+
+def _pct(x):
+  return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _failed(checks):
+  names = [("deterministic", "nondeterministic"), ("outputs_are_logits", "probabilities"),
+           ("gradients_ok", "gradients"), ("ball_ok", "ball"), ("eps0_ok", "eps=0")]
+  out = [label for key, label in names if not checks.get(key, True)]
+  return out + (["MASKING"] if checks.get("gradient_masking") else [])
+
+
+def format_table(results_by_model):
+  """Markdown: accuracy (%) per model and suite, clean and per eps; then per attack.
+
+  The first table has each suite's robust accuracy (worst case per example over
+  its cascade); the second the accuracy after each attack of each cascade
+  (cumulative: that attack and all before it).
+  """
+  results = {m: _as_dict(r) for m, r in results_by_model.items()}
+  eps_all = sorted({r["eps"] for res in results.values() for rs in res["robust"].values()
+                    for r in rs})
+  head = ["model", "attack", "clean"] + [f"ε={format_eps(e)}" for e in eps_all] + ["checks"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for model, res in results.items():
+    checks = ", ".join(_failed(res["checks"])) or "ok"
+    for suite, rs in res["robust"].items():
+      by_eps = {r["eps"]: r for r in rs}
+      cells = [model, SUITE_LABELS.get(suite, suite), _pct(res["clean_accuracy"])]
+      cells += [_pct(by_eps[e]["robust_accuracy"]) if e in by_eps else "–" for e in eps_all]
+      cells.append(checks)
+      lines.append("| " + " | ".join(cells) + " |")
+  first = next(iter(results.values()), None)
+  if first is not None:
+    lines += ["", f"Robust accuracy (%) after each attack of a cascade ({first['norm']}; "
+              "cumulative: an attack runs only on the points the attacks before it failed "
+              "on).", ""]
+    names = []
+    for res in results.values():
+      for suite in res["suites"].values():
+        names += [a["name"] for a in suite if a["name"] not in names]
+    head = ["model", "eps"] + names
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, res in results.items():
+      for rs in res["robust"].values():
+        for r in rs:
+          cells = [model, format_eps(r["eps"])]
+          cells += [_pct(r["accuracy_after"].get(a)) for a in names]
+          lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(results_by_model, path):
+  """PNG of robust accuracy (%) against eps: one colour per model, one line style per suite."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  results = {m: _as_dict(r) for m, r in results_by_model.items()}
+  all_eps = [r["eps"] for res in results.values() for rs in res["robust"].values()
+             for r in rs]
+  norms = {res["norm"] for res in results.values()}
+  # In 1/255 units when every budget is a multiple of it (the usual L-inf budgets).
+  in_255 = all(abs(e * 255 - round(e * 255)) < 1e-6 for e in all_eps)
+  unit = 255.0 if in_255 else 1.0
+  styles = ["-", "--", ":", "-."]
+  suites = list(dict.fromkeys(s for res in results.values() for s in res["robust"]))
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, (model, res) in enumerate(results.items()):
+    for suite, rs in res["robust"].items():
+      pts = sorted((r["eps"], r["robust_accuracy"]) for r in rs)
+      if not pts or pts[0][0] > 0:
+        pts = [(0.0, res["clean_accuracy"])] + pts
+      label = model if len(suites) == 1 else f"{model} ({SUITE_LABELS.get(suite, suite)})"
+      ax.plot([e * unit for e, _ in pts], [100 * a for _, a in pts], marker="o",
+              color=colours[i % len(colours)],
+              linestyle=styles[suites.index(suite) % len(styles)], label=label)
+  ax.set_xlabel(("ε (× 1/255)" if in_255 else "ε") + f", {'/'.join(sorted(norms))}")
+  ax.set_ylabel("robust accuracy (%)")
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -1,0 +1,432 @@
+"""The trainer: from a config to fine-tuned models and their robustness table.
+
+    results = trainer.run(config, workdir)       # what `python train.py` does
+
+In sections: `validate` the config before any compute; `setup` the mesh, model,
+data and zero-shot head; `train` each loss (the main one, then the comparison
+ones) from the same start, resuming from the workdir's checkpoints; `evaluate`
+the start and every fine-tuned model on the same seeded subset; `report` the
+table, results.json and the plot.
+
+A workdir holds config.json, metrics.jsonl (one JSON line per logged step),
+checkpoints/ (orbax), export/ (HuggingFace format) per loss, and the reports.
+Running again with the same workdir resumes; a config that differs from the
+stored one in a field that changes training is refused, naming the fields.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+import prsl_jax
+from prsl_jax import checkpoints
+from prsl_jax import data
+from prsl_jax import evaluation
+from prsl_jax import losses
+from prsl_jax import progress
+from prsl_jax import reports
+from prsl_jax import sharding
+from prsl_jax import training
+from prsl_jax import zeroshot
+from prsl_jax.models import convert
+
+# Config fields that cannot change what is trained: a resume may change them.
+EVAL_FIELDS = ("eval", "log_every", "eval_every", "export", "keep_checkpoints",
+               "compare_losses", "workdir")
+
+
+# ----------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------
+
+
+def loss_kwargs(loss_config, name=None):
+  """The keyword arguments of loss `name` (default loss_config.name) from the config."""
+  name = name or loss_config.name
+  kwargs = {k: loss_config[k] for k in losses.loss_fields(name) if k in loss_config}
+  if "group_size" in kwargs:
+    kwargs["group_size"] = kwargs["group_size"] or None  # 0: the whole global batch
+  return kwargs
+
+
+def batch_loss_fn(loss_config):
+  """The registry's batch loss for config.loss (losses.get_loss)."""
+  return losses.get_loss(loss_config.name, **loss_kwargs(loss_config))
+
+
+def eval_suites(config, loss_config=None):
+  """{suite name: tuple of evaluation.Attack} from config.eval.
+
+  The paper's suite attacks each model through its own training loss: pass the
+  loss config it was trained with (None: cross-entropy, the start model's).
+  """
+  e = config.eval
+  train_loss = None
+  if loss_config is not None and loss_config.name != "ce":
+    train_loss = (loss_config.name, loss_kwargs(loss_config))
+  out = {}
+  for spec in e.suites:
+    names = spec if spec in evaluation.SUITES else [s.strip() for s in spec.split(",")]
+    out[spec] = evaluation.make_suite(
+        names, e.get("norm", "linf"), steps=e.steps or None, queries=e.queries or None,
+        num_targets=e.num_targets or None, train_loss=train_loss)
+  return out
+
+
+def _positive(config, *names):
+  for name in names:
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"config.{name} must be an integer >= 1, got {value!r}")
+
+
+def validate(config, *, num_classes=None):
+  """Stops a bad config before any compute, naming the offending key.
+
+  Args:
+    config: the run's ConfigDict.
+    num_classes: the classes the loss's rows range over, when known (the
+      dataset's classes; the global batch for contrastive; the vocabulary for
+      captioning): checks PRSL's window and k against it.
+  """
+  if config.objective not in training.OBJECTIVES:
+    raise ValueError(f"config.objective must be one of {training.OBJECTIVES}, got "
+                     f"{config.objective!r}")
+  names = [config.loss.name, *config.compare_losses]
+  for name in names:
+    if name not in losses.LOSSES:
+      raise ValueError(f"config.loss.name / compare_losses has unknown loss {name!r}; "
+                       f"choose from {sorted(losses.LOSSES)}")
+    fn = losses.get_loss(name, **loss_kwargs(config.loss, name))  # weights, ints, window
+    del fn
+    if num_classes is not None:
+      kw = loss_kwargs(config.loss, name)
+      if "end" in kw:
+        losses.check_window(kw.get("start", 0), kw["end"], num_classes)
+      if "k" in kw and not 1 <= kw["k"] <= num_classes - 1:
+        raise ValueError(f"config.loss.k={kw['k']} must be in 1..{num_classes - 1} for "
+                         f"{num_classes} classes")
+  _positive(config, "batch_size", "total_steps", "log_every", "checkpoint_every",
+            "keep_checkpoints", "eval.batch_size")
+  if config.eval_every < 0:
+    raise ValueError(f"config.eval_every must be >= 0 (0: off), got {config.eval_every}")
+  if config.eval.num_examples < 0:
+    raise ValueError(f"config.eval.num_examples must be >= 0 (0: the whole split), got "
+                     f"{config.eval.num_examples}")
+  group = config.loss.get("group_size") or 0
+  if group and config.batch_size % group:
+    raise ValueError(f"config.loss.group_size={group} must divide config.batch_size="
+                     f"{config.batch_size}")
+  lr = config.optimizer.lr
+  if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise ValueError(f"config.optimizer.lr must be a number > 0, got {lr!r}")
+  adv = config.adversarial
+  if adv.enabled:
+    _positive(config, "adversarial.steps")
+    evaluation.attacks.core.check_eps(adv.eps, adv.norm, "config.adversarial.eps")
+  evaluation.check_eps_list(config.eval.eps, config.eval.get("norm", "linf"))
+  for field in ("steps", "queries", "num_targets"):
+    if config.eval[field] < 0:
+      raise ValueError(f"config.eval.{field} must be >= 1 (or 0 for the attack's default), "
+                       f"got {config.eval[field]}")
+  eval_suites(config, config.loss)  # suite and attack names, settings
+  path = config.model.path
+  if not os.path.isdir(os.path.expanduser(path)) and not convert.is_hub_id(path):
+    raise FileNotFoundError(f"config.model.path {path!r} is neither a folder nor a hub id "
+                            f"(give a local HF checkpoint folder or e.g. "
+                            f"openai/clip-vit-base-patch32)")
+
+
+def run_config(config, loss_name):
+  """The config of one fine-tuning run: the main loss or a comparison loss."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.loss.name = loss_name
+    c.compare_losses = ()
+  return c
+
+
+def _flat(config_dict, prefix=""):
+  out = {}
+  for key, value in config_dict.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(stored: dict, config) -> list:
+  """Fields that differ between a stored config.json and `config`, eval fields aside."""
+  new = _flat(json.loads(config.to_json_best_effort()))
+  old = _flat(stored)
+  changed = []
+  for key in sorted(set(new) | set(old)):
+    if key.split(".")[0] in EVAL_FIELDS:
+      continue
+    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if isinstance(a, list):
+      a = tuple(a)
+    if isinstance(b, list):
+      b = tuple(b)
+    if a != b:
+      changed.append(f"{key}: {a!r} -> {b!r}")
+  return changed
+
+
+def check_resume(config, workdir):
+  """Refuses to resume a workdir whose stored config trains something else."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  changed = config_changes(stored, config)
+  if changed:
+    raise ValueError(f"{workdir} holds a run with another config ({'; '.join(changed)}); "
+                     "resume it with the same settings or choose a new --workdir")
+
+
+# ----------------------------------------------------------------------------
+# Setup: mesh, model, data, zero-shot head.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run shares across its losses."""
+  mesh: Any
+  pretrained: prsl_jax.Pretrained
+  train_source: Any
+  eval_source: Any
+  class_names: Optional[tuple]
+  templates: tuple
+  head: dict  # replicated arrays for the train step (training.make_train_step)
+
+
+def setup(config) -> Setup:
+  mesh = sharding.make_mesh()
+  sharding.check_global_batch(config.batch_size, mesh)
+  group = config.loss.get("group_size") or 0
+  if group and (config.batch_size // mesh.devices.size) % group:
+    raise ValueError(f"config.loss.group_size={group} must divide each device's rows "
+                     f"({config.batch_size} / {mesh.devices.size} devices)")
+  pretrained = prsl_jax.load_pretrained(config.model.path,
+                                        allow_pickle=config.model.allow_pickle,
+                                        dtype=config.model.dtype, remat=config.model.remat)
+  model, params, tokenizer = pretrained
+  data_dir = config.data.data_dir or None
+  train_source, class_names = data.load(config.data.name, config.data.train_split,
+                                        image_size=model.image_size, data_dir=data_dir)
+  eval_source = None
+  if class_names:
+    eval_source, _ = data.load(config.data.name, config.data.eval_split,
+                               image_size=model.image_size, data_dir=data_dir)
+  num_classes = {"classification": len(class_names or ()),
+                 "contrastive": config.batch_size}.get(config.objective)
+  if config.objective == "classification" and not class_names:
+    raise ValueError(f"dataset {config.data.name!r} has no class names to classify")
+  validate(config, num_classes=num_classes)
+  templates = (zeroshot.IMAGENET_TEMPLATES if config.data.templates == "imagenet"
+               else zeroshot.DEFAULT_TEMPLATES)
+  head = {}
+  if config.objective == "classification":
+    if config.train_towers == "vision":
+      head = {"class_emb": zeroshot.class_embeddings(model, params, tokenizer, class_names,
+                                                     templates)}
+    else:
+      ids, mask = zeroshot.tokenize(tokenizer, zeroshot.prompts(class_names, templates),
+                                    model.max_text_length)
+      shape = (len(class_names), len(templates), -1)
+      head = {"prompt_ids": ids.reshape(shape), "prompt_mask": mask.reshape(shape)}
+  return Setup(mesh, pretrained, train_source, eval_source, class_names, tuple(templates),
+               sharding.replicate(head, mesh))
+
+
+# ----------------------------------------------------------------------------
+# Training one loss.
+# ----------------------------------------------------------------------------
+
+
+def _text_fields(config, model, tokenizer):
+  """train_iterator's caption arguments for the objective (none for classification)."""
+  if config.objective != "contrastive":
+    return {}
+  def tokenize(texts):
+    ids, mask = zeroshot.tokenize(tokenizer, texts, model.max_text_length)
+    return {"input_ids": ids, "attention_mask": mask}
+  templates = data.DIGIT_CAPTIONS if config.data.name == "digits" else ()
+  return {"caption_templates": templates, "tokenize": tokenize}
+
+
+def _clean_accuracy_fn(config, s: Setup, model):
+  """fn(params) -> clean zero-shot accuracy on the seeded eval subset (host float)."""
+  indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
+                              config.eval.seed)
+  batches = [sharding.to_global(sharding.process_rows(b), s.mesh)
+             for b in data.eval_batches(s.eval_source, indices, config.eval.batch_size)]
+  count = training.make_eval_step(s.mesh, model=model, objective=config.objective)
+
+  def accuracy(params):
+    hits = sum(int(count(params, b, s.head)[0]) for b in batches)
+    return hits / len(indices)
+  return accuracy
+
+
+def train(config, workdir, s: Setup, *, desc="train"):
+  """Fine-tunes the pretrained params with config; resumes from workdir.
+
+  Returns:
+    (final params on the host, the step the run ended at).
+  """
+  model, params, tokenizer = s.pretrained
+  check_resume(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # Data: this process's rows of each global batch (see prsl_jax.data).
+  train_iter = data.train_iterator(
+      s.train_source, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      **_text_fields(config, model, tokenizer))
+
+  # Model, optimizer and state, replicated over the mesh.
+  tx = training.make_optimizer(config.optimizer, config.total_steps, params,
+                               training.trainable_keys(model, config.train_towers))
+  state = sharding.replicate(training.init_state(params, tx, config.seed), s.mesh)
+  adversarial = config.adversarial if config.adversarial.enabled else None
+  step_fn = training.make_train_step(s.mesh, model=model, objective=config.objective,
+                                     loss_fn=batch_loss_fn(config.loss),
+                                     adversarial=adversarial, tx=tx)
+
+  # Resume: state and data position from the newest readable checkpoint.
+  mgr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored = checkpoints.restore_latest(mgr, abstract)
+  if restored is not None:
+    state, data_state = restored
+    train_iter.set_state(data_state)
+  start = int(jax.device_get(state["step"]))
+  if start and is_main:
+    print(f"{desc}: resumed from step {start} of {config.total_steps} ({workdir})", flush=True)
+
+  clean_accuracy = None
+  if s.eval_source is not None and config.eval_every:
+    clean_accuracy = _clean_accuracy_fn(config, s, model)
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  bar = progress.bar(total=config.total_steps, initial=start, desc=desc, enabled=is_main)
+  for step in range(start + 1, config.total_steps + 1):
+    batch = sharding.to_global(next(train_iter), s.mesh)
+    state, metrics = step_fn(state, batch, s.head)
+    bar.update(1)
+    log_now = step % config.log_every == 0 or step == config.total_steps
+    eval_now = clean_accuracy is not None and step % config.eval_every == 0
+    if log_now or eval_now:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if eval_now:
+        metrics["eval_accuracy"] = clean_accuracy(state["params"])
+      if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; stopping "
+                                 f"(the last good checkpoint is kept in {workdir})")
+      bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"})
+      if is_main:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      checkpoints.save(mgr, state, train_iter.get_state())
+  bar.close()
+  mgr.wait_until_finished()
+  mgr.close()
+  return jax.device_get(state["params"]), int(jax.device_get(state["step"]))
+
+
+# ----------------------------------------------------------------------------
+# Evaluation and report.
+# ----------------------------------------------------------------------------
+
+
+def evaluate_models(config, s: Setup, models: dict, loss_configs: dict):
+  """Clean and robust accuracy of each model on the same seeded subset.
+
+  Args:
+    models: {row name: params}.
+    loss_configs: {row name: the loss ConfigDict it was trained with, or None}.
+
+  Returns:
+    ({row name: evaluation.Result}, indices).
+  """
+  model, _, tokenizer = s.pretrained
+  indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
+                              config.eval.seed)
+  classify = zeroshot.Classifier(model)  # one compilation for every model below
+  results = {}
+  for name, params in models.items():
+    # The text tower may have trained: class embeddings from each model's own params.
+    class_emb = zeroshot.class_embeddings(model, params, tokenizer, s.class_names,
+                                          s.templates)
+    results[name] = evaluation.evaluate(
+        classify, {"params": params, "class_emb": class_emb}, s.eval_source, indices,
+        eps_list=list(config.eval.eps), suites=eval_suites(config, loss_configs.get(name)),
+        norm=config.eval.get("norm", "linf"), seed=config.eval.seed,
+        batch_size=config.eval.batch_size, mesh=s.mesh)
+  return results, indices
+
+
+def report(config, workdir, results, *, indices, extra=None):
+  """Writes results.json, results.md and robustness.png into workdir; returns the table."""
+  table = reports.format_table(results)
+  if jax.process_index() != 0:
+    return table
+  reports.plot(results, os.path.join(workdir, "robustness.png"))
+  record = {"config": json.loads(config.to_json_best_effort()), "workdir": workdir,
+            "results": {k: r.to_dict() for k, r in results.items()},
+            "eval_indices": [int(i) for i in indices], **(extra or {})}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(record, f, indent=1, default=str)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table)
+  return table
+
+
+def run(config, workdir: str):
+  """Fine-tunes with the main loss and each comparison loss, then evaluates them all.
+
+  Returns:
+    {"results": {row: evaluation.Result}, "table": markdown str, "steps": {loss: step}}.
+  """
+  validate(config)
+  s = setup(config)
+  model = s.pretrained.model
+  names = [config.loss.name] + [n for n in config.compare_losses if n != config.loss.name]
+  finals, steps, loss_configs = {}, {}, {}
+  t0 = time.time()
+  for name in names:
+    c = run_config(config, name)
+    run_dir = os.path.join(workdir, name)
+    finals[name], steps[name] = train(c, run_dir, s, desc=f"fine-tune {name}")
+    loss_configs[f"{name} fine-tuned"] = c.loss
+    if config.export and jax.process_index() == 0:
+      prsl_jax.save_pretrained(model, finals[name], os.path.join(run_dir, "export"),
+                               tokenizer=s.pretrained.tokenizer)
+  train_seconds = time.time() - t0
+  if not s.class_names:
+    return {"results": {}, "table": "", "steps": steps}
+  models = {"start": s.pretrained.params, **{f"{n} fine-tuned": p for n, p in finals.items()}}
+  results, indices = evaluate_models(config, s, models, loss_configs)
+  table = report(config, workdir, results, indices=indices,
+                 extra={"train_seconds": train_seconds, "steps": steps})
+  return {"results": results, "table": table, "steps": steps}
+
