@@ -7,6 +7,7 @@ run killed mid-save leaves no half checkpoint behind; a checkpoint damaged
 afterwards is skipped with a warning in favour of the one before it.
 """
 
+import json
 import os
 import warnings
 
@@ -94,3 +95,22 @@ def restore_params(workdir: str, model=None):
     if want != got:
       raise ValueError(f"checkpoint params in {workdir!r} do not match the model config")
   return params
+
+
+def check_workdir(workdir: str):
+  """A train.py workdir with at least one finished checkpoint (nothing is read)."""
+  path = os.path.join(workdir, "checkpoints")
+  steps = [d for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  if not steps:
+    raise FileNotFoundError(f"train.py run folder {workdir!r} has no finished checkpoint in "
+                            "checkpoints/ (was the run started?)")
+
+
+# The loss a model was fine-tuned with, written beside its HF export, so that
+# evaluate.py's 'paper' suite attacks an exported model through it.
+TRAINING_LOSS = "prsl_jax_training_loss.json"
+
+
+def write_training_loss(export_dir: str, loss_config: dict):
+  with open(os.path.join(export_dir, TRAINING_LOSS), "w") as f:
+    json.dump(dict(loss_config), f, indent=1)

@@ -135,6 +135,15 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
   return _TfdsSource(src, image_size, **keys), class_names
 
 
+def check_available(name: str, split: str, *, data_dir=None):
+  """Fails fast, with the fix, if `name`/`split` cannot be read (no image is decoded)."""
+  if name == "digits":
+    if split not in ("train", "test"):
+      raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
+    return
+  load(name, split, image_size=8, data_dir=data_dir)
+
+
 class _GlobalToLocal:
   """Random access to this process's rows of the global batch stream."""
 

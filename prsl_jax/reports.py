@@ -45,23 +45,18 @@ def format_table(results_by_model):
       cells += [_pct(by_eps[e]["robust_accuracy"]) if e in by_eps else "–" for e in eps_all]
       cells.append(checks)
       lines.append("| " + " | ".join(cells) + " |")
-  first = next(iter(results.values()), None)
-  if first is not None:
-    lines += ["", f"Robust accuracy (%) after each attack of a cascade ({first['norm']}; "
-              "cumulative: an attack runs only on the points the attacks before it failed "
-              "on).", ""]
-    names = []
-    for res in results.values():
-      for suite in res["suites"].values():
-        names += [a["name"] for a in suite if a["name"] not in names]
-    head = ["model", "eps"] + names
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, res in results.items():
-      for rs in res["robust"].values():
-        for r in rs:
-          cells = [model, format_eps(r["eps"])]
-          cells += [_pct(r["accuracy_after"].get(a)) for a in names]
-          lines.append("| " + " | ".join(cells) + " |")
+  multi = [(m, suite, rs) for m, res in results.items() for suite, rs in res["robust"].items()
+           if len(res["suites"][suite]) > 1]
+  if multi:
+    norm = next(iter(results.values()))["norm"]
+    lines += ["", f"Robust accuracy (%) after each attack of a cascade ({norm}; cumulative: "
+              "an attack runs only on the points the attacks before it failed on).", ""]
+    lines += ["| model | attack | eps | after each attack |", "|---|---|---|---|"]
+    for model, suite, rs in multi:
+      for r in rs:
+        steps = " → ".join(f"{a} {_pct(v)}" for a, v in r["accuracy_after"].items())
+        lines.append(f"| {model} | {SUITE_LABELS.get(suite, suite)} | "
+                     f"{format_eps(r['eps'])} | {steps} |")
   return "\n".join(lines) + "\n"
 
 

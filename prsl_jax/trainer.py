@@ -419,8 +419,9 @@ def run(config, workdir: str):
     finals[name], steps[name] = train(c, run_dir, s, desc=f"fine-tune {name}")
     loss_configs[f"{name} fine-tuned"] = c.loss
     if config.export and jax.process_index() == 0:
-      prsl_jax.save_pretrained(model, finals[name], os.path.join(run_dir, "export"),
-                               tokenizer=s.pretrained.tokenizer)
+      export = os.path.join(run_dir, "export")
+      prsl_jax.save_pretrained(model, finals[name], export, tokenizer=s.pretrained.tokenizer)
+      checkpoints.write_training_loss(export, c.loss.to_dict())
   train_seconds = time.time() - t0
   if not s.class_names:
     return {"results": {}, "table": "", "steps": steps}

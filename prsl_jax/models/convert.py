@@ -177,8 +177,8 @@ def _env_offline():
   return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def _resolve_folder(path_or_hub_id, allow_pickle):
-  """A local checkpoint folder for a folder path or a hub id."""
+def resolve_folder(path_or_hub_id, allow_pickle=False):
+  """A local checkpoint folder for a folder path or a hub id (downloaded when online)."""
   path = os.path.expanduser(os.fspath(path_or_hub_id))
   if os.path.isdir(path):
     return path
@@ -212,16 +212,57 @@ def _pickle_refusal(files):
       f"refusing to load {', '.join(files)}: pytorch_model.bin is a Python pickle, and "
       "unpickling can execute arbitrary code from the file. Prefer a model.safetensors "
       "checkpoint (transformers' save_pretrained writes one by default). If you trust "
-      "this file, opt in with load_pretrained(..., allow_pickle=True); it is then read "
-      "with torch.load(weights_only=True), which needs torch installed.")
+      "this file, opt in: evaluate.py --allow_pickle, train.py "
+      "--config.model.allow_pickle=True, or load_pretrained(..., allow_pickle=True); it is "
+      "then read with torch.load(weights_only=True), which needs torch installed.")
 
 
 def _read_safetensors(files):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   state = {}
   for f in files:
-    state.update(load_file(f))
+    try:
+      state.update(load_file(f))
+    except Exception as e:  # pylint: disable=broad-except  # SafetensorError, OSError
+      raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                       "it may be truncated: download or save it again") from None
   return state
+
+
+def _weight_files(folder, allow_pickle):
+  """(kind, files) of the folder's weights: 'safetensors' or 'pickle' (opt-in only)."""
+  has = lambda name: os.path.isfile(os.path.join(folder, name))
+  if has(SAFETENSORS_NAME):
+    return "safetensors", [os.path.join(folder, SAFETENSORS_NAME)]
+  if has(SAFETENSORS_INDEX_NAME):
+    return "safetensors", _shards(folder, SAFETENSORS_INDEX_NAME)
+  if has(PICKLE_NAME) or has(PICKLE_INDEX_NAME):
+    name = PICKLE_NAME if has(PICKLE_NAME) else PICKLE_INDEX_NAME
+    if not allow_pickle:
+      raise _pickle_refusal([os.path.join(folder, name)])
+    files = [os.path.join(folder, PICKLE_NAME)] if name == PICKLE_NAME else \
+        _shards(folder, PICKLE_INDEX_NAME)
+    return "pickle", files
+  raise FileNotFoundError(
+      f"no weights in {folder}: expected {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME} "
+      f"(or {PICKLE_NAME} with allow_pickle)")
+
+
+def check_weights(folder, *, allow_pickle=False):
+  """Reads only the headers of a folder's weight files: fails fast on a broken file."""
+  kind, files = _weight_files(folder, allow_pickle)
+  if kind != "safetensors":
+    return
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  for f in files:
+    try:
+      with safe_open(f, framework="np") as handle:
+        names = list(handle.keys())
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                       "it may be truncated: download or save it again") from None
+    if not names:
+      raise ValueError(f"{f} holds no tensors")
 
 
 def _read_pickles(files):
@@ -249,21 +290,8 @@ def _shards(folder, index_name):
 
 def read_state_dict(folder, *, allow_pickle=False):
   """{HF name: numpy array} from a checkpoint folder (safetensors preferred)."""
-  has = lambda name: os.path.isfile(os.path.join(folder, name))
-  if has(SAFETENSORS_NAME):
-    return _read_safetensors([os.path.join(folder, SAFETENSORS_NAME)])
-  if has(SAFETENSORS_INDEX_NAME):
-    return _read_safetensors(_shards(folder, SAFETENSORS_INDEX_NAME))
-  if has(PICKLE_NAME) or has(PICKLE_INDEX_NAME):
-    name = PICKLE_NAME if has(PICKLE_NAME) else PICKLE_INDEX_NAME
-    if not allow_pickle:
-      raise _pickle_refusal([os.path.join(folder, name)])
-    files = [os.path.join(folder, PICKLE_NAME)] if name == PICKLE_NAME else \
-        _shards(folder, PICKLE_INDEX_NAME)
-    return _read_pickles(files)
-  raise FileNotFoundError(
-      f"no weights in {folder}: expected {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME} "
-      f"(or {PICKLE_NAME} with allow_pickle=True)")
+  kind, files = _weight_files(folder, allow_pickle)
+  return _read_safetensors(files) if kind == "safetensors" else _read_pickles(files)
 
 
 def _read_mean_std(folder):
@@ -293,7 +321,7 @@ def load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
     Pretrained(model, params, tokenizer): model is static and hashable, params a
     float32 pytree, tokenizer None when the folder has none.
   """
-  folder = _resolve_folder(path_or_hub_id, allow_pickle)
+  folder = resolve_folder(path_or_hub_id, allow_pickle)
   config_path = os.path.join(folder, CONFIG_NAME)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint folder {folder}")

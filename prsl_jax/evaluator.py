@@ -1,0 +1,342 @@
+"""Evaluate checkpoints (ours or HuggingFace's) under attack and write the record.
+
+    record = evaluator.run(settings)     # what `python evaluate.py` does
+
+`settings` is a dict with the evaluate.py flag names (see DEFAULTS). In order:
+`preflight` checks everything that needs no compute (budgets, suites, every
+checkpoint's folder and weight-file header, the dataset, a writable outdir), so
+a bad input fails before a model is evaluated; then each model is loaded and
+evaluated in turn, and results.json / results.md are rewritten after each one,
+so a later failure keeps the finished models ("complete": false until the end).
+"""
+
+import fractions
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+
+import jax
+import numpy as np
+
+import prsl_jax
+from prsl_jax import checkpoints
+from prsl_jax import data
+from prsl_jax import evaluation
+from prsl_jax import losses
+from prsl_jax import reports
+from prsl_jax import sharding
+from prsl_jax import zeroshot
+from prsl_jax.models import convert
+
+DEFAULTS = dict(
+    checkpoint=None, dataset="digits", split="test", data_dir=None,
+    eps="1/255,2/255,4/255", suite=("standard",), norm="linf", num_examples=1000, seed=0,
+    outdir=None, templates="default", batch_size=64, steps=None, square_queries=None,
+    num_targets=None, allow_pickle=False, overwrite=False)
+
+# Budgets past these are outside what the field reports (TeCoA: 1/255; FARE:
+# 2/255 and 4/255; RobustBench L2: 0.5 at 32x32) and get a warning.
+TYPICAL_MAX = {"linf": 16 / 255, "l2": 4.0}
+RESULTS = "results.json"
+
+
+def parse_eps(value, norm="linf"):
+  """'1/255,2/255' or [1/255, 0.5] -> [floats]; fractions read with Fraction (no eval)."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  eps = []
+  for item in items:
+    try:
+      e = float(fractions.Fraction(str(item).strip()))
+    except (ValueError, ZeroDivisionError) as e:
+      raise ValueError(f"--eps: cannot read {item!r} as a number or fraction like 4/255") from e
+    if e < 0:
+      raise ValueError(f"--eps: budgets must be >= 0, got {item!r}")
+    if norm == "linf" and e > 1:
+      raise ValueError(f"--eps: {item!r} exceeds 1, the whole [0, 1] pixel range; budgets are "
+                       "in [0, 1] pixel units (write 4/255, not 4)")
+    if e > TYPICAL_MAX[norm]:
+      warnings.warn(f"--eps {item} is far above the budgets the field reports ({norm} up to "
+                    f"{evaluation.format_eps(TYPICAL_MAX[norm])}); budgets are in [0, 1] "
+                    "pixel units")
+    eps.append(e)
+  if not eps:
+    raise ValueError("--eps is empty")
+  return eps
+
+
+def parse_suites(value, norm="linf", *, steps=None, queries=None, num_targets=None,
+                 train_loss=None):
+  """--suite values -> {label: tuple of Attack}; each value is one cascade."""
+  values = [value] if isinstance(value, str) else list(value)
+  if not values:
+    raise ValueError("--suite is empty")
+  out = {}
+  for v in values:
+    names = v if v in evaluation.SUITES else [s.strip() for s in v.split(",") if s.strip()]
+    out[v] = evaluation.make_suite(names, norm, steps=steps, queries=queries,
+                                   num_targets=num_targets, train_loss=train_loss)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+# ----------------------------------------------------------------------------
+
+
+def _read_json(path, what):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{what} {path} cannot be read as JSON: {e}") from None
+
+
+def resolve_checkpoint(spec):
+  """What a --checkpoint names, checked without loading it: dict(kind, path[, model])."""
+  path = os.path.expanduser(str(spec).strip())
+  if os.path.isdir(path):
+    config_json = os.path.join(path, "config.json")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+      if not os.path.isfile(config_json):
+        raise FileNotFoundError(f"train.py run folder {path!r} has checkpoints/ but no "
+                                "config.json naming the model it started from")
+      config = _read_json(config_json, "run config")
+      model = (config.get("model") or {}).get("path")
+      if not model:
+        raise ValueError(f"{config_json} has no model.path (the HF checkpoint the run "
+                         "fine-tuned)")
+      model = os.path.expanduser(model)
+      if not os.path.isdir(model) and os.path.isdir(os.path.join(path, model)):
+        model = os.path.join(path, model)
+      if not os.path.isdir(model) and not convert.is_hub_id(model):
+        raise FileNotFoundError(f"run {path!r} was started from model {model!r}, which is "
+                                "neither a folder nor a hub id")
+      return {"kind": "workdir", "path": path, "model": model,
+              "train_loss": config.get("loss")}
+    if os.path.isfile(config_json):
+      out = {"kind": "hf", "path": path}
+      loss_file = os.path.join(path, checkpoints.TRAINING_LOSS)
+      if os.path.isfile(loss_file):
+        out["train_loss"] = _read_json(loss_file, "training loss")
+      return out
+    runs = sorted(d for d in os.listdir(path)
+                  if os.path.isdir(os.path.join(path, d, "checkpoints")))
+    if runs:
+      raise ValueError(f"{path!r} holds the train.py runs {runs}; pass one of them, e.g. "
+                       f"{os.path.join(path, runs[0])} (or its export/ folder)")
+    raise FileNotFoundError(f"checkpoint folder {path!r} has neither checkpoints/ (a "
+                            "train.py run) nor config.json (a HuggingFace checkpoint)")
+  if os.path.exists(path):
+    raise NotADirectoryError(f"checkpoint {path!r} is a file; pass its folder")
+  if convert.is_hub_id(path):
+    return {"kind": "hub", "path": path}
+  raise FileNotFoundError(f"checkpoint {spec!r} not found: no such folder, and not a "
+                          "hub id (org/name)")
+
+
+def train_loss_of(ckpt):
+  """(name, kwargs) of the loss a checkpoint was trained with, or None (cross-entropy)."""
+  loss = ckpt.get("train_loss")
+  if not loss or loss.get("name", "ce") == "ce":
+    return None
+  name = loss["name"]
+  fields = losses.loss_fields(name)
+  kwargs = {k: loss[k] for k in fields if k in loss}
+  if "group_size" in kwargs:
+    kwargs["group_size"] = kwargs["group_size"] or None
+  return name, kwargs
+
+
+def check_folder(folder, allow_pickle):
+  """config.json parses and names a supported kind; the weights' header parses."""
+  cfg = _read_json(os.path.join(folder, convert.CONFIG_NAME), "checkpoint config")
+  if not isinstance(cfg, dict) or cfg.get("model_type") not in convert.MODEL_KINDS:
+    got = cfg.get("model_type") if isinstance(cfg, dict) else None
+    raise ValueError(f"{folder}/config.json has model_type={got!r}; prsl_jax evaluates "
+                     f"{sorted(convert.MODEL_KINDS)}")
+  convert.check_weights(folder, allow_pickle=allow_pickle)
+  return cfg["model_type"]
+
+
+def preflight(settings):
+  """Every check that needs no compute; raises with the flag's name.
+
+  Returns:
+    dict(specs, ckpts, eps, suites): the resolved inputs.
+  """
+  s = dict(DEFAULTS, **{k: v for k, v in settings.items() if v is not None})
+  specs = s["checkpoint"]
+  if isinstance(specs, str):
+    specs = [c for c in specs.split(",") if c.strip()]
+  if not specs:
+    raise ValueError("--checkpoint is required (a train.py run, HF folder or hub id)")
+  if not s["outdir"]:
+    raise ValueError("--outdir is required")
+  outdir = os.path.abspath(os.path.expanduser(s["outdir"]))
+  if os.path.exists(outdir) and not os.path.isdir(outdir):
+    raise NotADirectoryError(f"--outdir {s['outdir']!r} is a file; pass a folder")
+  if os.path.exists(os.path.join(outdir, RESULTS)) and not s["overwrite"]:
+    raise FileExistsError(f"{s['outdir']}/{RESULTS} exists; pass --overwrite to replace it "
+                          "or choose another --outdir")
+  if os.path.isdir(os.path.join(outdir, "checkpoints")):
+    raise ValueError(f"--outdir {s['outdir']!r} is a train.py run folder; choose another")
+  parent = outdir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise PermissionError(f"--outdir {s['outdir']!r} cannot be written ({parent} is not "
+                          "writable); choose another folder")
+  losses.check_int("--batch_size", s["batch_size"], minimum=1)
+  if s["num_examples"] is not None and s["num_examples"] < 0:
+    raise ValueError(f"--num_examples must be >= 0 (0: all), got {s['num_examples']}")
+  for name in ("steps", "square_queries", "num_targets"):
+    if s[name] is not None and s[name] < 1:
+      raise ValueError(f"--{name} must be >= 1, got {s[name]}")
+  if s["templates"] not in ("default", "imagenet"):
+    raise ValueError(f"--templates must be default or imagenet, got {s['templates']!r}")
+  if s["norm"] not in evaluation.attacks.NORMS:
+    raise ValueError(f"--norm must be one of {list(evaluation.attacks.NORMS)}, got "
+                     f"{s['norm']!r}")
+  eps = parse_eps(s["eps"], s["norm"])
+  parse_suites(s["suite"], s["norm"], steps=s["steps"], queries=s["square_queries"],
+               num_targets=s["num_targets"])
+  ckpts = [resolve_checkpoint(c) for c in specs]
+  for ckpt in ckpts:
+    train_loss_of(ckpt)  # a stored loss we cannot rebuild fails now
+    folder = ckpt.get("model", ckpt["path"])
+    if ckpt["kind"] == "hub" or (ckpt["kind"] == "workdir" and convert.is_hub_id(folder)):
+      folder = convert.resolve_folder(folder, s["allow_pickle"])  # downloads if online
+      ckpt["folder"] = folder
+    check_folder(folder, s["allow_pickle"])
+    if ckpt["kind"] == "workdir":
+      checkpoints.check_workdir(ckpt["path"])
+  data.check_available(s["dataset"], s["split"], data_dir=s["data_dir"])
+  os.makedirs(outdir, exist_ok=True)
+  return dict(settings=s, specs=specs, ckpts=ckpts, eps=eps, outdir=outdir)
+
+
+def load_model(ckpt, allow_pickle):
+  """(Pretrained, params) for a resolved checkpoint."""
+  if ckpt["kind"] == "workdir":
+    pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["model"]),
+                                          allow_pickle=allow_pickle)
+    return pretrained, checkpoints.restore_params(ckpt["path"], pretrained.model)
+  pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["path"]),
+                                        allow_pickle=allow_pickle)
+  return pretrained, pretrained.params
+
+
+def versions():
+  out = {"python": platform.python_version()}
+  for pkg in ("prsl_jax", "jax", "jaxlib", "flax", "numpy", "optax", "orbax-checkpoint",
+              "transformers", "tensorflow-datasets", "grain"):
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
+def model_names(specs):
+  """Table row names: the checkpoint as given, made unique."""
+  names = []
+  for spec in specs:
+    name = str(spec).rstrip("/") or str(spec)
+    while name in names:
+      name += "'"
+    names.append(name)
+  return names
+
+
+def _write(outdir, record, title, results, final):
+  """results.json and results.md, each replaced atomically."""
+  table = reports.format_table(results) if results else ""
+  for name, text in ((RESULTS, json.dumps(record, indent=1, default=str)),
+                     ("results.md", f"{title}\n\n{table}")):
+    tmp = os.path.join(outdir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(outdir, name))
+  if final and results:
+    reports.plot(results, os.path.join(outdir, "robustness.png"))
+  return table
+
+
+def run(settings, *, argv=None):
+  """Evaluates every checkpoint; returns the record written to results.json."""
+  t0 = time.time()
+  p = preflight(settings)
+  s, eps, outdir = p["settings"], p["eps"], p["outdir"]
+  mesh = sharding.make_mesh()
+  if s["batch_size"] % mesh.devices.size:
+    raise ValueError(f"--batch_size={s['batch_size']} must be divisible by the number of "
+                     f"devices ({mesh.devices.size})")
+  templates = zeroshot.IMAGENET_TEMPLATES if s["templates"] == "imagenet" else None
+  num = s["num_examples"] or None
+  argv = list(sys.argv if argv is None else argv)
+  record = {
+      "kind": "evaluate",
+      "command": shlex.join([sys.executable] + argv),
+      "argv": argv,
+      "cwd": os.getcwd(),
+      "versions": versions(),
+      "devices": [str(d) for d in jax.devices()],
+      "settings": dict({k: v for k, v in s.items() if k != "overwrite"},
+                       checkpoint=p["specs"], eps=eps,
+                       templates=list(templates or zeroshot.DEFAULT_TEMPLATES)),
+      "seed": s["seed"],
+      "models": {},
+      "complete": False,
+  }
+  results, classify = {}, {}
+  indices = class_names = None
+  title = ""
+  for name, ckpt in zip(model_names(p["specs"]), p["ckpts"]):
+    print(f"{name}: loading ({ckpt['kind']})", flush=True)
+    pretrained, params = load_model(ckpt, s["allow_pickle"])
+    model = pretrained.model
+    source, class_names = data.load(s["dataset"], s["split"], image_size=model.image_size,
+                                    data_dir=s["data_dir"])
+    if not class_names:
+      raise ValueError(f"dataset {s['dataset']!r} has no class labels to classify")
+    if indices is None:
+      indices = data.eval_indices(len(source), num, s["seed"])
+      record.update(indices=[int(i) for i in indices], class_names=list(class_names))
+      title = (f"Zero-shot accuracy (%) on {len(indices)} {s['dataset']} {s['split']} "
+               f"examples (seed {s['seed']}); {s['norm']} budgets on [0, 1] pixels.")
+    class_emb = zeroshot.class_embeddings(model, params, pretrained.tokenizer, class_names,
+                                          templates)
+    suites = parse_suites(s["suite"], s["norm"], steps=s["steps"],
+                          queries=s["square_queries"], num_targets=s["num_targets"],
+                          train_loss=train_loss_of(ckpt))
+    # Classifier(model) is equal for equal configs: checkpoints share compilations.
+    fn = classify.setdefault(model, zeroshot.Classifier(model))
+    result = evaluation.evaluate(
+        fn, {"params": params, "class_emb": class_emb}, source, indices, eps_list=eps,
+        suites=suites, norm=s["norm"], seed=s["seed"], batch_size=s["batch_size"],
+        mesh=mesh)
+    results[name] = result
+    entry = result.to_dict()
+    entry.pop("indices")  # stored once, at the top level
+    record["models"][name] = dict(entry, checkpoint=ckpt, image_size=model.image_size)
+    del pretrained, params
+    if jax.process_index() == 0:
+      record["seconds"] = time.time() - t0
+      _write(outdir, record, title, results, final=False)
+  record["complete"] = True
+  record["seconds"] = time.time() - t0
+  table = ""
+  if jax.process_index() == 0:
+    table = _write(outdir, record, title, results, final=True)
+  print(f"\n{title}\n\n{table}\nwrote {outdir}/{RESULTS}, results.md, robustness.png",
+        flush=True)
+  failed = [n for n, r in results.items() if not r.checks.passed]
+  if failed:
+    print(f"WARNING: soundness checks failed for {failed}; see checks in {RESULTS}")
+  return record
+
