@@ -32,6 +32,10 @@ Conventions shared by every attack (docs/design.md section 2):
   tracers, and an invalid eps or label turns that example's output into NaN
   (attacks.core.finalize), never into a plausible image.
 
+FAB-T (attacks.fab) is a minimum-norm attack: it returns, per example, the
+closest misclassified point it found when that is within eps, else the clean
+image, so "broken at eps" means what it means for the other attacks.
+
 Objectives (attacks.objectives) are "higher = stronger attack", per example:
 cross-entropy, the CW margin, DLR (needs C >= 3; targeted DLR C >= 4) and any
 loss of prsl_jax.losses, PRSL included.
@@ -40,6 +44,7 @@ loss of prsl_jax.losses, PRSL included.
 from prsl_jax.attacks.apgd import apgd
 from prsl_jax.attacks.apgd import apgd_targeted
 from prsl_jax.attacks.core import NORMS
+from prsl_jax.attacks.fab import fab_targeted
 from prsl_jax.attacks.objectives import IGNORE_INDEX
 from prsl_jax.attacks.objectives import OBJECTIVES
 from prsl_jax.attacks.objectives import ce_objective
