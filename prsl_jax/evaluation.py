@@ -223,7 +223,7 @@ def make_suite(suite, norm="linf", *, steps=None, queries=None, num_targets=None
     loss = (name, tuple(sorted(dict(kwargs).items())))
   out = []
   for name in names:
-    fields = dict(steps=steps or DEFAULT_STEPS.get(name, 100))
+    fields = dict(steps=DEFAULT_STEPS.get(name, 100) if steps is None else steps)
     for field, value in (("queries", queries), ("num_targets", num_targets),
                          ("restarts", restarts)):
       if value is not None:

@@ -408,18 +408,24 @@ BAD = [
     (lambda: attacks.pgd(mlp3, _X, _Y, key=_K, eps=-0.1, steps=2), ValueError, "eps must be"),
     (lambda: attacks.fgsm(mlp3, _X, _Y, eps=float("nan")), ValueError, "eps must be"),
     (lambda: attacks.pgd(mlp3, _X, _Y, key=_K, eps=0.1, steps=0), ValueError, "steps must be >= 1"),
-    (lambda: attacks.apgd(mlp3, _X, _Y, key=_K, eps=0.1, steps=2.5), TypeError, "steps must be a Python int"),
+    (lambda: attacks.apgd(mlp3, _X, _Y, key=_K, eps=0.1, steps=2.5), TypeError, "steps must be an integer"),
     (lambda: attacks.pgd(mlp3, _X, _Y, key=_K, eps=0.1, steps=2, restarts=0), ValueError, "restarts must be >= 1"),
     (lambda: attacks.pgd(mlp3, _X, _Y, key=_K, eps=0.1, steps=2, norm="l1"), ValueError, "unknown norm 'l1'"),
     (lambda: attacks.apgd(mlp3, _X, _Y, key=_K, eps=0.1, steps=2, loss="hinge"), ValueError, "unknown loss 'hinge'"),
     (lambda: attacks.pgd(mlp3, _X, _Y, key=_K, eps=0.1, steps=2, step_size=-1.0), ValueError, "step_size must be"),
     (lambda: attacks.pgd(mlp3, _X[0], _Y, key=_K, eps=0.1, steps=2), ValueError, "images must be 4-D NHWC"),
     (lambda: attacks.pgd(mlp3, (_X * 255).astype(jnp.uint8), _Y, key=_K, eps=0.1, steps=2), TypeError, "images must be floating"),
-    (lambda: attacks.pgd(mlp3, _X * 2, _Y, key=_K, eps=0.1, steps=2), ValueError, r"images must be finite and in \[0, 1\]"),
-    (lambda: attacks.pgd(mlp3, _X, _Y[:, None], key=_K, eps=0.1, steps=2), ValueError, r"labels must have shape \(B,\)"),
+    (lambda: attacks.pgd(mlp3, _X * 2, _Y, key=_K, eps=0.1, steps=2), ValueError, r"images must be in \[0, 1\]"),
+    (lambda: attacks.pgd(mlp3, _X.at[0, 0, 0, 0].set(jnp.nan), _Y, key=_K, eps=0.1, steps=2), ValueError, "1 values are NaN or inf"),
+    (lambda: attacks.pgd(mlp3, _X[:0], _Y[:0], key=_K, eps=0.1, steps=2), ValueError, "empty batch"),
+    (lambda: attacks.pgd(mlp3, _X, _Y, key=_K, eps=4, steps=2), ValueError, "4/255, not 4"),
+    (lambda: attacks.fgsm(mlp3, _X, _Y, eps=np.float32(-1)), ValueError, "eps must be"),
+    (lambda: attacks.pgd(mlp3, _X, _Y[:, None], key=_K, eps=0.1, steps=2), ValueError, r"logits_fn must map images"),
     (lambda: attacks.pgd(mlp3, _X, _Y.astype(jnp.float32), key=_K, eps=0.1, steps=2), TypeError, "labels must be integer"),
     (lambda: attacks.pgd(mlp3, _X, _Y + 3, key=_K, eps=0.1, steps=2), ValueError, r"labels must be in \[0, C\)"),
     (lambda: attacks.pgd(mlp3, _X, _Y, key=jax.random.split(_K, 3), eps=0.1, steps=2), ValueError, "key must be one PRNG key or one per example"),
+    (lambda: attacks.pgd(mlp3, _X, _Y, key=None, eps=0.1, steps=2), ValueError, "key is required"),
+    (lambda: attacks.apgd_targeted(mlp3, _X, _Y[:, None] * 0, key=_K, eps=0.1, steps=2), ValueError, "labels must be"),
     (lambda: attacks.square(mlp3, _X, _Y, key=_K, eps=0.1, queries=0), ValueError, "queries must be >= 1"),
     (lambda: attacks.square(mlp3, _X, _Y, key=_K, eps=0.1, p_init=0.0), ValueError, "p_init must be"),
     (lambda: attacks.square(mlp3, _X[:, :1], _Y, key=_K, eps=0.1), ValueError, "at least 2x2"),
@@ -475,3 +481,116 @@ def test_per_example_keys_batch_independent_under_shard_map():
   ones = jax.jit(jax.vmap(lambda x, y, k: attack(x[None], y[None], k[None])[0]))(x, y, keys)
   np.testing.assert_allclose(full, ones, atol=1e-6)
   assert not np.array_equal(full, x)   # the attack did move the images
+
+
+def test_invalid_traced_eps_or_labels_give_nan_images_not_plausible_ones():
+  x, y = _images(7)
+  key = jax.random.key(7)
+  for attack in (lambda x, y, e: attacks.pgd(mlp3, x, y, key=key, eps=e, steps=2),
+                 lambda x, y, e: attacks.apgd(mlp3, x, y, key=key, eps=e, steps=2),
+                 lambda x, y, e: attacks.square(mlp3, x, y, key=key, eps=e, queries=3),
+                 lambda x, y, e: attacks.bim(mlp3, x, y, eps=e, steps=2)):
+    run = jax.jit(attack)
+    assert np.all(np.isnan(np.asarray(run(x, y, -0.1))))
+    assert np.all(np.isfinite(np.asarray(run(x, y, 0.1))))
+    bad = y.at[2].set(5)  # C = 3: out of range, which jit cannot raise on
+    out = np.asarray(run(x, bad, 0.1))
+    assert np.all(np.isnan(out[2])) and np.all(np.isfinite(np.delete(out, 2, axis=0)))
+
+
+# ---------------------------------------------------------------------------
+# The paper's protocol and token-level objectives.
+# ---------------------------------------------------------------------------
+
+
+def test_bim_on_a_linear_model_is_a_sign_step_along_the_training_loss_gradient():
+  # Linear logits z = x W; one BIM step of size a from x0 is x0 + a sign(dL/dx),
+  # with L the batch loss (the authors' PRSL over the rows), computed by hand:
+  # dL/dz from the formula, dL/dx = dL/dz W^T.
+  from prsl_jax import losses  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  b, h, c = 6, 4, 7
+  w = rng.normal(size=(h * h * 3, c)).astype(np.float32)
+  x = rng.uniform(0.2, 0.8, (b, h, h, 3)).astype(np.float32)
+  z = x.reshape(b, -1) @ w
+  y = np.argmax(z, -1)  # the label is the model's clean prediction (the paper's)
+  start, end, a_w, b_w = 0, 3, 1.0, 0.5
+  # dL/dz by hand: CE part (softmax - onehot)/n; spread part b (n softmax(m) - 1)/width
+  # on each row's window of top wrong-class logits.
+  zz = z.astype(np.float64)
+  p = np.exp(zz - zz.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  dz = a_w * (p - np.eye(c)[y]) / b
+  m, windows = [], []
+  for i in range(b):
+    wrong = [j for j in range(c) if j != y[i]]
+    win = sorted(wrong, key=lambda j: -zz[i, j])[start:end]
+    windows.append(win)
+    m.append(zz[i, win].mean())
+  m = np.array(m)
+  sm = np.exp(m - m.max())
+  sm /= sm.sum()
+  for i in range(b):
+    dz[i, windows[i]] += b_w * (b * sm[i] - 1) / (end - start)
+  dx = (dz @ w.T).reshape(x.shape)
+  step = 1e-3  # small: the step stays in the linear regime and inside the ball
+  want = np.clip(x + step * np.sign(dx), x - 0.1, x + 0.1)
+  loss = losses.get_loss("prsl", start=start, end=end, weight=b_w, ce_weight=a_w)
+  logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w
+  got = attacks.pgd(logits_fn, x, y, key=None, eps=0.1, steps=1, step_size=step,
+                    random_start=False, loss=loss)
+  # pgd returns the best iterate per example, ranked by that row's CE: the
+  # stepped point where the step raised the row's CE, else the start.
+  got = np.asarray(got)
+  ce = lambda x: np.asarray(attacks.ce_objective(logits_fn(x), y))
+  stepped = ce(want) > ce(x)
+  assert stepped.sum() >= b - 2  # the hand step raises most rows' CE
+  np.testing.assert_allclose(got[stepped], want[stepped], atol=1e-7)
+  np.testing.assert_array_equal(got[~stepped], x[~stepped])
+  # bim is that attack (10 steps by default): each of its steps is such a step.
+  ten = attacks.bim(logits_fn, x, y, eps=0.1, steps=10, loss=loss)
+  assert np.all(np.abs(ten - x) <= 0.1 + 1e-6) and not np.allclose(ten, x)
+
+
+def test_token_level_objectives_average_valid_positions_and_ignore_padding():
+  rng = np.random.default_rng(1)
+  z = rng.normal(size=(3, 5, 11)).astype(np.float32)
+  y = rng.integers(0, 11, (3, 5))
+  y[0, 3:] = -100
+  y[2, :] = -100
+  ce = attacks.ce_objective(z, y)
+  from prsl_jax import losses  # pylint: disable=g-import-not-at-top
+  rows = np.asarray(losses.cross_entropy(z, y))
+  np.testing.assert_allclose(ce[0], rows[0, :3].mean(), rtol=1e-6)
+  np.testing.assert_allclose(ce[1], rows[1].mean(), rtol=1e-6)
+  assert float(ce[2]) == 0.0  # nothing valid: scores 0
+  cw = attacks.cw_margin(z, y)
+  assert cw.shape == (3,) and np.isfinite(np.asarray(cw)).all()
+
+
+def test_attacks_on_token_logits_raise_the_caption_loss_and_stay_in_the_ball():
+  # A toy "captioner": token logits (B, T, V) linear in the image.
+  rng = np.random.default_rng(2)
+  b, t, v = 4, 3, 6
+  w = rng.normal(size=(4 * 4 * 3, t * v)).astype(np.float32)
+  logits_fn = lambda x: (x.reshape(x.shape[0], -1) @ w).reshape(-1, t, v)
+  x = rng.uniform(0, 1, (b, 4, 4, 3)).astype(np.float32)
+  caption = np.array(jnp.argmax(logits_fn(x), -1))  # the clean "caption"
+  caption[1, 2] = -100
+  eps = 4 / 255
+  for attack in (lambda: attacks.pgd(logits_fn, x, caption, key=jax.random.key(0), eps=eps,
+                                     steps=5),
+                 lambda: attacks.apgd(logits_fn, x, caption, key=jax.random.key(0), eps=eps,
+                                      steps=5),
+                 lambda: attacks.bim(logits_fn, x, caption, eps=eps)):
+    adv = np.asarray(attack())
+    assert np.all(np.abs(adv - x) <= eps + 1e-6) and adv.min() >= 0 and adv.max() <= 1
+    assert np.all(np.asarray(attacks.ce_objective(logits_fn(adv), caption))
+                  > np.asarray(attacks.ce_objective(logits_fn(x), caption)))
+  # Targeted: lower the loss of a target caption.
+  target = (caption + 1) % v
+  target[1, 2] = -100
+  adv = attacks.pgd(logits_fn, x, target, key=jax.random.key(1), eps=eps, steps=5,
+                    targeted=True)
+  assert np.all(np.asarray(attacks.ce_objective(logits_fn(adv), target))
+                < np.asarray(attacks.ce_objective(logits_fn(x), target)))

@@ -15,6 +15,7 @@ import transformers
 
 from tests.conftest import MAX_LEN, random_images
 from prsl_jax.models import convert
+from prsl_jax.models import clip as clip_lib
 from prsl_jax.models.convert import load_pretrained, save_pretrained
 
 
@@ -35,7 +36,7 @@ def _assert_same_tree(a, b):
 
 
 def test_key_map_covers_every_param_once(tiny_clip):
-  kmap = convert.key_map(tiny_clip.config)
+  kmap = clip_lib.key_map(tiny_clip.model.config)
   hf_names = [hf for hf, _, _ in kmap]
   assert len(hf_names) == len(set(hf_names))
   leaves = {tuple(k.key for k in path)
@@ -54,7 +55,7 @@ def test_save_load_round_trip_through_transformers(tiny_clip, tmp_path):
   os.makedirs(out)
   with open(os.path.join(out, "notes.txt"), "w") as f:
     f.write("keep me")
-  save_pretrained(tiny_clip, tuned, out)
+  save_pretrained(tiny_clip.model, tuned, out, tokenizer=tiny_clip.tokenizer)
   assert open(os.path.join(out, "notes.txt")).read() == "keep me"  # nothing else touched
   assert not [n for n in os.listdir(out) if n.startswith(".staging")]
 
@@ -67,13 +68,13 @@ def test_save_load_round_trip_through_transformers(tiny_clip, tmp_path):
   np.testing.assert_array_equal(ids, tiny_clip.tokenizer(
       ["this is a photo of a seven", "a dog"], padding="max_length", max_length=MAX_LEN,
       return_tensors="np")["input_ids"])
-  images = random_images(np.random.default_rng(0), 2, tiny_clip.image_size)
+  images = random_images(np.random.default_rng(0), 2, tiny_clip.model.image_size)
   pre = json.load(open(os.path.join(out, "preprocessor_config.json")))
   pv = (images - np.float32(pre["image_mean"])) / np.float32(pre["image_std"])
   with torch.no_grad():
     ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
              pixel_values=torch.from_numpy(pv.transpose(0, 3, 1, 2).copy()))
-  ours = jax.jit(tiny_clip.module.apply)({"params": tuned}, images, ids, mask)
+  ours = jax.jit(tiny_clip.model.module.apply)({"params": tuned}, images, ids, mask)
   np.testing.assert_allclose(ours["logits_per_image"], ref.logits_per_image.numpy(),
                              atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(ours["image_embeds"], ref.image_embeds.numpy(), atol=1e-5)
@@ -82,10 +83,10 @@ def test_save_load_round_trip_through_transformers(tiny_clip, tmp_path):
   # load -> save -> load is the identity on params, config and tokenizer.
   again = load_pretrained(out)
   _assert_same_tree(again.params, tuned)
-  assert again.config == tiny_clip.config
+  assert again.model == tiny_clip.model
   assert again.tokenizer.get_vocab() == tiny_clip.tokenizer.get_vocab()
   out2 = str(tmp_path / "export2")
-  save_pretrained(again, again.params, out2)
+  save_pretrained(again.model, again.params, out2, tokenizer=again.tokenizer)
   _assert_same_tree(load_pretrained(out2).params, tuned)
 
 
@@ -197,5 +198,5 @@ def test_save_rejects_params_that_do_not_fit(tiny_clip, tmp_path):
   bad = jax.tree.map(lambda x: x, tiny_clip.params)
   bad["visual_projection"]["kernel"] = jnp.zeros((3, 3))
   with pytest.raises(ValueError, match="visual_projection/kernel"):
-    save_pretrained(tiny_clip, bad, str(tmp_path / "out"))
+    save_pretrained(tiny_clip.model, bad, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")  # validated before touching disk

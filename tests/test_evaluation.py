@@ -17,9 +17,20 @@ import numpy as np
 import pytest
 
 from prsl_jax import evaluation
+from prsl_jax import reports
 
 N, S, C = 32, 6, 10
-FAST = dict(steps=5, square_queries=40, batch_size=16, progress=False)
+FAST = dict(steps=5, square_queries=40, batch_size=16)
+
+
+def _evaluate(fn, params, source, idx, *, suite, steps=5, square_queries=40, norm="linf",
+              **kw):
+  """evaluation.evaluate with one suite, as a dict with that suite's results."""
+  attack_list = evaluation.make_suite(suite, norm, steps=steps, queries=square_queries)
+  r = evaluation.evaluate(fn, params, source, idx, suites={"s": attack_list}, norm=norm,
+                          progress_bar=False, **kw).to_dict()
+  return dict(r, robust=r["robust"]["s"], suite=[a["name"] for a in r["suites"]["s"]],
+              steps=attack_list[0].steps)
 
 
 class ArraySource:
@@ -71,8 +82,8 @@ def _mlp_params(seed=0):
 
 
 def _strip_times(results):
-  return {**results, "robust": [{k: v for k, v in r.items() if k != "seconds"}
-                                for r in results["robust"]]}
+  return {**{k: v for k, v in results.items() if k != "seconds"},
+          "robust": [{k: v for k, v in r.items() if k != "seconds"} for r in results["robust"]]}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +96,7 @@ def lin():
 def test_eps0_is_clean_and_robust_accuracy_falls_with_eps(lin):
   params, source, idx = lin
   eps = [0.0, 1 / 255, 2 / 255, 4 / 255, 16 / 255]
-  r = evaluation.evaluate(linear, params, source, idx, eps_list=eps, suite="fast", **FAST)
+  r = _evaluate(linear, params, source, idx, eps_list=eps, suite="fast", **FAST)
   clean = r["clean_accuracy"]
   assert clean == pytest.approx((N - 3) / N)  # the 3 flipped labels
   at0 = r["robust"][0]
@@ -114,8 +125,8 @@ def test_more_steps_never_raise_robust_accuracy():
   source, idx = _problem(mlp, params)
   eps = [2 / 255, 6 / 255, 12 / 255]
   kw = dict(FAST, eps_list=eps, suite=["apgd-ce"])
-  few = evaluation.evaluate(mlp, params, source, idx, **dict(kw, steps=1))
-  many = evaluation.evaluate(mlp, params, source, idx, **dict(kw, steps=20))
+  few = _evaluate(mlp, params, source, idx, **dict(kw, steps=1))
+  many = _evaluate(mlp, params, source, idx, **dict(kw, steps=20))
   acc_few = [e["robust_accuracy"] for e in few["robust"]]
   acc_many = [e["robust_accuracy"] for e in many["robust"]]
   assert all(m <= f for m, f in zip(acc_many, acc_few)), (acc_many, acc_few)
@@ -128,9 +139,9 @@ def test_cascade_is_worst_case_of_its_attacks_and_plain_model_is_silent(lin):
   eps = [2 / 255, 6 / 255]
   with warnings.catch_warnings():
     warnings.simplefilter("error", evaluation.SoundnessWarning)  # plain: no warning
-    cascade = evaluation.evaluate(linear, params, source, idx, eps_list=eps,
+    cascade = _evaluate(linear, params, source, idx, eps_list=eps,
                                   suite="standard", **FAST)
-    alone = {a: evaluation.evaluate(linear, params, source, idx, eps_list=eps,
+    alone = {a: _evaluate(linear, params, source, idx, eps_list=eps,
                                     suite=[a], **FAST)
              for a in evaluation.SUITES["standard"]}
   assert cascade["checks"]["passed"] and not cascade["checks"]["gradient_masking"]
@@ -151,7 +162,7 @@ def test_masking_warning_fires_on_a_rounding_model():
   params = _linear_params(1)
   source, idx = _problem(rounded, params, seed=1)
   with pytest.warns(evaluation.SoundnessWarning) as record:
-    r = evaluation.evaluate(rounded, params, source, idx, eps_list=[8 / 255],
+    r = _evaluate(rounded, params, source, idx, eps_list=[8 / 255],
                             suite=["apgd-ce", "square"], **FAST)
   masking = [w for w in record if w.category is evaluation.GradientMaskingWarning]
   assert len(masking) == 1 and "gradient masking" in str(masking[0].message)
@@ -161,14 +172,15 @@ def test_masking_warning_fires_on_a_rounding_model():
   assert r["checks"]["zero_gradient_fraction"] == 1.0
   assert not r["checks"]["gradients_ok"] and not r["checks"]["passed"]
   assert any("gradient masking" in w for w in r["checks"]["warnings"])
-  assert "MASKING" in evaluation.format_table({"rounded": r})
+  assert "MASKING" in reports.format_table({"rounded": dict(r, robust={"s": r["robust"]},
+                                                            suites={"s": []})})
 
 
 def test_same_seed_same_numbers(lin):
   params, source, idx = lin
   kw = dict(eps_list=[4 / 255], suite=["apgd-ce", "square"], **FAST)
-  a = evaluation.evaluate(linear, params, source, idx, seed=3, **kw)
-  b = evaluation.evaluate(linear, params, source, idx, seed=3, **kw)
+  a = _evaluate(linear, params, source, idx, seed=3, **kw)
+  b = _evaluate(linear, params, source, idx, seed=3, **kw)
   assert _strip_times(a) == _strip_times(b)
   assert a["seed"] == 3
 
@@ -179,8 +191,8 @@ def test_an_example_draws_the_same_randomness_in_any_batch():
   params = _mlp_params()
   source, idx = _problem(mlp, params)
   kw = dict(FAST, eps_list=[4 / 255], suite=["square"], square_queries=8)
-  full = evaluation.evaluate(mlp, params, source, idx, **kw)
-  part = evaluation.evaluate(mlp, params, source, idx[1::2], **dict(kw, batch_size=8))
+  full = _evaluate(mlp, params, source, idx, **kw)
+  part = _evaluate(mlp, params, source, idx[1::2], **dict(kw, batch_size=8))
   got = part["robust"][0]["broken_by"]
   assert got == full["robust"][0]["broken_by"][1::2]
   # Random search with 8 queries breaks some points and not others: the
@@ -191,13 +203,13 @@ def test_an_example_draws_the_same_randomness_in_any_batch():
 def test_out_of_ball_images_are_flagged_and_not_counted(lin, monkeypatch):
   params, source, idx = lin
 
-  def too_far(fn, x, y, keys, eps, **_):
-    del fn, y, keys  # steps 2 eps away: outside the ball, even at eps=0 (+0.01)
+  def too_far(attack, fn, x, y, keys, eps, norm, axis_name):
+    del attack, fn, y, keys, norm, axis_name  # 2 eps away: outside the ball, even at eps=0
     return jnp.clip(x + 2 * eps + 0.01, 0, 1)
 
   monkeypatch.setitem(evaluation.ATTACKS, "fgsm", too_far)
   with pytest.warns(evaluation.SoundnessWarning):
-    r = evaluation.evaluate(linear, params, source, idx, eps_list=[8 / 255],
+    r = _evaluate(linear, params, source, idx, eps_list=[8 / 255],
                             suite=["fgsm"], **dict(FAST, batch_size=8))
   e = r["robust"][0]
   assert e["outside_ball"] > 0 and e["max_ball_excess"] > 1e-3
@@ -217,7 +229,7 @@ def test_nondeterministic_logits_are_flagged(lin):
     return linear(params, images) + 10 * noise
 
   with pytest.warns(evaluation.SoundnessWarning) as record:
-    r = evaluation.evaluate(noisy, params, source, idx, eps_list=[1 / 255],
+    r = _evaluate(noisy, params, source, idx, eps_list=[1 / 255],
                             suite=["fgsm"], **FAST)
   assert any("not deterministic" in str(w.message) for w in record)
   assert not r["checks"]["deterministic"] and r["checks"]["logits_max_abs_diff"] > 0.1
@@ -227,24 +239,26 @@ def test_bad_arguments_fail_before_any_compute(lin):
   params, source, idx = lin
   kw = dict(eps_list=[1 / 255], **FAST)
   with pytest.raises(ValueError, match="unknown suite"):
-    evaluation.evaluate(linear, params, source, idx, suite="strong", **kw)
+    _evaluate(linear, params, source, idx, suite="strong", **kw)
   with pytest.raises(ValueError, match="unknown attack"):
-    evaluation.evaluate(linear, params, source, idx, suite=["apgd-ce", "fab"], **kw)
+    _evaluate(linear, params, source, idx, suite=["apgd-ce", "fab"], **kw)
+  with pytest.raises(ValueError, match="exceeds 1"):
+    _evaluate(linear, params, source, idx, suite="fast", **dict(kw, eps_list=[4.0]))
   with pytest.raises(ValueError, match=">= 0"):
-    evaluation.evaluate(linear, params, source, idx, suite="fast",
+    _evaluate(linear, params, source, idx, suite="fast",
                         **dict(kw, eps_list=[1 / 255, -1 / 255]))
   with pytest.raises(ValueError, match="linf"):
-    evaluation.evaluate(linear, params, source, idx, suite=["fgsm"], norm="l2", **kw)
+    _evaluate(linear, params, source, idx, suite=["fgsm"], norm="l2", **kw)
   with pytest.raises(ValueError, match="steps"):
-    evaluation.evaluate(linear, params, source, idx, suite="fast", **dict(kw, steps=0))
+    _evaluate(linear, params, source, idx, suite="fast", **dict(kw, steps=0))
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("batch",))
   with pytest.raises(ValueError, match="'data' axis"):
-    evaluation.evaluate(linear, params, source, idx, suite="fast", mesh=mesh, **kw)
+    _evaluate(linear, params, source, idx, suite="fast", mesh=mesh, **kw)
 
 
 def test_l2_budget_respected(lin):
   params, source, idx = lin
-  r = evaluation.evaluate(linear, params, source, idx, eps_list=[0.0, 0.5], norm="l2",
+  r = _evaluate(linear, params, source, idx, eps_list=[0.0, 0.5], norm="l2",
                           suite=["pgd-cw"], **FAST)
   assert r["checks"]["passed"], r["checks"]
   assert r["robust"][0]["robust_accuracy"] == r["clean_accuracy"]
@@ -269,11 +283,11 @@ _SHARDED = textwrap.dedent("""
               **dict(t.FAST, batch_size=8))
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     out = {"devices": len(jax.devices())}
-    out["one"] = t._strip_times(evaluation.evaluate(t.mlp, params, source, idx, **kw))
-    out["mesh"] = t._strip_times(evaluation.evaluate(t.mlp, params, source, idx,
+    out["one"] = t._strip_times(t._evaluate(t.mlp, params, source, idx, **kw))
+    out["mesh"] = t._strip_times(t._evaluate(t.mlp, params, source, idx,
                                                      mesh=mesh, **kw))
     try:
-      evaluation.evaluate(t.mlp, params, source, idx, mesh=mesh, **dict(kw, batch_size=6))
+      t._evaluate(t.mlp, params, source, idx, mesh=mesh, **dict(kw, batch_size=6))
     except ValueError as e:
       out["error"] = str(e)
     print("RESULT" + json.dumps(out))
@@ -313,23 +327,24 @@ def test_two_processes_four_devices_match_one_device(tmp_path):
 
 
 def _fake_results(norm="linf", eps=(1 / 255, 4 / 255), acc=(0.5, 0.25), clean=0.75):
-  return {"norm": norm, "suite": ["apgd-ce", "square"], "clean_accuracy": clean,
-          "checks": {"passed": True},
-          "robust": [{"eps": e, "robust_accuracy": a,
-                      "accuracy_after": {"apgd-ce": a + 0.125, "square": a}}
-                     for e, a in zip(eps, acc)]}
+  return {"norm": norm, "suites": {"standard": [{"name": "apgd-ce"}, {"name": "square"}]},
+          "clean_accuracy": clean, "checks": {"passed": True},
+          "robust": {"standard": [{"eps": e, "robust_accuracy": a,
+                                   "accuracy_after": {"apgd-ce": a + 0.125, "square": a}}
+                                  for e, a in zip(eps, acc)]}}
 
 
 def test_format_table_and_plot(tmp_path):
   results = {"base": _fake_results(),
              "prsl": _fake_results(eps=(4 / 255,), acc=(0.375,), clean=0.875)}
-  table = evaluation.format_table(results)
+  table = reports.format_table(results)
   lines = table.splitlines()
-  assert lines[0] == "| model | clean | ε=1/255 | ε=4/255 | checks |"
-  assert lines[2] == "| base | 75.0 | 50.0 | 25.0 | ok |"
-  assert lines[3] == "| prsl | 87.5 | – | 37.5 | ok |"  # eps it was not run at
-  assert "| base | 4/255 | 37.5 | 25.0 |" in lines
-  path = evaluation.plot(results, str(tmp_path / "r.png"))
+  assert lines[0] == "| model | attack | clean | ε=1/255 | ε=4/255 | checks |"
+  label = reports.SUITE_LABELS["standard"]
+  assert lines[2] == f"| base | {label} | 75.0 | 50.0 | 25.0 | ok |"
+  assert lines[3] == f"| prsl | {label} | 87.5 | – | 37.5 | ok |"  # eps it was not run at
+  assert f"| base | {label} | 4/255 | apgd-ce 37.5 → square 25.0 |" in lines
+  path = reports.plot(results, str(tmp_path / "r.png"))
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(path) > 5000

@@ -27,8 +27,9 @@ def test_templates():
 
 
 def test_tokenize_pads_to_max_text_length(tiny_clip):
-  ids, mask = zeroshot.tokenize(tiny_clip, ["This is a photo of a three", "a cat"])
-  assert ids.shape == mask.shape == (2, tiny_clip.max_text_length)
+  ids, mask = zeroshot.tokenize(tiny_clip.tokenizer, ["This is a photo of a three", "a cat"],
+                                tiny_clip.model.max_text_length)
+  assert ids.shape == mask.shape == (2, tiny_clip.model.max_text_length)
   assert ids.dtype == mask.dtype == np.int32
   assert mask[0].sum() == 9 and mask[1].sum() == 4  # BOS + words + EOS
   assert (ids[mask == 0] == tiny_clip.tokenizer.pad_token_id).all()
@@ -37,20 +38,20 @@ def test_tokenize_pads_to_max_text_length(tiny_clip):
 @pytest.fixture(scope="module")
 def class_emb(tiny_clip):
   # batch_size=5 splits the 12 prompts into 3 batches, the last one padded.
-  return zeroshot.class_embeddings(tiny_clip, tiny_clip.params, CLASSES, TEMPLATES,
-                                   batch_size=5)
+  return zeroshot.class_embeddings(tiny_clip.model, tiny_clip.params, tiny_clip.tokenizer,
+                                   CLASSES, TEMPLATES, batch_size=5)
 
 
 def test_class_embeddings_average_templates(tiny_clip, class_emb):
   """Equals the manual computation: normalise, mean over templates, renormalise."""
   params = tiny_clip.params
   emb = np.asarray(class_emb)
-  assert emb.shape == (len(CLASSES), tiny_clip.config.projection_dim)
+  assert emb.shape == (len(CLASSES), tiny_clip.model.config.projection_dim)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-6)
 
   texts = [t.format(c) for c in CLASSES for t in TEMPLATES]
-  ids, mask = zeroshot.tokenize(tiny_clip, texts)
-  per_prompt = _unit(np.asarray(jax.jit(tiny_clip.encode_texts)(params, ids, mask)))
+  ids, mask = zeroshot.tokenize(tiny_clip.tokenizer, texts, tiny_clip.model.max_text_length)
+  per_prompt = _unit(np.asarray(jax.jit(tiny_clip.model.encode_texts)(params, ids, mask)))
   manual = _unit(per_prompt.reshape(len(CLASSES), len(TEMPLATES), -1).mean(1))
   np.testing.assert_allclose(emb, manual, atol=1e-6)
   # Averaging is not a no-op here: one template alone gives something else.
@@ -58,28 +59,31 @@ def test_class_embeddings_average_templates(tiny_clip, class_emb):
   assert np.abs(manual - first_template).max() > 1e-3
 
   jitted = jax.jit(zeroshot.embed_prompts, static_argnums=(0, 4))
-  np.testing.assert_allclose(jitted(tiny_clip, params, ids, mask, len(CLASSES)), manual,
+  np.testing.assert_allclose(jitted(tiny_clip.model, params, ids, mask, len(CLASSES)), manual,
                              atol=1e-6)
 
   # templates=None is DEFAULT_TEMPLATES = TEMPLATES[:1].
-  default = zeroshot.class_embeddings(tiny_clip, params, CLASSES)
+  default = zeroshot.class_embeddings(tiny_clip.model, params, tiny_clip.tokenizer, CLASSES)
   np.testing.assert_allclose(default, first_template, atol=1e-6)
 
 
 def test_bad_arguments_named(tiny_clip):
   with pytest.raises(ValueError, match="templates"):
-    zeroshot.class_embeddings(tiny_clip, tiny_clip.params, CLASSES, ["no placeholder"])
+    zeroshot.class_embeddings(tiny_clip.model, tiny_clip.params, tiny_clip.tokenizer, CLASSES,
+                              ["no placeholder"])
   with pytest.raises(ValueError, match="class_names"):
-    zeroshot.class_embeddings(tiny_clip, tiny_clip.params, "zero")
+    zeroshot.class_embeddings(tiny_clip.model, tiny_clip.params, tiny_clip.tokenizer, "zero")
   with pytest.raises(ValueError, match="num_classes=5"):
-    zeroshot.embed_prompts(tiny_clip, tiny_clip.params, np.zeros((12, 16), np.int32),
+    zeroshot.embed_prompts(tiny_clip.model, tiny_clip.params, np.zeros((12, 16), np.int32),
                            np.ones((12, 16), np.int32), 5)
 
 
 def test_logits_are_scaled_cosines(tiny_clip, class_emb):
-  logits_fn = functools.partial(zeroshot.logits, tiny_clip, tiny_clip.params, class_emb)
-  images = random_images(np.random.default_rng(0), 3, tiny_clip.image_size)
-  img, got = jax.jit(lambda x: (tiny_clip.encode_images(tiny_clip.params, x), logits_fn(x)))(images)
+  logits_fn = zeroshot.Classifier(tiny_clip.model).bind(
+      {"params": tiny_clip.params, "class_emb": class_emb})
+  images = random_images(np.random.default_rng(0), 3, tiny_clip.model.image_size)
+  img, got = jax.jit(lambda x: (tiny_clip.model.encode_images(tiny_clip.params, x),
+                                logits_fn(x)))(images)
   scale = float(np.exp(tiny_clip.params["logit_scale"]))
   want = scale * _unit(np.asarray(img)) @ np.asarray(class_emb).T
   assert got.shape == (3, len(CLASSES)) and got.dtype == jnp.float32
@@ -87,9 +91,9 @@ def test_logits_are_scaled_cosines(tiny_clip, class_emb):
 
 
 def test_composes_with_pgd_under_jit(tiny_clip, class_emb):
-  attacks = pytest.importorskip("prsl_jax.attacks")
-  logits_fn = functools.partial(zeroshot.logits, tiny_clip, tiny_clip.params, class_emb)
-  images = jnp.asarray(random_images(np.random.default_rng(1), 4, tiny_clip.image_size))
+  from prsl_jax import attacks  # pylint: disable=g-import-not-at-top
+  logits_fn = functools.partial(zeroshot.logits, tiny_clip.model, tiny_clip.params, class_emb)
+  images = jnp.asarray(random_images(np.random.default_rng(1), 4, tiny_clip.model.image_size))
   eps = 8 / 255
 
   @jax.jit
