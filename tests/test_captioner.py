@@ -57,13 +57,13 @@ CONFIGS = {
                      scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
         vocab=64, mean=None, std=None, pad=0, seed=1),
     # Encoder wider than the decoder (enc_to_dec_proj), image not a multiple of
-    # the patch, unscaled attention, 3 decoder layers; the checkpoint file has
+    # the patch, unscaled attention; the checkpoint file has
     # no pooler and carries GPT-2's old mask buffers; loaded with remat.
     "proj_legacy": dict(
-        encoder=dict(hidden_size=48, intermediate_size=32, num_hidden_layers=2,
+        encoder=dict(hidden_size=48, intermediate_size=32, num_hidden_layers=1,
                      num_attention_heads=3, image_size=22, patch_size=5,
                      hidden_act="quick_gelu"),
-        decoder=dict(n_embd=16, n_layer=3, n_head=2, n_positions=24,
+        decoder=dict(n_embd=16, n_layer=2, n_head=2, n_positions=24,
                      scale_attn_weights=False, tie_word_embeddings=True),
         vocab=64, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), pad="extra", legacy_file=True,
         seed=2),
@@ -267,31 +267,41 @@ def test_beam_search_matches_transformers(captioner_ckpts, name, kw):
   assert (greedy != got).any()
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _stepwise(model, params, images, ids, max_length):
+  """Feeds ids (B, T) one column at a time through the cache: (step logits
+  (B, T, V), the cache's final index, decode()'s teacher-forced logits)."""
+  states = model.encode(params, images)
+  cache = model.init_cache(params, states, max_length)
+
+  def step(cache, tokens):
+    logits, cache = model.decode_step(params, cache, tokens)
+    return cache, logits
+  cache, logits = jax.lax.scan(step, cache, ids.T)
+  return jnp.swapaxes(logits, 0, 1), cache, model.decode(params, states, ids)
+
+
 def test_cached_decoding_equals_teacher_forced(captioner_ckpts):
   ckpt = captioner_ckpts("proj_legacy")
   pre = _ours(ckpt)
   model, params = pre.model, pre.params
-  ids, _ = _decoder_batch(model, seed=1, t=6)
-  full = np.asarray(_logits(model, params, ckpt.images, ids, np.ones_like(ids)))
-  states = model.encode(params, ckpt.images)
-  cache = model.init_cache(params, states, max_length=8)  # longer than the prefix
-  assert cache["self_k"].shape == (3, N_IMAGES, 8, 2, 8)
-  assert cache["cross_k"].shape == (3, N_IMAGES, 1 + 16, 2, 8)
-  step = jax.jit(model.decode_step)
-  for t in range(ids.shape[1]):
-    logits, cache = step(params, cache, ids[:, t])
-    np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=0)
+  ids, mask = _decoder_batch(model, seed=1)
+  full = np.asarray(_logits(model, params, ckpt.images, ids, np.ones_like(mask)))
+  steps, cache, decoded = _stepwise(model, params, ckpt.images, ids, ids.shape[1] + 3)
+  np.testing.assert_allclose(steps, full, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=0)  # decode() on states
+  # (L, B, max_length, heads, head_dim) self cache; (L, B, 1 + patches, ...) cross.
+  assert cache["self_k"].shape == (2, N_IMAGES, ids.shape[1] + 3, 2, 8)
+  assert cache["cross_k"].shape == (2, N_IMAGES, 1 + 16, 2, 8)
   assert int(cache["index"]) == ids.shape[1]
-  # decode() on precomputed states is logits() too.
-  np.testing.assert_allclose(
-      jax.jit(model.decode)(params, states, ids), full, atol=1e-5, rtol=0)
 
 
 def test_generation_compiles_once_per_shape(captioner_ckpts):
   ckpt = captioner_ckpts("tied")
   pre = _ours(ckpt)
   model, params = pre.model, pre.params
-  other = jax.tree.map(lambda x: np.asarray(x) * 0.5, params)  # numpy: no per-leaf compiles
+  # numpy (no per-leaf compiles), then on device like params: the same jit key.
+  other = jax.device_put(jax.tree.map(lambda x: np.asarray(x) * 0.5, params))
   before = generation._greedy._cache_size()  # pylint: disable=protected-access
   a = generation.greedy(model, params, ckpt.images, max_length=MAX_LENGTH)
   mid = generation._greedy._cache_size()  # pylint: disable=protected-access
@@ -393,3 +403,54 @@ def test_bad_inputs_name_the_argument(captioner_ckpts):
   assert cap.Captioner(cap.config_from_hf(d)) == dataclasses.replace(
       model, config=dataclasses.replace(model.config, encoder=dataclasses.replace(
           model.config.encoder, image_mean=cap.VIT_MEAN, image_std=cap.VIT_STD)))
+
+
+def test_pixel_gradient_matches_torch(captioner_ckpts):
+  # What attacks use: d(caption loss)/d(pixels in [0, 1]), here through remat.
+  ckpt = captioner_ckpts("proj_legacy")
+  pre = _ours(ckpt)
+  model, params = pre.model, pre.params
+  assert model.config.remat
+  ids, mask = _decoder_batch(model, seed=4)
+  labels = np.roll(ids, -1, axis=1)
+
+  def loss(images):
+    logp = jax.nn.log_softmax(model.logits(params, images, ids, mask))
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+  value, grad = jax.jit(jax.value_and_grad(loss))(ckpt.images)
+
+  pv = _pixel_values(ckpt.images, ckpt.mean, ckpt.std).requires_grad_()
+  logits = ckpt.hf(pixel_values=pv, decoder_input_ids=torch.from_numpy(ids),
+                   decoder_attention_mask=torch.from_numpy(mask)).logits
+  ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                          torch.from_numpy(labels).reshape(-1))
+  ref.backward()
+  # pv = (x - mean) / std, so d/dx = d/dpv / std.
+  ref_grad = pv.grad.numpy().transpose(0, 2, 3, 1) / np.float32(ckpt.std)
+  np.testing.assert_allclose(value, ref.item(), atol=1e-5, rtol=0)
+  scale = np.abs(ref_grad).max()
+  assert scale > 0
+  np.testing.assert_allclose(grad, ref_grad, atol=1e-4 * scale, rtol=0)
+
+
+def test_bfloat16_compute(captioner_ckpts):
+  ckpt = captioner_ckpts("tied")
+  f32 = _ours(ckpt)
+  bf16 = load_pretrained(ckpt.path, dtype=jnp.bfloat16)
+  assert bf16.model.config.dtype == jnp.bfloat16
+  jax.tree.map(np.testing.assert_array_equal, bf16.params, f32.params)  # params stay float32
+  ids, mask = _decoder_batch(f32.model)
+  lo = _logits(bf16.model, bf16.params, ckpt.images, ids, mask)
+  hi = _logits(f32.model, f32.params, ckpt.images, ids, mask)
+  assert lo.dtype == jnp.float32
+  err = np.abs(np.asarray(lo) - np.asarray(hi)).max()
+  assert 0 < err < 0.05 * np.abs(np.asarray(hi)).max()
+  # The cache is kept in the compute dtype and a step traces (shapes only).
+  model = bf16.model
+
+  def step(params):
+    cache = model.init_cache(params, model.encode(params, ckpt.images), 4)
+    return model.decode_step(params, cache, jnp.zeros((N_IMAGES,), jnp.int32))
+  logits, cache = jax.eval_shape(step, bf16.params)
+  assert logits.dtype == jnp.float32 and logits.shape == (N_IMAGES, model.vocab_size)
+  assert cache["self_k"].dtype == jnp.bfloat16 and cache["self_k"].shape[2] == 4
