@@ -454,3 +454,12 @@ def test_bfloat16_compute(captioner_ckpts):
   logits, cache = jax.eval_shape(step, bf16.params)
   assert logits.dtype == jnp.float32 and logits.shape == (N_IMAGES, model.vocab_size)
   assert cache["self_k"].dtype == jnp.bfloat16 and cache["self_k"].shape[2] == 4
+
+
+def test_shift_tokens_right_matches_transformers():
+  from transformers.models.vision_encoder_decoder import modeling_vision_encoder_decoder as ved  # pylint: disable=g-import-not-at-top
+  labels = np.array([[5, 6, 7, -100], [8, -100, -100, -100]])
+  want = ved.shift_tokens_right(torch.from_numpy(labels), 1, 9).numpy()
+  got = cap.shift_tokens_right(labels, pad_token_id=1, decoder_start_token_id=9)
+  np.testing.assert_array_equal(got, want)
+  assert got.dtype == jnp.int32

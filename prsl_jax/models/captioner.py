@@ -165,6 +165,15 @@ def _one_id(name, v):
                    f"supported), got {v!r}")
 
 
+def _square(name, val):
+  """An int side from an int or an equal (h, w) pair."""
+  if isinstance(val, (list, tuple)) and len(val) == 2 and val[0] == val[1]:
+    val = val[0]
+  if not isinstance(val, int):
+    raise ValueError(f"{name} must be an int (square images and patches), got {val!r}")
+  return val
+
+
 def config_from_hf(hf_config, *, image_mean=None, image_std=None,
                    dtype=jnp.float32, remat=False):
   """Our CaptionerConfig from a transformers VisionEncoderDecoderConfig (or its
@@ -199,16 +208,8 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
     if act not in ACTIVATIONS:
       raise ValueError(f"{name}={act!r} is not supported; expected one of "
                        f"{sorted(ACTIVATIONS)}")
-  image_size, patch_size = _pick(e, "image_size", 224), _pick(e, "patch_size", 16)
-  for name, val in (("image_size", image_size), ("patch_size", patch_size)):
-    if isinstance(val, (list, tuple)) and len(val) == 2 and val[0] == val[1]:
-      val = val[0]
-    if not isinstance(val, int):
-      raise ValueError(f"encoder.{name} must be an int (square images), got {val!r}")
-    if name == "image_size":
-      image_size = val
-    else:
-      patch_size = val
+  image_size = _square("encoder.image_size", _pick(e, "image_size", 224))
+  patch_size = _square("encoder.patch_size", _pick(e, "patch_size", 16))
   num_channels = _pick(e, "num_channels", 3)
   mean = tuple(float(x) for x in (image_mean if image_mean is not None else VIT_MEAN))
   std = tuple(float(x) for x in (image_std if image_std is not None else VIT_STD))
@@ -271,6 +272,21 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
       encoder=encoder, decoder=decoder, decoder_start_token_id=start,
       eos_token_id=eos, pad_token_id=pad, max_length=int(max_length),
       dtype=jnp.dtype(dtype), remat=bool(remat))
+
+
+def shift_tokens_right(labels, pad_token_id, decoder_start_token_id):
+  """Teacher-forcing inputs from labels, as transformers' VisionEncoderDecoder
+  shift_tokens_right: (B, T) int -> (B, T) int32 = [start, labels[:, :-1]],
+  with -100 (ignored label) replaced by pad_token_id.
+
+  The logits of Captioner.logits(params, images, shift_tokens_right(labels,
+  ...)) at position t then predict labels[:, t] (what transformers' loss
+  compares them with).
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  start = jnp.full(labels.shape[:1] + (1,), decoder_start_token_id, jnp.int32)
+  shifted = jnp.concatenate([start, labels[:, :-1]], axis=1)
+  return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
 # ----------------------------------------------------------------------------
@@ -820,17 +836,21 @@ def key_map(config):
 
 
 # GPT-2's causal-mask buffers in older checkpoints (not parameters).
-_GPT2_BUFFER = re.compile(r"^decoder\.transformer\.h\.\d+\.(attn|crossattention)\.(bias|masked_bias)$")
+_GPT2_BUFFER = re.compile(
+    r"^decoder\.transformer\.h\.\d+\.(attn|crossattention)\.(bias|masked_bias)$")
 # transformers 5's in-memory ViT names -> the on-disk names key_map uses.
-_VIT_RENAMES = (
-    (re.compile(r"^encoder\.layers\.(\d+)\.attention\.q_proj\."), r"encoder.encoder.layer.\1.attention.attention.query."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.attention\.k_proj\."), r"encoder.encoder.layer.\1.attention.attention.key."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.attention\.v_proj\."), r"encoder.encoder.layer.\1.attention.attention.value."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.attention\.o_proj\."), r"encoder.encoder.layer.\1.attention.output.dense."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.mlp\.fc1\."), r"encoder.encoder.layer.\1.intermediate.dense."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.mlp\.fc2\."), r"encoder.encoder.layer.\1.output.dense."),
-    (re.compile(r"^encoder\.layers\.(\d+)\."), r"encoder.encoder.layer.\1."),
+_VIT_NEW_TO_OLD = (
+    ("attention.q_proj.", "attention.attention.query."),
+    ("attention.k_proj.", "attention.attention.key."),
+    ("attention.v_proj.", "attention.attention.value."),
+    ("attention.o_proj.", "attention.output.dense."),
+    ("mlp.fc1.", "intermediate.dense."),
+    ("mlp.fc2.", "output.dense."),
+    ("", ""),  # layernorm_before/after keep their names
 )
+_VIT_RENAMES = tuple(
+    (re.compile(r"^encoder\.layers\.(\d+)\." + re.escape(new)), r"encoder.encoder.layer.\1." + old)
+    for new, old in _VIT_NEW_TO_OLD)
 
 
 def adapt_state_dict(state_dict, model):
