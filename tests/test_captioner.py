@@ -463,3 +463,28 @@ def test_shift_tokens_right_matches_transformers():
   got = cap.shift_tokens_right(labels, pad_token_id=1, decoder_start_token_id=9)
   np.testing.assert_array_equal(got, want)
   assert got.dtype == jnp.int32
+
+
+def test_full_size_vit_gpt2_names_and_shapes():
+  # nlpconnect/vit-gpt2-image-captioning's architecture (ViT-B/16 + GPT-2
+  # small), on torch's meta device: transformers 5's in-memory names (its
+  # tied lm_head included) map onto key_map with the shapes our params have.
+  config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+      transformers.ViTConfig(), transformers.GPT2Config(add_cross_attention=True, is_decoder=True))
+  config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = 50256
+  with torch.device("meta"):
+    hf = transformers.VisionEncoderDecoderModel(config)
+  state, model = cap.adapt_state_dict(
+      {k: tuple(v.shape) for k, v in hf.state_dict().items()}, cap.from_hf(config))
+  shapes = model.param_shapes()
+  kmap = cap.key_map(model.config)
+  assert {hf_name for hf_name, _, _ in kmap} == set(state)
+  for hf_name, path, kind in kmap:
+    flax_shape = functools.reduce(lambda t, k: t[k], path, shapes).shape
+    if kind == "linear":
+      flax_shape = flax_shape[::-1]  # (in, out) -> torch (out, in)
+    elif kind == "conv":
+      flax_shape = tuple(flax_shape[i] for i in (3, 2, 0, 1))  # HWIO -> OIHW
+    assert tuple(flax_shape) == state[hf_name], hf_name
+  assert (model.image_size, model.vocab_size, model.max_length) == (224, 50257, 20)
+  assert not model.config.has_enc_to_dec_proj
