@@ -1,1 +1,2 @@
-"""CLIP: the flax module (clip), HF checkpoint conversion (convert), tokenizer builder."""
+"""Models: CLIP (clip), the ViT-GPT-2 captioner (captioner) and its decoding
+(generation), HF checkpoint conversion (convert), offline tokenizer builders."""

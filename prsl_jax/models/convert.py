@@ -1,4 +1,5 @@
-"""HuggingFace CLIP checkpoints <-> our flax CLIP: load, convert, export.
+"""HuggingFace checkpoints <-> our flax models (CLIP, ViT-GPT-2 captioner):
+load, convert, export.
 
 A checkpoint is a folder as transformers writes it: config.json,
 model.safetensors (or model.safetensors.index.json + shards), optionally
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prsl_jax.models import captioner as captioner_lib
 from prsl_jax.models import clip as clip_lib
 
 CONFIG_NAME = "config.json"
@@ -54,8 +56,10 @@ class Pretrained(NamedTuple):
 # config.json model_type -> the module that defines that kind of model. Each
 # defines: from_hf(hf_config, *, image_mean, image_std, dtype, remat) -> model,
 # key_map(config), config_to_hf(config), preprocessor_config(config),
-# load_tokenizer(folder), vocab_size(model).
-MODEL_KINDS = {"clip": clip_lib}
+# load_tokenizer(folder), vocab_size(model); optionally
+# adapt_state_dict(state_dict, model) -> (state_dict, model), which load_pretrained
+# applies before matching names (buffers, alternative spellings, optional parts).
+MODEL_KINDS = {"clip": clip_lib, "vision-encoder-decoder": captioner_lib}
 
 
 def _model_module(model):
@@ -338,7 +342,10 @@ def load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
   hf_config = transformers.AutoConfig.from_pretrained(folder)
   mean, std = _read_mean_std(folder)
   model = kind.from_hf(hf_config, image_mean=mean, image_std=std, dtype=dtype, remat=remat)
-  params = from_hf_state_dict(read_state_dict(folder, allow_pickle=allow_pickle), model)
+  state = read_state_dict(folder, allow_pickle=allow_pickle)
+  if hasattr(kind, "adapt_state_dict"):
+    state, model = kind.adapt_state_dict(state, model)
+  params = from_hf_state_dict(state, model)
   tokenizer = None
   if any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
     tokenizer = kind.load_tokenizer(folder)
