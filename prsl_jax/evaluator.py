@@ -77,7 +77,7 @@ def parse_suites(value, norm="linf", *, steps=None, queries=None, num_targets=No
     raise ValueError("--suite is empty")
   out = {}
   for v in values:
-    names = v if v in evaluation.SUITES else [s.strip() for s in v.split(",") if s.strip()]
+    names = [s.strip() for s in v.split(",") if s.strip()] if "," in v else v.strip()
     out[v] = evaluation.make_suite(names, norm, steps=steps, queries=queries,
                                    num_targets=num_targets, train_loss=train_loss)
   return out

@@ -46,7 +46,15 @@ def replicate(tree, mesh: Mesh):
   without the copy a one-device run would delete the caller's arrays (e.g. the
   pretrained params that the next run starts from).
   """
-  return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False)
+  sharding = NamedSharding(mesh, P())
+  def put(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      # Typed keys take another device_put path, which refuses a multi-host
+      # sharding: replicate the key's data and wrap it again.
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    return jax.device_put(x, sharding, may_alias=False)
+  return jax.tree.map(put, tree)
 
 
 def to_global(local_batch, mesh: Mesh):

@@ -72,7 +72,7 @@ def eval_suites(config, loss_config=None):
     train_loss = (loss_config.name, loss_kwargs(loss_config))
   out = {}
   for spec in e.suites:
-    names = spec if spec in evaluation.SUITES else [s.strip() for s in spec.split(",")]
+    names = [s.strip() for s in spec.split(",") if s.strip()] if "," in spec else spec
     out[spec] = evaluation.make_suite(
         names, e.get("norm", "linf"), steps=e.steps or None, queries=e.queries or None,
         num_targets=e.num_targets or None, train_loss=train_loss)
@@ -105,8 +105,10 @@ def validate(config, *, num_classes=None):
     if name not in losses.LOSSES:
       raise ValueError(f"config.loss.name / compare_losses has unknown loss {name!r}; "
                        f"choose from {sorted(losses.LOSSES)}")
-    fn = losses.get_loss(name, **loss_kwargs(config.loss, name))  # weights, ints, window
-    del fn
+    try:
+      losses.get_loss(name, **loss_kwargs(config.loss, name))  # weights, ints, window
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"config.loss ({name}): {e}") from None
     if num_classes is not None:
       kw = loss_kwargs(config.loss, name)
       if "end" in kw:

@@ -209,7 +209,7 @@ def train_step(state, batch, head, *, model, objective, loss_fn, adversarial, tx
   metrics = jax.lax.pmean(dict(metrics, loss=loss), axis_name)
   if adversarial is not None and adversarial.enabled:
     metrics["adv_accuracy"] = metrics.pop("accuracy")
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return state, metrics
 
 

@@ -11,7 +11,8 @@ def get_config(arg=None):
   c.log_every = 1
   c.checkpoint_every = 2
   c.keep_checkpoints = 5
-  c.loss.k = 3
+  c.loss.end = 4
+  c.loss.weight = 1e-2  # the authors' PRSL, strong enough to move training here
   # Clean by default: L-inf PGD steps by sign(grad), so float-level differences
   # between topologies flip pixels and compound over steps; the adversarial path
   # has its own short topology test.

@@ -51,10 +51,10 @@ def _flipped_run(tiny_ckpt, tiny_clip, path):
 def _clean_correct(clip, params, dataset_name, indices):
   """Per example, is the zero-shot prediction right? Computed directly."""
   from prsl_jax import data, zeroshot  # pylint: disable=g-import-not-at-top
-  source, names = data.load(dataset_name, "test", image_size=clip.image_size)
+  source, names = data.load(dataset_name, "test", image_size=clip.model.image_size)
   batch = next(data.eval_batches(source, np.asarray(indices), len(indices)))
-  emb = zeroshot.class_embeddings(clip, params, names)
-  pred = np.argmax(zeroshot.logits(clip, params, emb, batch["image"]), -1)
+  emb = zeroshot.class_embeddings(clip.model, params, clip.tokenizer, names)
+  pred = np.argmax(zeroshot.logits(clip.model, params, emb, batch["image"]), -1)
   return (pred == batch["label"]).tolist()
 
 
@@ -125,15 +125,19 @@ def test_digits_two_checkpoints_one_table_one_plot(cli_runs, tiny_ckpt, tiny_cli
   want_run = _clean_correct(tiny_clip, cli_runs["flipped"], "digits", res["indices"])
   assert want_hf != want_run  # the run folder's params really are different
   for r, want in ((hf, want_hf), (run, want_run)):
-    assert r["robust"][0]["robust_mask"] == want
+    (suite,) = r["robust"].values()
+    assert suite[0]["robust_mask"] == want
     assert r["clean_accuracy"] == pytest.approx(np.mean(want))
-    acc = [e["robust_accuracy"] for e in r["robust"]]
+    acc = [e["robust_accuracy"] for e in suite]
     assert acc[0] == r["clean_accuracy"] >= acc[1] >= acc[2]
-    assert r["suite"] == ["fgsm", "square"] and r["square_queries"] == 10
+    assert [a["name"] for a in r["suites"]["fgsm,square"]] == ["fgsm", "square"]
+    assert r["suites"]["fgsm,square"][1]["queries"] == 10
     assert r["checks"]["eps0_ok"] and r["checks"]["ball_ok"]
+  assert res["complete"]
 
-  assert f"| {tiny_ckpt.path} | {100 * np.mean(want_hf):.1f} |" in md
-  assert f"| {run_dir} | {100 * np.mean(want_run):.1f} |" in md and "ε=8/255" in md
+  assert f"| {tiny_ckpt.path} | fgsm,square | {100 * np.mean(want_hf):.1f} |" in md
+  assert f"| {run_dir} | fgsm,square | {100 * np.mean(want_run):.1f} |" in md
+  assert "ε=8/255" in md
   assert "24 digits test examples" in md
   assert md.split("\n\n", 1)[1] in cli_runs["proc"].stdout  # the table is printed
 
@@ -144,8 +148,8 @@ def test_tfds_mock_cifar10(cli_runs):
   assert res["class_names"] == list(classnames.CIFAR10)
   assert len(res["indices"]) == 12 and len(res["settings"]["templates"]) == 80
   (r,) = res["models"].values()
-  assert r["suite"] == ["fgsm"] and r["num_examples"] == 12
-  assert 0 <= r["robust"][0]["robust_accuracy"] <= r["clean_accuracy"] <= 1
+  assert list(r["suites"]) == ["fgsm"] and r["num_examples"] == 12
+  assert 0 <= r["robust"]["fgsm"][0]["robust_accuracy"] <= r["clean_accuracy"] <= 1
   assert "12 cifar10 test examples" in md
 
 
@@ -190,7 +194,7 @@ def test_bad_input_fails_before_compute(tiny_ckpt, tmp_path):
   ok = ["--checkpoint", tiny_ckpt.path, "--outdir", fresh]
   cases = {
       "unknown_suite": ok + ["--suite", "strongest"],
-      "unknown_attack": ok + ["--suite", "apgd-ce,fab-t"],
+      "unknown_attack": ok + ["--suite", "apgd-ce,fab"],
       "negative_eps": ok + ["--eps", "1/255,-2/255"],
       "code_as_eps": ok + ["--eps", "__import__('os').getcwd()"],
       "zero_denominator": ok + ["--eps", "1/0"],
@@ -209,7 +213,7 @@ def test_bad_input_fails_before_compute(tiny_ckpt, tmp_path):
   out = json.loads(proc.stdout.split("RESULT", 1)[1])
   expect = {
       "unknown_suite": ("ValueError", "unknown suite 'strongest'"),
-      "unknown_attack": ("ValueError", "fab-t"),
+      "unknown_attack": ("ValueError", "['fab']"),
       "negative_eps": ("ValueError", ">= 0"),
       "code_as_eps": ("ValueError", "cannot read"),
       "zero_denominator": ("ValueError", "cannot read '1/0'"),

@@ -348,3 +348,43 @@ def test_format_table_and_plot(tmp_path):
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(path) > 5000
+
+
+def _compiled():
+  """Entries in the evaluation's jit caches (one per compiled program)."""
+  fns = (evaluation._clean_batch, evaluation._logits_batch, evaluation._attack_batch)  # pylint: disable=protected-access
+  return [f._cache_size() for f in fns]  # pylint: disable=protected-access
+
+
+def test_checkpoints_of_one_config_share_compilations_and_are_not_pinned(tiny_ckpt,
+                                                                          tiny_clip):
+  import gc  # pylint: disable=g-import-not-at-top
+  import weakref  # pylint: disable=g-import-not-at-top
+  import prsl_jax  # pylint: disable=g-import-not-at-top
+  from prsl_jax import zeroshot  # pylint: disable=g-import-not-at-top
+  model, params, tokenizer = tiny_clip
+  class_emb = zeroshot.class_embeddings(model, params, tokenizer, ["cat", "dog", "zero"])
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (8, model.image_size, model.image_size, 3)).astype(np.float32)
+  y = np.asarray(jnp.argmax(zeroshot.logits(model, params, class_emb, x), -1), np.int32)
+  source = ArraySource(x, y)
+  suites = {"s": evaluation.make_suite(["fgsm", "pgd-ce"], steps=2)}
+
+  def run(model, params):
+    return evaluation.evaluate(zeroshot.Classifier(model),
+                               {"params": params, "class_emb": class_emb}, source,
+                               np.arange(8), eps_list=[1 / 255, 2 / 255], suites=suites,
+                               batch_size=8, progress_bar=False)
+  first = run(model, params)
+  before = _compiled()
+  # A second checkpoint of the same architecture: another load, other weights.
+  other = prsl_jax.load_pretrained(tiny_ckpt.path)
+  assert other.model == model and other.model is not model
+  other_params = jax.tree.map(lambda p: p * 1.01, other.params)
+  leaf = weakref.ref(jax.tree.leaves(other_params)[0])
+  second = run(other.model, other_params)
+  assert _compiled() == before  # nothing compiled for the second checkpoint
+  assert len(second.robust["s"]) == 2 and second.num_examples == first.num_examples
+  del other, other_params, second
+  gc.collect()
+  assert leaf() is None  # no cache kept the dropped checkpoint's params alive

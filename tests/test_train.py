@@ -13,18 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train as train_lib  # pylint: disable=wrong-import-position
-import prsl_jax  # pylint: disable=wrong-import-position
-from prsl_jax import checkpoints  # pylint: disable=wrong-import-position
-from prsl_jax import data  # pylint: disable=wrong-import-position
-from prsl_jax import sharding  # pylint: disable=wrong-import-position
-from prsl_jax import training  # pylint: disable=wrong-import-position
-from prsl_jax import zeroshot  # pylint: disable=wrong-import-position
-from tests import small_config  # pylint: disable=wrong-import-position
+import prsl_jax
+from prsl_jax import checkpoints
+from prsl_jax import data
+from prsl_jax import sharding
+from prsl_jax import trainer
+from prsl_jax import training
+from tests import small_config
 
-WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = ["-m", "tests.train_worker"]
 
 
 def _flat(params):
@@ -35,19 +33,14 @@ def _flat(params):
 def _run_in_process(workdir, **overrides):
   config = small_config.get_config()
   config.update_from_flattened_dict(overrides)
-  clip = prsl_jax.load_pretrained(config.model.path)
-  source, names = data.load("digits", "train", image_size=clip.image_size)
-  class_emb = zeroshot.class_embeddings(clip, clip.params, names)
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  return _flat(train_lib.train(config, workdir, clip, source, class_emb, None, mesh))
+  return _flat(trainer.train(config, workdir, trainer.setup(config))[0])
 
 
 def _worker(workdir, out, *args, devices=1, check=True, timeout=600):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, WORKER, f"--workdir={workdir}", f"--out={out}", *args],
-                        env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run([sys.executable, *WORKER, f"--workdir={workdir}", f"--out={out}", *args],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                          f"{proc.stderr[-5000:]}")
@@ -110,7 +103,7 @@ def test_adversarial_eight_devices_match_one(tmp_path):
 
 def test_contrastive_eight_devices_match_one(tmp_path):
   # The negatives are gathered from all devices: the loss must not depend on the split.
-  args = ["--config.objective=contrastive", "--config.total_steps=3", "--config.loss.k=4"]
+  args = ["--config.objective=contrastive", "--config.total_steps=3", "--config.loss.end=4"]
   _worker(str(tmp_path / "w8"), str(tmp_path / "p8.npz"), *args, devices=8)
   _worker(str(tmp_path / "w1"), str(tmp_path / "p1.npz"), *args, devices=1)
   _assert_close(dict(np.load(tmp_path / "p8.npz")), dict(np.load(tmp_path / "p1.npz")),
@@ -124,9 +117,10 @@ def test_two_processes_match_one(reference, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
-      [sys.executable, WORKER, f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'p.npz'}",
+      [sys.executable, *WORKER, f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'p.npz'}",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (so, se) in zip(procs, outs):
     assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
@@ -157,11 +151,11 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(reference, tmp_path):
       with open(f, "wb") as fh:
         fh.write(b"garbage")
   config = small_config.get_config()
-  clip = prsl_jax.load_pretrained(config.model.path)
+  model, params, _ = prsl_jax.load_pretrained(config.model.path)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  tx = training.make_optimizer(config.optimizer, config.total_steps, clip.params,
-                               config.train_towers)
-  state = sharding.replicate(training.init_state(clip.params, tx, 0), mesh)
+  tx = training.make_optimizer(config.optimizer, config.total_steps, params,
+                               training.trainable_keys(model, config.train_towers))
+  state = sharding.replicate(training.init_state(params, tx, 0), mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
   mgr = checkpoints.manager(workdir, max_to_keep=5)
@@ -176,18 +170,29 @@ def _config(**overrides):
   return c
 
 
-@pytest.mark.parametrize("overrides,names,error,match", [
-    ({"loss.k": 10}, data.DIGIT_NAMES, ValueError, r"config.loss.k=10 must be in 1..9"),
-    ({"loss.k": 0}, data.DIGIT_NAMES, ValueError, r"config.loss.k=0 must be in 1..9"),
-    ({"objective": "contrastive", "loss.k": 16}, None, ValueError, r"contrastive batch of 16"),
+@pytest.mark.parametrize("overrides,classes,error,match", [
+    ({"loss.name": "topk_variance", "loss.k": 10}, 10, ValueError,
+     r"config.loss.k=10 must be in 1..9"),
+    ({"loss.name": "topk_variance", "loss.k": 0}, 10, ValueError, r"k must be >= 1"),
+    ({"loss.end": 10}, 10, ValueError, r"C-1 = 9"),
+    ({"objective": "contrastive", "loss.end": 16}, 16, ValueError, r"C-1 = 15"),
+    ({"loss.start": 3, "loss.end": 3}, None, ValueError, "start < end"),
     ({"loss.name": "hinge"}, None, ValueError, "config.loss.name"),
-    ({"loss.weight": -1.0}, None, ValueError, "config.loss.weight"),
+    ({"loss.weight": -1.0}, None, ValueError, "config.loss"),
+    ({"loss.group_size": 5}, None, ValueError, "group_size=5 must divide"),
+    ({"optimizer.lr": -1.0}, None, ValueError, "config.optimizer.lr"),
+    ({"optimizer.lr": 0.0}, None, ValueError, "config.optimizer.lr"),
+    ({"checkpoint_every": 0}, None, ValueError, "config.checkpoint_every"),
+    ({"eval.batch_size": 0}, None, ValueError, "config.eval.batch_size"),
+    ({"eval.suites": ("strongest",)}, None, ValueError, "unknown"),
+    ({"eval.eps": (4.0,)}, None, ValueError, "exceeds 1"),
     ({"model.path": "/no/such/folder"}, None, FileNotFoundError, "/no/such/folder"),
-    ({"eval.eps": (-1.0,)}, None, ValueError, "config.eval.eps"),
+    ({"eval.eps": (-1.0,)}, None, ValueError, ">= 0"),
+    ({"objective": "segmentation"}, None, ValueError, "config.objective"),
 ])
-def test_bad_configs_are_refused(overrides, names, error, match):
+def test_bad_configs_are_refused(overrides, classes, error, match):
   with pytest.raises(error, match=match):
-    train_lib.validate(_config(**overrides), names)
+    trainer.validate(_config(**overrides), num_classes=classes)
 
 
 def test_batch_not_divisible_by_devices():
@@ -200,7 +205,7 @@ def test_batch_not_divisible_by_devices():
 
 def test_unknown_config_key_stops_train_py_before_compute(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                         "--config.loss.kk=3", f"--workdir={tmp_path}"],
+                         "--config.loss.kk=3", f"--workdir={tmp_path}"], cwd=str(tmp_path),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "unknown config key in '--config.loss.kk=3'" in proc.stderr, proc.stderr[-2000:]
@@ -224,8 +229,13 @@ def test_train_py_end_to_end_prints_table_and_exports(tmp_path):
     results = json.load(f)["results"]
   assert set(results) == {"start", "prsl fine-tuned", "ce fine-tuned"}
   for r in results.values():
-    assert [e["eps"] for e in r["robust"]] == pytest.approx([1 / 255, 2 / 255])
-    assert all(e["robust_accuracy"] <= r["clean_accuracy"] for e in r["robust"])
+    assert set(r["robust"]) == {"paper", "pgd-ce", "apgd-ce,apgd-t"}
+    for rs in r["robust"].values():
+      assert [e["eps"] for e in rs] == pytest.approx([1 / 255, 2 / 255])
+      assert all(e["robust_accuracy"] <= r["clean_accuracy"] for e in rs)
+  # The paper suite attacks each model through its own training loss.
+  assert results["prsl fine-tuned"]["suites"]["paper"][0]["loss"][0] == "prsl"
+  assert results["ce fine-tuned"]["suites"]["paper"][0]["loss"] is None
   assert (tmp_path / "robustness.png").stat().st_size > 1000
   # The export is a HF folder our loader (and transformers) reads, with new weights.
   exported = prsl_jax.load_pretrained(str(tmp_path / "prsl" / "export"))
