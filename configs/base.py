@@ -16,9 +16,11 @@ def base_config():
   # HF-format checkpoint: a local folder or a hub id (when online).
   c.model = ml_collections.ConfigDict(dict(
       path=prsl_jax.TINY_CLIP, dtype="float32", remat=False, allow_pickle=False))
+  # templates: 'default' ("This is a photo of a {}") or 'imagenet' prompts;
+  # caption_length: tokens of a training caption incl. its EOS (captioning).
   c.data = ml_collections.ConfigDict(dict(
       name="digits", train_split="train", eval_split="test", data_dir="",
-      templates="default"))  # 'default' ("This is a photo of a {}") or 'imagenet'
+      templates="default", caption_length=16))
 
   # 'classification' (zero-shot head), 'contrastive' (image-caption pairs) or
   # 'captioning' (teacher-forced caption tokens).
@@ -60,5 +62,5 @@ def base_config():
   c.eval = ml_collections.ConfigDict(dict(
       num_examples=256, batch_size=64, eps=(1 / 255, 2 / 255), norm="linf",
       suites=("paper", "pgd-ce", "apgd-ce,apgd-t"), steps=10, queries=0, num_targets=3,
-      seed=0))
+      seed=0, max_length=0, target_caption=""))  # captioning: generation length, target
   return c

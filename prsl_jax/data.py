@@ -70,13 +70,25 @@ class DigitsSource:
   def labels(self):
     return self._labels
 
+  def references(self, i):
+    """Reference captions of example i: its class name in every caption template."""
+    return [t.format(DIGIT_NAMES[self._labels[i]]) for t in DIGIT_CAPTIONS]
+
+  def keyword(self, i):
+    """The word a caption of example i should contain: its class name."""
+    return DIGIT_NAMES[self._labels[i]]
+
 
 class _TfdsSource:
   """A tfds.data_source with CLIP preprocessing applied on read."""
 
-  def __init__(self, source, image_size, image_key, label_key, caption_fn):
+  def __init__(self, source, image_size, image_key, label_key, caption_fn,
+               references_fn=None):
     self._source, self._size = source, image_size
     self._image_key, self._label_key, self._caption_fn = image_key, label_key, caption_fn
+    if references_fn is not None:
+      # Captions to score generated ones against (read without decoding the image).
+      self.references = lambda i: references_fn(self._source[i])
 
   def __len__(self):
     return len(self._source)
@@ -92,14 +104,19 @@ class _TfdsSource:
     return out
 
 
+def _coco_references(rec):
+  return [t.decode() if isinstance(t, bytes) else str(t) for t in rec["captions"]["text"]]
+
+
 def _coco_caption(rec):
-  texts = rec["captions"]["text"]
-  return (texts[0].decode() if isinstance(texts[0], bytes) else str(texts[0]))
+  # The first of COCO's (about five) captions: a fixed training target.
+  return _coco_references(rec)[0]
 
 
 # Per-dataset record layout for TFDS sets whose keys are not image/label.
 _TFDS_KEYS = {
-    "coco_captions": dict(image_key="image", label_key=None, caption_fn=_coco_caption),
+    "coco_captions": dict(image_key="image", label_key=None, caption_fn=_coco_caption,
+                          references_fn=_coco_references),
 }
 
 
@@ -127,7 +144,8 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
         f"TFDS dataset {name!r} split {split!r} is not prepared in data_dir={data_dir!r} "
         f"(prsl_jax never downloads data: run `tfds build {name}` or "
         f"tfds.builder({name!r}).download_and_prepare() first): {e}") from e
-  keys = _TFDS_KEYS.get(name, dict(image_key="image", label_key="label", caption_fn=None))
+  keys = _TFDS_KEYS.get(name.split(":")[0].split("/")[0],
+                        dict(image_key="image", label_key="label", caption_fn=None))
   class_names = None
   if keys["label_key"] is not None:
     from prsl_jax import classnames  # pylint: disable=g-import-not-at-top

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 import prsl_jax
+from prsl_jax import captioning
 from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
@@ -65,6 +66,7 @@ def eval_suites(config, loss_config=None):
 
   The paper's suite attacks each model through its own training loss: pass the
   loss config it was trained with (None: cross-entropy, the start model's).
+  Captioning configs take captioning's suites (token-logit attacks).
   """
   e = config.eval
   train_loss = None
@@ -73,9 +75,12 @@ def eval_suites(config, loss_config=None):
   out = {}
   for spec in e.suites:
     names = [s.strip() for s in spec.split(",") if s.strip()] if "," in spec else spec
-    out[spec] = evaluation.make_suite(
-        names, e.get("norm", "linf"), steps=e.steps or None, queries=e.queries or None,
-        num_targets=e.num_targets or None, train_loss=train_loss)
+    settings = dict(steps=e.steps or None, queries=e.queries or None,
+                    num_targets=e.num_targets or None, train_loss=train_loss)
+    if config.objective == "captioning":
+      out[spec] = captioning.make_suite(names, **settings)
+    else:
+      out[spec] = evaluation.make_suite(names, e.get("norm", "linf"), **settings)
   return out
 
 
@@ -139,7 +144,10 @@ def validate(config, *, num_classes=None):
     if config.eval[field] < 0:
       raise ValueError(f"config.eval.{field} must be >= 1 (or 0 for the attack's default), "
                        f"got {config.eval[field]}")
-  eval_suites(config, config.loss)  # suite and attack names, settings
+  try:
+    eval_suites(config, config.loss)  # suite and attack names, settings
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"config.eval.suites: {e}") from None
   path = config.model.path
   if not os.path.isdir(os.path.expanduser(path)) and not convert.is_hub_id(path):
     raise FileNotFoundError(f"config.model.path {path!r} is neither a folder nor a hub id "
@@ -229,11 +237,17 @@ def setup(config) -> Setup:
   train_source, class_names = data.load(config.data.name, config.data.train_split,
                                         image_size=model.image_size, data_dir=data_dir)
   eval_source = None
-  if class_names:
+  if class_names or config.objective == "captioning":
     eval_source, _ = data.load(config.data.name, config.data.eval_split,
                                image_size=model.image_size, data_dir=data_dir)
+  captioner = config.objective == "captioning"
+  if captioner != (model.kind == "vision-encoder-decoder"):
+    raise ValueError(f"config.objective={config.objective!r} does not fit the {model.kind} "
+                     f"checkpoint {config.model.path}: captioning needs a captioner "
+                     "(vision-encoder-decoder), classification/contrastive a CLIP")
   num_classes = {"classification": len(class_names or ()),
-                 "contrastive": config.batch_size}.get(config.objective)
+                 "contrastive": config.batch_size,
+                 "captioning": model.vocab_size if captioner else None}[config.objective]
   if config.objective == "classification" and not class_names:
     raise ValueError(f"dataset {config.data.name!r} has no class names to classify")
   validate(config, num_classes=num_classes)
@@ -260,12 +274,19 @@ def setup(config) -> Setup:
 
 def _text_fields(config, model, tokenizer):
   """train_iterator's caption arguments for the objective (none for classification)."""
-  if config.objective != "contrastive":
-    return {}
-  def tokenize(texts):
-    ids, mask = zeroshot.tokenize(tokenizer, texts, model.max_text_length)
-    return {"input_ids": ids, "attention_mask": mask}
   templates = data.DIGIT_CAPTIONS if config.data.name == "digits" else ()
+  if config.objective == "contrastive":
+    def tokenize(texts):
+      ids, mask = zeroshot.tokenize(tokenizer, texts, model.max_text_length)
+      return {"input_ids": ids, "attention_mask": mask}
+  elif config.objective == "captioning":
+    def tokenize(texts):
+      labels = captioning.tokenize_captions(tokenizer, texts,
+                                            length=config.data.caption_length,
+                                            eos_token_id=model.eos_token_id)
+      return captioning.teacher_forcing(model, labels)
+  else:
+    return {}
   return {"caption_templates": templates, "tokenize": tokenize}
 
 
@@ -325,7 +346,7 @@ def train(config, workdir, s: Setup, *, desc="train"):
     print(f"{desc}: resumed from step {start} of {config.total_steps} ({workdir})", flush=True)
 
   clean_accuracy = None
-  if s.eval_source is not None and config.eval_every:
+  if s.class_names and config.eval_every and config.objective == "classification":
     clean_accuracy = _clean_accuracy_fn(config, s, model)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -387,12 +408,29 @@ def evaluate_models(config, s: Setup, models: dict, loss_configs: dict):
   return results, indices
 
 
+def evaluate_captioners(config, s: Setup, models: dict, loss_configs: dict):
+  """Clean captions and caption attacks of each model on the same seeded subset."""
+  model, _, tokenizer = s.pretrained
+  indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
+                              config.eval.seed)
+  results = {}
+  for name, params in models.items():
+    results[name] = captioning.evaluate(
+        model, params, tokenizer, s.eval_source, indices, eps_list=list(config.eval.eps),
+        suites=eval_suites(config, loss_configs.get(name)), seed=config.eval.seed,
+        batch_size=config.eval.batch_size, max_length=config.eval.max_length or None,
+        target_caption=config.eval.target_caption or None, mesh=s.mesh)
+  return results, indices
+
+
 def report(config, workdir, results, *, indices, extra=None):
   """Writes results.json, results.md and robustness.png into workdir; returns the table."""
-  table = reports.format_table(results)
+  captions = config.objective == "captioning"
+  table = (captioning.format_table if captions else reports.format_table)(results)
   if jax.process_index() != 0:
     return table
-  reports.plot(results, os.path.join(workdir, "robustness.png"))
+  (captioning.plot if captions else reports.plot)(results,
+                                                  os.path.join(workdir, "robustness.png"))
   record = {"config": json.loads(config.to_json_best_effort()), "workdir": workdir,
             "results": {k: r.to_dict() for k, r in results.items()},
             "eval_indices": [int(i) for i in indices], **(extra or {})}
@@ -425,11 +463,14 @@ def run(config, workdir: str):
       prsl_jax.save_pretrained(model, finals[name], export, tokenizer=s.pretrained.tokenizer)
       checkpoints.write_training_loss(export, c.loss.to_dict())
   train_seconds = time.time() - t0
-  if not s.class_names:
-    return {"results": {}, "table": "", "steps": steps}
   models = {"start": s.pretrained.params, **{f"{n} fine-tuned": p for n, p in finals.items()}}
-  results, indices = evaluate_models(config, s, models, loss_configs)
-  table = report(config, workdir, results, indices=indices,
-                 extra={"train_seconds": train_seconds, "steps": steps})
+  extra = {"train_seconds": train_seconds, "steps": steps}
+  if config.objective == "captioning":
+    results, indices = evaluate_captioners(config, s, models, loss_configs)
+  elif s.class_names:
+    results, indices = evaluate_models(config, s, models, loss_configs)
+  else:
+    return {"results": {}, "table": "", "steps": steps}
+  table = report(config, workdir, results, indices=indices, extra=extra)
   return {"results": results, "table": table, "steps": steps}
 

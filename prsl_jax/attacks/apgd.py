@@ -100,7 +100,7 @@ def _apgd_single(vg, success, x0, keys, *, eps, steps, norm):
 
 
 def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
-         loss="ce", restarts=1):
+         loss="ce", restarts=1, targeted=False):
   """Auto-PGD (Croce & Hein 2020) exactly as AutoAttack's APGD-CE / APGD-DLR.
 
   Momentum alpha = 0.75, initial step 2 * eps, the checkpoint schedule and the
@@ -121,6 +121,9 @@ def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
       classifier logits with C >= 3, else warns, uses 'ce'.
     restarts: static int >= 1, random starts, restart r keyed by fold_in(key, r),
       run sequentially in a lax.scan, per-example best kept.
+    targeted: `labels` are targets: minimise the loss toward them (e.g. a
+      target caption's tokens); success means reaching them. For classifiers
+      AutoAttack's targeted APGD is `apgd_targeted`.
 
   Returns:
     (B, H, W, C') float32 adversarial images in the eps-ball and in [0, 1].
@@ -129,8 +132,9 @@ def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
   steps = core.check_int("steps", steps, minimum=1)
   restarts = core.check_int("restarts", restarts, minimum=1)
   num_classes = core.num_classes(logits_fn, images, labels)
-  obj = objectives.make_objective(loss, labels=labels, num_classes=num_classes, attack="apgd")
-  success = core.success_fn(labels, False)
+  obj = objectives.make_objective(loss, labels=labels, num_classes=num_classes,
+                                  targeted=targeted, attack="apgd")
+  success = core.success_fn(labels, targeted)
   x0 = images.astype(jnp.float32)
   keys = core.example_keys(key, x0.shape[0])
   vg = core.value_and_grad(logits_fn, obj, labels)
