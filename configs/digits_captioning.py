@@ -12,19 +12,15 @@ change rate, keyword survival and the diversity of generation. A few minutes on
   python train.py --config configs/digits_captioning.py --workdir runs/digits_captioning
 """
 
-import os
-
 import prsl_jax
 from configs import base
-
-TINY_CAPTIONER = os.path.join(os.path.dirname(prsl_jax.__file__), "assets", "tiny_captioner")
 
 
 def get_config(arg=None):
   del arg
   c = base.base_config()
   c.workdir = "runs/digits_captioning"
-  c.model.path = TINY_CAPTIONER
+  c.model.path = prsl_jax.TINY_CAPTIONER
   c.objective = "captioning"
   c.train_towers = "vision"  # the paper attacks the image: train the encoder
   c.data.caption_length = 12

@@ -34,8 +34,7 @@ from prsl_jax.models import convert
 from prsl_jax.models import generation
 from prsl_jax.models import tokenizer as tokenizer_lib
 
-TINY_CAPTIONER = os.path.join(os.path.dirname(prsl_jax.__file__), "assets", "tiny_captioner")
-_OUT = flags.DEFINE_string("out", TINY_CAPTIONER, "Output checkpoint folder.")
+_OUT = flags.DEFINE_string("out", prsl_jax.TINY_CAPTIONER, "Output checkpoint folder.")
 _STEPS = flags.DEFINE_integer("steps", 1500, "Pretraining steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
 
