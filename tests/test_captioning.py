@@ -74,14 +74,28 @@ def test_attacks_on_captions_stay_in_the_ball_and_move_the_token_loss(tiny, batc
   logits_fn = lambda z: model.logits(params, z, dec)
   caption_loss = lambda z, y: attacks.ce_objective(logits_fn(z), y)
   eps = 4 / 255
-  for run in (lambda: attacks.pgd(logits_fn, x, labels, key=jax.random.key(0), eps=eps, steps=5),
-              lambda: attacks.apgd(logits_fn, x, labels, key=jax.random.key(0), eps=eps, steps=5),
-              lambda: attacks.bim(logits_fn, x, labels, eps=eps,
-                                  loss=losses.get_loss("prsl", weight=1e-2))):
+  clean = np.asarray(caption_loss(x, labels))
+  for name, run in (
+      ("pgd", lambda: attacks.pgd(logits_fn, x, labels, key=jax.random.key(0), eps=eps,
+                                  steps=5)),
+      ("apgd", lambda: attacks.apgd(logits_fn, x, labels, key=jax.random.key(0), eps=eps,
+                                    steps=5)),
+      ("bim-prsl", lambda: attacks.bim(logits_fn, x, labels, eps=eps,
+                                       loss=losses.get_loss("prsl", weight=1e-2)))):
     adv = np.asarray(run())
     assert np.abs(adv - batch["image"]).max() <= eps + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
-    assert np.all(np.asarray(caption_loss(adv, labels)) > np.asarray(caption_loss(x, labels)))
+    raised = np.asarray(caption_loss(adv, labels))
+    if name == "bim-prsl":
+      # Steps along PRSL's gradient need not raise a caption's own loss. The
+      # best iterate rule: a point that flips a token of the caption beats one
+      # that does not; otherwise the higher loss wins, so it is never lower.
+      pred = np.asarray(jnp.argmax(logits_fn(adv), -1))
+      valid = np.asarray(labels) != losses.IGNORE_INDEX
+      flipped = np.any((pred != np.asarray(labels)) & valid, axis=1)
+      assert np.all(flipped | (raised >= clean)) and np.any(raised > clean + 1e-3), name
+    else:
+      assert np.all(raised > clean), name
   # Targeted: lower the token loss of a target caption.
   target = captioning.tokenize_captions(tiny.tokenizer, ["a handwritten seven"] * 8,
                                         length=dec.shape[1], eos_token_id=model.eos_token_id)
@@ -159,7 +173,8 @@ def test_cli_end_to_end_on_the_bundled_captioner(tmp_path):
       [sys.executable, os.path.join(ROOT, "train.py"), "--config",
        os.path.join(ROOT, "configs", "digits_captioning.py"), f"--workdir={tmp_path / 'run'}",
        "--config.total_steps=2", "--config.checkpoint_every=2", "--config.eval.num_examples=8",
-       "--config.eval.batch_size=8", "--config.eval.steps=2", "--config.eval.eps=(4/255,)"],
+       "--config.eval.batch_size=8", "--config.eval.steps=2",
+       "--config.eval.eps=(0.0156862745,)"],
       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-4000:]
   assert "keyword acc." in run.stdout and "prsl fine-tuned" in run.stdout
