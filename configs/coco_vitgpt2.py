@@ -21,7 +21,8 @@ from configs import base
 from configs import common
 
 WINDOWS = ((0, 4), (0, 6), (0, 10), (0, 20), (0, 100), (4, 13), (6, 10), (6, 15), (11, 20))
-VARIANTS = ("ce",) + tuple(f"prsl_{a}_{b}" for a, b in WINDOWS)
+VARIANTS = tuple(f"prsl_{a}_{b}" for a, b in WINDOWS) + ("ce",)
+FLAGS = ("runlocal",)
 COCO_TRAIN_IMAGES = 118_287  # train2017
 CAPTION_TOKENS = 128
 PER_GPU = 8
@@ -29,7 +30,7 @@ GPUS = 4  # the authors' torchrun --nproc_per_node=4
 
 
 def get_config(arg="prsl_0_4"):
-  variant, flags = common.parse_arg(arg, variants=VARIANTS, default="prsl_0_4")
+  variant, flags = common.parse_arg(arg, variants=VARIANTS, flags=FLAGS)
   c = base.base_config()
   c.workdir = f"runs/coco_vitgpt2_{variant}"
   c.model.path = "nlpconnect/vit-gpt2-image-captioning"
@@ -65,6 +66,4 @@ def get_config(arg="prsl_0_4"):
   c.eval.steps = 10
   if "runlocal" in flags:
     common.runlocal(c)
-    c.data.caption_length = 16
-    c.loss.group_size = 0
   return c

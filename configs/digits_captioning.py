@@ -14,10 +14,14 @@ change rate, keyword survival and the diversity of generation. A few minutes on
 
 import prsl_jax
 from configs import base
+from configs import common
+
+VARIANTS = ()
+FLAGS = ("runlocal",)
 
 
 def get_config(arg=None):
-  del arg
+  _, flags = common.parse_arg(arg, variants=VARIANTS, flags=FLAGS)
   c = base.base_config()
   c.workdir = "runs/digits_captioning"
   c.model.path = prsl_jax.TINY_CAPTIONER
@@ -42,4 +46,6 @@ def get_config(arg=None):
   c.eval.eps = (1 / 255, 2 / 255, 4 / 255)
   c.eval.suites = ("paper", "strong")
   c.eval.steps = 10
+  if "runlocal" in flags:
+    common.runlocal(c)
   return c

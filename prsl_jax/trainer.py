@@ -93,6 +93,11 @@ def _positive(config, *names):
       raise ValueError(f"config.{name} must be an integer >= 1, got {value!r}")
 
 
+def _rows_per_example(config):
+  """Loss rows per example: one, or a caption's tokens for captioning."""
+  return config.data.caption_length if config.objective == "captioning" else 1
+
+
 def validate(config, *, num_classes=None):
   """Stops a bad config before any compute, naming the offending key.
 
@@ -129,9 +134,11 @@ def validate(config, *, num_classes=None):
     raise ValueError(f"config.eval.num_examples must be >= 0 (0: the whole split), got "
                      f"{config.eval.num_examples}")
   group = config.loss.get("group_size") or 0
-  if group and config.batch_size % group:
-    raise ValueError(f"config.loss.group_size={group} must divide config.batch_size="
-                     f"{config.batch_size}")
+  rows = _rows_per_example(config)
+  if group and (config.batch_size * rows) % group:
+    what = f"{config.batch_size} x {rows} token rows" if rows > 1 else f"{config.batch_size}"
+    raise ValueError(f"config.loss.group_size={group} must divide the batch's rows "
+                     f"(config.batch_size={what})")
   lr = config.optimizer.lr
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
     raise ValueError(f"config.optimizer.lr must be a number > 0, got {lr!r}")
@@ -226,9 +233,10 @@ def setup(config) -> Setup:
   mesh = sharding.make_mesh()
   sharding.check_global_batch(config.batch_size, mesh)
   group = config.loss.get("group_size") or 0
-  if group and (config.batch_size // mesh.devices.size) % group:
+  if group and (config.batch_size // mesh.devices.size * _rows_per_example(config)) % group:
     raise ValueError(f"config.loss.group_size={group} must divide each device's rows "
-                     f"({config.batch_size} / {mesh.devices.size} devices)")
+                     f"({config.batch_size} / {mesh.devices.size} devices x "
+                     f"{_rows_per_example(config)} rows per example)")
   pretrained = prsl_jax.load_pretrained(config.model.path,
                                         allow_pickle=config.model.allow_pickle,
                                         dtype=config.model.dtype, remat=config.model.remat)
