@@ -126,6 +126,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_logs()
+  cli.setup_compilation_cache()
   from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
   from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
   s = settings()

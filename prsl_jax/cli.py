@@ -16,6 +16,21 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADi
                IsADirectoryError, PermissionError, OSError, KeyError)
 
 DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error.")
+COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled programs in JAX's persistent cache, so the "
+    "next run of the same shapes starts at once (--nocompilation_cache: off).")
+COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Where (default: $PRSL_JAX_CACHE, else "
+    "~/.cache/prsl_jax/jax).")
+
+
+def setup_compilation_cache():
+  """The persistent compilation cache, on unless --nocompilation_cache."""
+  from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
+  if COMPILATION_CACHE.value:
+    return compilation.enable_cache(COMPILATION_CACHE_DIR.value)
+  compilation.disable_cache()
+  return None
 
 
 def quiet_logs():

@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prsl_jax import attacks
+from prsl_jax import compilation
 from prsl_jax import data as data_lib
 from prsl_jax import losses
 from prsl_jax import progress
@@ -451,6 +452,9 @@ class Result:
   robust: dict      # suite name -> [EpsResult], in eps_list order
   checks: Checks
   seconds: float = 0.0
+  # Where the time went: compiling (incl. persistent-cache reads) vs running
+  # the attacks, and how many programs were compiled or read from the cache.
+  timing: dict = dataclasses.field(default_factory=dict)
 
   def to_dict(self):
     d = dataclasses.asdict(self)
@@ -652,26 +656,34 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
   checks = Checks()
 
   bar = progress.bar(total=-(-n // batch_size), desc="clean", enabled=progress_bar)
-  clean = clean_pass(model_fn, variables, source, indices, batch_size=batch_size,
-                     mesh=mesh, bar=bar)
-  soundness_checks(model_fn, variables, clean, checks, mesh=mesh)
-  every_attack = [a for suite in suites.values() for a in suite]
-  eps0_check(model_fn, variables, clean, every_attack, checks, seed=seed, norm=norm,
-             mesh=mesh)
-  robust = {}
-  for name, suite in suites.items():
-    robust[name] = [cascade(model_fn, variables, source, indices, clean, suite, eps, checks,
-                            seed=seed, norm=norm, batch_size=batch_size, mesh=mesh,
-                            masking_tol=masking_tol, bar=bar)
-                    for eps in eps_list]
+  with compilation.Timer() as timer:
+    t_clean = time.time()
+    clean = clean_pass(model_fn, variables, source, indices, batch_size=batch_size,
+                       mesh=mesh, bar=bar)
+    soundness_checks(model_fn, variables, clean, checks, mesh=mesh)
+    every_attack = [a for suite in suites.values() for a in suite]
+    # eps = 0 runs the cascade's own compiled attacks (eps is traced): after it,
+    # the cascades below compile nothing, whatever the number of budgets.
+    eps0_check(model_fn, variables, clean, every_attack, checks, seed=seed, norm=norm,
+               mesh=mesh)
+    before_attacks = timer.seconds
+    t_attacks = time.time()
+    robust = {}
+    for name, suite in suites.items():
+      robust[name] = [cascade(model_fn, variables, source, indices, clean, suite, eps,
+                              checks, seed=seed, norm=norm, batch_size=batch_size,
+                              mesh=mesh, masking_tol=masking_tol, bar=bar)
+                      for eps in eps_list]
   bar.close()
+  timing = dict(timer.as_dict(), clean_and_checks_seconds=t_attacks - t_clean,
+                attack_seconds=time.time() - t_attacks - (timer.seconds - before_attacks))
   checks.ball_ok = all(r.outside_ball == 0 for rs in robust.values() for r in rs)
   checks.gradient_masking = any(r.gradient_masking for rs in robust.values() for r in rs)
   return Result(
       num_examples=n, indices=indices.tolist(), norm=norm, seed=seed,
       batch_size=batch_size, num_devices=num_devices, clean_accuracy=clean.accuracy,
       suites={name: [dataclasses.asdict(a) for a in suite] for name, suite in suites.items()},
-      robust=robust, checks=checks, seconds=time.time() - t0)
+      robust=robust, checks=checks, seconds=time.time() - t0, timing=timing)
 
 
 def format_eps(eps):
