@@ -103,45 +103,58 @@ class Attack:
 
 
 def _apgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name):
-    del axis_name
+  def run(a, fn, x, y, keys, eps, norm, axis_name, target):
+    del axis_name, target
     return attacks.apgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
                         restarts=a.restarts)
   return run
 
 
 def _pgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name):
-    del axis_name
+  def run(a, fn, x, y, keys, eps, norm, axis_name, target):
+    del axis_name, target
     return attacks.pgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
                        restarts=a.restarts)
   return run
 
 
-def _apgd_t(a, fn, x, y, keys, eps, norm, axis_name):
+def target_class(fn, x, y, index, num_targets):
+  """(B,) the index-th most likely wrong class of the clean logits (index traced).
+
+  AutoAttack's order (autopgd_base.py, fab_base.py): target 0 is the runner-up.
+  """
+  logits = jax.lax.stop_gradient(fn(x).astype(jnp.float32))
+  masked = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+  _, top = jax.lax.top_k(masked, min(num_targets, logits.shape[-1] - 1))
+  return jnp.take_along_axis(top, jnp.broadcast_to(index, y.shape)[:, None], axis=1)[:, 0]
+
+
+def _apgd_t(a, fn, x, y, keys, eps, norm, axis_name, target):
   del axis_name
+  t = target_class(fn, x, y, target, a.num_targets)
   return attacks.apgd_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                               num_targets=a.num_targets, restarts=a.restarts)
+                               restarts=a.restarts, target_labels=t)
 
 
-def _fab_t(a, fn, x, y, keys, eps, norm, axis_name):
+def _fab_t(a, fn, x, y, keys, eps, norm, axis_name, target):
   del axis_name
+  t = target_class(fn, x, y, target, a.num_targets)
   return attacks.fab_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                              num_targets=a.num_targets, restarts=a.restarts)
+                              restarts=a.restarts, target_labels=t)
 
 
-def _square(a, fn, x, y, keys, eps, norm, axis_name):
-  del axis_name
+def _square(a, fn, x, y, keys, eps, norm, axis_name, target):
+  del axis_name, target
   return attacks.square(fn, x, y, key=keys, eps=eps, queries=a.queries, norm=norm)
 
 
-def _fgsm(a, fn, x, y, keys, eps, norm, axis_name):
-  del a, keys, norm, axis_name  # deterministic, L-inf only (checked up front)
+def _fgsm(a, fn, x, y, keys, eps, norm, axis_name, target):
+  del a, keys, norm, axis_name, target  # deterministic, L-inf only (checked up front)
   return attacks.fgsm(fn, x, y, eps=eps)
 
 
-def _bim(a, fn, x, y, keys, eps, norm, axis_name):
-  del keys, norm  # deterministic, L-inf only (checked up front)
+def _bim(a, fn, x, y, keys, eps, norm, axis_name, target):
+  del keys, norm, target  # deterministic, L-inf only (checked up front)
   return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=a.objective(axis_name))
 
 
@@ -161,6 +174,9 @@ BLACK_BOX = frozenset({"square"})
 LINF_ONLY = frozenset({"fgsm", "bim"})
 # The paper's protocol ('bim') and FGSM never draw random numbers.
 DETERMINISTIC = frozenset({"fgsm", "bim"})
+# Run as AutoAttack runs them: one target at a time, each target only on the
+# points every earlier target (and attack) failed on.
+TARGETED = frozenset({"apgd-t", "fab-t"})
 
 SUITES = {
     # AutoAttack's standard version: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square.
@@ -297,20 +313,24 @@ def _logits_batch(variables, x, *, model_fn, mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "attack", "norm", "mesh"))
-def _attack_batch(variables, x, y, ids, valid, base_key, eps, *, model_fn, attack, norm,
-                  mesh):
+def _attack_batch(variables, x, y, ids, valid, base_key, eps, target, *, model_fn, attack,
+                  norm, mesh):
   """-> (logits of x_adv (B, C), distance (B,), x_adv finite and in [0, 1] (B,)).
 
-  The checks of the returned images run here, on the device, so the images
-  themselves never travel to the host. Padding rows (valid False) are masked
-  out of batch-coupled objectives with IGNORE_INDEX.
+  eps and the target index (targeted attacks: which of the top wrong classes)
+  are traced: one compilation serves every budget and target. The checks of
+  the returned images run here, on the device, so the images themselves never
+  travel to the host. Padding rows (valid False) are masked out of
+  batch-coupled objectives with IGNORE_INDEX.
   """
-  def run(variables, x, y, ids, valid, base_key, eps, axis_name):
+  def run(variables, x, y, ids, valid, base_key, eps, target, axis_name):
     fn = functools.partial(model_fn, variables)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
+    if attack.name in TARGETED:
+      keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, target)
     if attack.loss is not None:
       y = jnp.where(valid, y, losses.IGNORE_INDEX)
-    x_adv = ATTACKS[attack.name](attack, fn, x, y, keys, eps, norm, axis_name)
+    x_adv = ATTACKS[attack.name](attack, fn, x, y, keys, eps, norm, axis_name, target)
     delta = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(x.shape[0], -1)
     dist = (jnp.max(jnp.abs(delta), axis=1) if norm == "linf"
             else jnp.sqrt(jnp.sum(delta * delta, axis=1)))
@@ -318,8 +338,8 @@ def _attack_batch(variables, x, y, ids, valid, base_key, eps, *, model_fn, attac
     in_range = (jnp.all(jnp.isfinite(flat), axis=1) & (jnp.min(flat, axis=1) >= 0)
                 & (jnp.max(flat, axis=1) <= 1))
     return fn(x_adv).astype(jnp.float32), dist, in_range
-  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P())
-  return _sharded(run, mesh, specs, variables, x, y, ids, valid, base_key, eps)
+  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P())
+  return _sharded(run, mesh, specs, variables, x, y, ids, valid, base_key, eps, target)
 
 
 def _ball_tol(eps, norm, numel):
@@ -534,7 +554,8 @@ def eps0_check(model_fn, variables, clean, attack_list, checks, *, seed, norm, m
       continue  # the same attack in another suite
     logits, dist, in_range = jax.device_get(_attack_batch(
         variables, b.images, b.labels, b.ids, b.valid, attack_key(seed, 0.0, attack.name),
-        jnp.float32(0.0), model_fn=model_fn, attack=attack, norm=norm, mesh=mesh))
+        jnp.float32(0.0), jnp.int32(0), model_fn=model_fn, attack=attack, norm=norm,
+        mesh=mesh))
     agree = float(np.mean((np.argmax(logits, -1) == clean.pred[b.rows])[valid0]))
     checks.eps0[attack.name] = {"max_distance": float(np.max(dist[valid0])),
                                 "prediction_agreement": agree,
@@ -558,32 +579,37 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
   after, broken = {}, {}
   outside, excess = 0, -np.inf
   white_before, masked = False, 0
+  num_classes = clean.first_logits.shape[-1]
   for attack in attack_list:
-    positions = np.flatnonzero(robust)
     broken[attack.name] = 0
-    if bar is not None:
-      bar.reset(total=-(-len(positions) // batch_size),
-                desc=f"eps={format_eps(eps)} {attack.name}")
     key = attack_key(seed, eps, attack.name)
-    for b in _batches(source, indices, positions, batch_size, mesh):
-      numel = numel or int(np.prod(b.images.shape[1:]))
-      logits, dist, in_range = jax.device_get(_attack_batch(
-          variables, b.images, b.labels, b.ids, b.valid, key, jnp.float32(eps),
-          model_fn=model_fn, attack=attack, norm=norm, mesh=mesh))
-      valid = b.host_valid
-      ok = in_range & (dist <= eps + _ball_tol(eps, norm, numel))
-      outside += int(np.sum(~ok & valid))
-      if valid.any():
-        excess = max(excess, float(np.max(dist[valid])) - eps)
-      hit = valid & ok & (np.argmax(logits, -1) != b.host_labels)
-      robust[b.rows[hit]] = False
-      broken_by[b.rows[hit]] = attack.name
-      broken[attack.name] += int(hit.sum())
-      if attack.name in BLACK_BOX and white_before:
-        masked += int(hit.sum())
+    passes = range(min(attack.num_targets, num_classes - 1)) if attack.name in TARGETED \
+        else range(1)
+    for target in passes:
+      positions = np.flatnonzero(robust)
       if bar is not None:
-        bar.update()
-        bar.set_postfix(robust_acc=f"{robust.sum() / n:.3f}")
+        what = f" target {target + 1}" if attack.name in TARGETED else ""
+        bar.reset(total=-(-len(positions) // batch_size),
+                  desc=f"eps={format_eps(eps)} {attack.name}{what}")
+      for b in _batches(source, indices, positions, batch_size, mesh):
+        numel = numel or int(np.prod(b.images.shape[1:]))
+        logits, dist, in_range = jax.device_get(_attack_batch(
+            variables, b.images, b.labels, b.ids, b.valid, key, jnp.float32(eps),
+            jnp.int32(target), model_fn=model_fn, attack=attack, norm=norm, mesh=mesh))
+        valid = b.host_valid
+        ok = in_range & (dist <= eps + _ball_tol(eps, norm, numel))
+        outside += int(np.sum(~ok & valid))
+        if valid.any():
+          excess = max(excess, float(np.max(dist[valid])) - eps)
+        hit = valid & ok & (np.argmax(logits, -1) != b.host_labels)
+        robust[b.rows[hit]] = False
+        broken_by[b.rows[hit]] = attack.name
+        broken[attack.name] += int(hit.sum())
+        if attack.name in BLACK_BOX and white_before:
+          masked += int(hit.sum())
+        if bar is not None:
+          bar.update()
+          bar.set_postfix(robust_acc=f"{robust.sum() / n:.3f}")
     after[attack.name] = float(robust.mean())
     white_before |= attack.name not in BLACK_BOX
   masking = masked / n > masking_tol

@@ -82,7 +82,7 @@ def _mlp_params(seed=0):
 
 
 def _strip_times(results):
-  return {**{k: v for k, v in results.items() if k != "seconds"},
+  return {**{k: v for k, v in results.items() if k not in ("seconds", "timing")},
           "robust": [{k: v for k, v in r.items() if k != "seconds"} for r in results["robust"]]}
 
 
@@ -203,8 +203,8 @@ def test_an_example_draws_the_same_randomness_in_any_batch():
 def test_out_of_ball_images_are_flagged_and_not_counted(lin, monkeypatch):
   params, source, idx = lin
 
-  def too_far(attack, fn, x, y, keys, eps, norm, axis_name):
-    del attack, fn, y, keys, norm, axis_name  # 2 eps away: outside the ball, even at eps=0
+  def too_far(attack, fn, x, y, keys, eps, norm, axis_name, target):
+    del attack, fn, y, keys, norm, axis_name, target  # 2 eps away: outside, even at eps=0
     return jnp.clip(x + 2 * eps + 0.01, 0, 1)
 
   monkeypatch.setitem(evaluation.ATTACKS, "fgsm", too_far)
