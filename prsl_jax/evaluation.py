@@ -103,18 +103,18 @@ class Attack:
 
 
 def _apgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name, target):
+  def run(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
     del axis_name, target
     return attacks.apgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
-                        restarts=a.restarts)
+                        restarts=a.restarts, max_iterations=iterations)
   return run
 
 
 def _pgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name, target):
+  def run(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
     del axis_name, target
     return attacks.pgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
-                       restarts=a.restarts)
+                       restarts=a.restarts, max_iterations=iterations)
   return run
 
 
@@ -129,33 +129,37 @@ def target_class(fn, x, y, index, num_targets):
   return jnp.take_along_axis(top, jnp.broadcast_to(index, y.shape)[:, None], axis=1)[:, 0]
 
 
-def _apgd_t(a, fn, x, y, keys, eps, norm, axis_name, target):
+def _apgd_t(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
   del axis_name
   t = target_class(fn, x, y, target, a.num_targets)
   return attacks.apgd_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                               restarts=a.restarts, target_labels=t)
+                               restarts=a.restarts, target_labels=t,
+                               max_iterations=iterations)
 
 
-def _fab_t(a, fn, x, y, keys, eps, norm, axis_name, target):
+def _fab_t(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
   del axis_name
   t = target_class(fn, x, y, target, a.num_targets)
   return attacks.fab_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                              restarts=a.restarts, target_labels=t)
+                              restarts=a.restarts, target_labels=t,
+                              max_iterations=iterations)
 
 
-def _square(a, fn, x, y, keys, eps, norm, axis_name, target):
+def _square(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
   del axis_name, target
-  return attacks.square(fn, x, y, key=keys, eps=eps, queries=a.queries, norm=norm)
+  return attacks.square(fn, x, y, key=keys, eps=eps, queries=a.queries, norm=norm,
+                        max_iterations=iterations)
 
 
-def _fgsm(a, fn, x, y, keys, eps, norm, axis_name, target):
-  del a, keys, norm, axis_name, target  # deterministic, L-inf only (checked up front)
+def _fgsm(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
+  del a, keys, norm, axis_name, target, iterations  # one step; L-inf only (checked)
   return attacks.fgsm(fn, x, y, eps=eps)
 
 
-def _bim(a, fn, x, y, keys, eps, norm, axis_name, target):
+def _bim(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
   del keys, norm, target  # deterministic, L-inf only (checked up front)
-  return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=a.objective(axis_name))
+  return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=a.objective(axis_name),
+                     max_iterations=iterations)
 
 
 ATTACKS = {
@@ -313,24 +317,26 @@ def _logits_batch(variables, x, *, model_fn, mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "attack", "norm", "mesh"))
-def _attack_batch(variables, x, y, ids, valid, base_key, eps, target, *, model_fn, attack,
-                  norm, mesh):
+def _attack_batch(variables, x, y, ids, valid, base_key, eps, target, iterations, *,
+                  model_fn, attack, norm, mesh):
   """-> (logits of x_adv (B, C), distance (B,), x_adv finite and in [0, 1] (B,)).
 
-  eps and the target index (targeted attacks: which of the top wrong classes)
-  are traced: one compilation serves every budget and target. The checks of
+  eps, the target index (targeted attacks: which of the top wrong classes) and
+  the iteration count are traced: one compilation serves every budget, every
+  target, the full attack and the eps = 0 check's single iteration. The checks of
   the returned images run here, on the device, so the images themselves never
   travel to the host. Padding rows (valid False) are masked out of
   batch-coupled objectives with IGNORE_INDEX.
   """
-  def run(variables, x, y, ids, valid, base_key, eps, target, axis_name):
+  def run(variables, x, y, ids, valid, base_key, eps, target, iterations, axis_name):
     fn = functools.partial(model_fn, variables)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
     if attack.name in TARGETED:
       keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, target)
     if attack.loss is not None:
       y = jnp.where(valid, y, losses.IGNORE_INDEX)
-    x_adv = ATTACKS[attack.name](attack, fn, x, y, keys, eps, norm, axis_name, target)
+    x_adv = ATTACKS[attack.name](attack, fn, x, y, keys, eps, norm, axis_name, target,
+                                 iterations)
     delta = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(x.shape[0], -1)
     dist = (jnp.max(jnp.abs(delta), axis=1) if norm == "linf"
             else jnp.sqrt(jnp.sum(delta * delta, axis=1)))
@@ -338,8 +344,16 @@ def _attack_batch(variables, x, y, ids, valid, base_key, eps, target, *, model_f
     in_range = (jnp.all(jnp.isfinite(flat), axis=1) & (jnp.min(flat, axis=1) >= 0)
                 & (jnp.max(flat, axis=1) <= 1))
     return fn(x_adv).astype(jnp.float32), dist, in_range
-  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P())
-  return _sharded(run, mesh, specs, variables, x, y, ids, valid, base_key, eps, target)
+  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P(), P())
+  return _sharded(run, mesh, specs, variables, x, y, ids, valid, base_key, eps, target,
+                  iterations)
+
+
+# The eps = 0 check runs each attack's compiled program for this many iterations
+# (at eps = 0 nothing can move; what is checked is that the code path returns
+# the clean images); the cascade runs them in full (FULL >= any step count).
+EPS0_ITERATIONS = 2
+FULL = 2**30
 
 
 def _ball_tol(eps, norm, numel):
@@ -544,7 +558,8 @@ def soundness_checks(model_fn, variables, clean, checks, *, mesh=None):
 def eps0_check(model_fn, variables, clean, attack_list, checks, *, seed, norm, mesh=None):
   """Every attack at eps = 0 must return the clean images and predictions.
 
-  Uses the same compiled functions as the cascade (eps is traced).
+  Runs the cascade's own compiled programs (eps, target and iteration count are
+  traced), for EPS0_ITERATIONS iterations on the first batch.
   """
   b = clean.first_batch
   valid0 = b.host_valid
@@ -554,8 +569,8 @@ def eps0_check(model_fn, variables, clean, attack_list, checks, *, seed, norm, m
       continue  # the same attack in another suite
     logits, dist, in_range = jax.device_get(_attack_batch(
         variables, b.images, b.labels, b.ids, b.valid, attack_key(seed, 0.0, attack.name),
-        jnp.float32(0.0), jnp.int32(0), model_fn=model_fn, attack=attack, norm=norm,
-        mesh=mesh))
+        jnp.float32(0.0), jnp.int32(0), jnp.int32(EPS0_ITERATIONS), model_fn=model_fn,
+        attack=attack, norm=norm, mesh=mesh))
     agree = float(np.mean((np.argmax(logits, -1) == clean.pred[b.rows])[valid0]))
     checks.eps0[attack.name] = {"max_distance": float(np.max(dist[valid0])),
                                 "prediction_agreement": agree,
@@ -595,7 +610,8 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
         numel = numel or int(np.prod(b.images.shape[1:]))
         logits, dist, in_range = jax.device_get(_attack_batch(
             variables, b.images, b.labels, b.ids, b.valid, key, jnp.float32(eps),
-            jnp.int32(target), model_fn=model_fn, attack=attack, norm=norm, mesh=mesh))
+            jnp.int32(target), jnp.int32(FULL), model_fn=model_fn, attack=attack, norm=norm,
+            mesh=mesh))
         valid = b.host_valid
         ok = in_range & (dist <= eps + _ball_tol(eps, norm, numel))
         outside += int(np.sum(~ok & valid))

@@ -203,8 +203,8 @@ def test_an_example_draws_the_same_randomness_in_any_batch():
 def test_out_of_ball_images_are_flagged_and_not_counted(lin, monkeypatch):
   params, source, idx = lin
 
-  def too_far(attack, fn, x, y, keys, eps, norm, axis_name, target):
-    del attack, fn, y, keys, norm, axis_name, target  # 2 eps away: outside, even at eps=0
+  def too_far(attack, fn, x, y, keys, eps, norm, axis_name, target, iterations):
+    del attack, fn, y, keys, norm, axis_name, target, iterations  # outside, even at eps=0
     return jnp.clip(x + 2 * eps + 0.01, 0, 1)
 
   monkeypatch.setitem(evaluation.ATTACKS, "fgsm", too_far)

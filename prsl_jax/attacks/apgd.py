@@ -20,7 +20,7 @@ _APGD_DECR = 0.03        # each checkpoint interval shrinks by this ...
 _APGD_MIN = 0.06         # ... down to this fraction of steps
 
 
-def _apgd_single(vg, success, x0, keys, *, eps, steps, norm):
+def _apgd_single(vg, success, x0, keys, *, eps, steps, norm, max_iterations=None):
   """One APGD run (AutoAttack's attack_single_run); best (x, success, obj).
 
   Step size starts at 2 * eps per example and is halved at checkpoints
@@ -96,11 +96,11 @@ def _apgd_single(vg, success, x0, keys, *, eps, steps, norm):
         since_check=jnp.where(check, 0, since),
         period=jnp.where(check, jnp.maximum(s["period"] - decr, period_min), s["period"]))
 
-  return jax.lax.fori_loop(0, steps, body, state)["best"]
+  return jax.lax.fori_loop(0, core.loop_bound(steps, max_iterations), body, state)["best"]
 
 
 def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
-         loss="ce", restarts=1, targeted=False):
+         loss="ce", restarts=1, targeted=False, max_iterations=None):
   """Auto-PGD (Croce & Hein 2020) exactly as AutoAttack's APGD-CE / APGD-DLR.
 
   Momentum alpha = 0.75, initial step 2 * eps, the checkpoint schedule and the
@@ -124,6 +124,8 @@ def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
     targeted: `labels` are targets: minimise the loss toward them (e.g. a
       target caption's tokens); success means reaching them. For classifiers
       AutoAttack's targeted APGD is `apgd_targeted`.
+    max_iterations: optional int, possibly traced: stop after this many steps,
+      the schedule still that of `steps` (core.loop_bound).
 
   Returns:
     (B, H, W, C') float32 adversarial images in the eps-ball and in [0, 1].
@@ -138,13 +140,15 @@ def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
   x0 = images.astype(jnp.float32)
   keys = core.example_keys(key, x0.shape[0])
   vg = core.value_and_grad(logits_fn, obj, labels)
-  run = functools.partial(_apgd_single, vg, success, x0, eps=eps, steps=steps, norm=norm)
+  run = functools.partial(_apgd_single, vg, success, x0, eps=eps, steps=steps, norm=norm,
+                          max_iterations=max_iterations)
   x_adv = core.best_of_restarts(run, keys, restarts, x0)[0]
   return core.finalize(x_adv, eps, labels, num_classes)
 
 
 def apgd_targeted(logits_fn, images, labels, *, key, eps, steps,
-                  norm="linf", num_targets=9, restarts=1, target_labels=None):
+                  norm="linf", num_targets=9, restarts=1, target_labels=None,
+                  max_iterations=None):
   """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, several targets.
 
   Targets are the `num_targets` (capped at C-1) wrong classes with the largest
@@ -172,6 +176,8 @@ def apgd_targeted(logits_fn, images, labels, *, key, eps, steps,
     num_targets: static int >= 1 (AutoAttack: 9), capped at C-1.
     restarts: static int >= 1, random starts per target.
     target_labels: optional (B,) int targets, != labels; overrides num_targets.
+    max_iterations: optional int, possibly traced: stop each run after this many
+      steps (core.loop_bound).
 
   Returns:
     (B, H, W, C') float32 adversarial images in the eps-ball and in [0, 1].
@@ -225,7 +231,8 @@ def apgd_targeted(logits_fn, images, labels, *, key, eps, steps,
     def level(logits):  # 2: target reached, 1: misclassified, 0: robust
       pred = jnp.argmax(logits, axis=-1)
       return (pred != labels).astype(jnp.int32) + (pred == target).astype(jnp.int32)
-    run = functools.partial(_apgd_single, vg, level, x0, eps=eps, steps=steps, norm=norm)
+    run = functools.partial(_apgd_single, vg, level, x0, eps=eps, steps=steps, norm=norm,
+                            max_iterations=max_iterations)
     return core.merge(best, core.best_of_restarts(run, core.fold(keys, j), restarts, x0)), None
 
   best, _ = jax.lax.scan(

@@ -112,6 +112,20 @@ def check_common(images, labels, eps, norm):
   check_eps(eps, norm, numel=int(np.prod(images.shape[1:])))
 
 
+def loop_bound(count, max_iterations, name="max_iterations"):
+  """The trip count of an attack's loop: `count`, or at most `max_iterations`.
+
+  max_iterations may be traced (a jit argument): the loop then ends early with
+  the schedule (APGD's checkpoints, Square's p) still that of `count`. One
+  compiled attack then serves a full run and a one-iteration check.
+  """
+  if max_iterations is None:
+    return count
+  if is_concrete(max_iterations):
+    check_int(name, max_iterations, minimum=0)
+  return jnp.minimum(jnp.asarray(max_iterations, jnp.int32), count)
+
+
 def example_keys(key, batch):
   """One PRNG key per example: (B,) typed keys or (B, 2) raw uint32 keys."""
   if key is None:
