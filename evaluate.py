@@ -92,7 +92,8 @@ def undash(argv):
 
 
 def parse_flags(argv):
-  return FLAGS(undash(argv))
+  """absl's parse of the undashed argv; a bad flag is one line and exit 2."""
+  return cli.parse_flags_or_exit(undash(argv))
 
 
 def settings():

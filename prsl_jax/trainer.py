@@ -185,7 +185,11 @@ def config_changes(stored: dict, config) -> list:
 
 
 def check_resume(config, workdir):
-  """Refuses to resume a workdir whose stored config trains something else."""
+  """Refuses to resume a workdir whose stored config trains something else.
+
+  Reads only: called before train() writes config.json, so a refused resume
+  leaves the stored config as it was.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return
@@ -195,6 +199,56 @@ def check_resume(config, workdir):
   if changed:
     raise ValueError(f"{workdir} holds a run with another config ({'; '.join(changed)}); "
                      "resume it with the same settings or choose a new --workdir")
+
+
+def loss_names(config):
+  """The main loss, then each comparison loss (once)."""
+  return [config.loss.name] + [n for n in config.compare_losses if n != config.loss.name]
+
+
+def check_workdir(workdir):
+  """A workdir train.py may write: not a file, not evaluate.py's output folder."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"--workdir {workdir!r} is a file; pass a folder")
+  results = os.path.join(path, "results.json")
+  if os.path.isfile(results):
+    try:
+      with open(results) as f:
+        kind = json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+      kind = None
+    if kind == "evaluate":
+      raise FileExistsError(f"--workdir {workdir!r} holds evaluate.py results "
+                            "(results.json); train.py would overwrite them: choose "
+                            "another --workdir")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    raise ValueError(f"--workdir {workdir!r} is the run folder of one loss (it has "
+                     f"checkpoints/); pass its parent, {os.path.dirname(path)!r}")
+
+
+def preflight(config, workdir):
+  """Everything about a run that can be checked before any compute.
+
+  The config (`validate`), the workdir (writable, not another tool's output),
+  and, for a workdir that holds runs already, that each loss's stored config
+  trains the same thing (`check_resume`), so a refused resume fails before the
+  first loss trains rather than after it.
+  """
+  validate(config)
+  check_workdir(workdir)
+  for name in loss_names(config):
+    run_dir = os.path.join(workdir, name)
+    check_resume(run_config(config, name), run_dir)
+    checkpoints.check_writable(run_dir)
+
+
+def with_workdir(config, workdir):
+  """A copy of config whose workdir field is the folder the run really uses."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.workdir = str(workdir)
+  return c
 
 
 # ----------------------------------------------------------------------------
@@ -283,11 +337,39 @@ def _clean_accuracy_fn(config, s: Setup, model):
   return accuracy
 
 
-def train(config, workdir, s: Setup, *, desc="train"):
+def _trim_metrics(path, last_step):
+  """Drops metrics.jsonl lines after `last_step` (logged past the checkpoint a resume
+  starts from; they are logged again), so no step appears twice."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut by a kill
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def train(config, workdir, s: Setup, *, desc="train", info=None):
   """Fine-tunes the pretrained params with config; resumes from workdir.
+
+  Args:
+    info: optional dict, filled with resumed_from (step or None) and set_aside
+      (unreadable checkpoint folders renamed on resume).
 
   Returns:
     (final params on the host, the step the run ended at).
+
+  Raises:
+    checkpoints.CheckpointSaveError: a checkpoint could not be written.
   """
   model, params, tokenizer = s.pretrained
   check_resume(config, workdir)
@@ -316,11 +398,14 @@ def train(config, workdir, s: Setup, *, desc="train"):
   mgr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
-  restored = checkpoints.restore_latest(mgr, abstract)
+  restored = checkpoints.restore_latest_info(mgr, abstract)
   if restored is not None:
-    state, data_state = restored
-    train_iter.set_state(data_state)
+    state = restored["state"]
+    train_iter.set_state(restored["data"])
   start = int(jax.device_get(state["step"]))
+  if info is not None:
+    info.update(resumed_from=start if restored is not None else None,
+                set_aside=list(restored["set_aside"]) if restored is not None else [])
   if start and is_main:
     print(f"{desc}: resumed from step {start} of {config.total_steps} ({workdir})", flush=True)
 
@@ -329,6 +414,8 @@ def train(config, workdir, s: Setup, *, desc="train"):
     clean_accuracy = _clean_accuracy_fn(config, s, model)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_main:
+    _trim_metrics(metrics_path, start)
   bar = progress.bar(total=config.total_steps, initial=start, desc=desc, enabled=is_main)
   for step in range(start + 1, config.total_steps + 1):
     batch = sharding.to_global(next(train_iter), s.mesh)
@@ -350,8 +437,7 @@ def train(config, workdir, s: Setup, *, desc="train"):
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       checkpoints.save(mgr, state, train_iter.get_state())
   bar.close()
-  mgr.wait_until_finished()
-  mgr.close()
+  checkpoints.finish(mgr)  # raises CheckpointSaveError if a background save failed
   return jax.device_get(state["params"]), int(jax.device_get(state["step"]))
 
 
@@ -360,12 +446,14 @@ def train(config, workdir, s: Setup, *, desc="train"):
 # ----------------------------------------------------------------------------
 
 
-def evaluate_models(config, s: Setup, models: dict, loss_configs: dict):
+def evaluate_models(config, s: Setup, models: dict, loss_configs: dict, *, on_result=None):
   """Clean and robust accuracy of each model on the same seeded subset.
 
   Args:
     models: {row name: params}.
     loss_configs: {row name: the loss ConfigDict it was trained with, or None}.
+    on_result: optional fn(results so far, indices), called after each model
+      (run() rewrites the record with it, so a later failure keeps these).
 
   Returns:
     ({row name: evaluation.Result}, indices).
@@ -384,41 +472,69 @@ def evaluate_models(config, s: Setup, models: dict, loss_configs: dict):
         eps_list=list(config.eval.eps), suites=eval_suites(config, loss_configs.get(name)),
         norm=config.eval.get("norm", "linf"), seed=config.eval.seed,
         batch_size=config.eval.batch_size, mesh=s.mesh)
+    if on_result is not None:
+      on_result(results, indices)
   return results, indices
 
 
-def report(config, workdir, results, *, indices, extra=None):
-  """Writes results.json, results.md and robustness.png into workdir; returns the table."""
+def _write_atomic(path, text):
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def report(config, workdir, results, *, indices, extra=None, complete=True):
+  """Writes results.json, results.md and robustness.png into workdir; returns the table.
+
+  With complete=False (after each model of a run) the record says so and the
+  plot waits for the end; each file is replaced atomically.
+  """
   table = reports.format_table(results)
   if jax.process_index() != 0:
     return table
-  reports.plot(results, os.path.join(workdir, "robustness.png"))
-  record = {"config": json.loads(config.to_json_best_effort()), "workdir": workdir,
+  if complete:
+    reports.plot(results, os.path.join(workdir, "robustness.png"))
+  record = {"kind": "train", "config": json.loads(config.to_json_best_effort()),
+            "workdir": workdir, "complete": complete,
             "results": {k: r.to_dict() for k, r in results.items()},
             "eval_indices": [int(i) for i in indices], **(extra or {})}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(record, f, indent=1, default=str)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table)
+  _write_atomic(os.path.join(workdir, "results.json"),
+                json.dumps(record, indent=1, default=str))
+  _write_atomic(os.path.join(workdir, "results.md"), table)
   return table
 
 
 def run(config, workdir: str):
   """Fine-tunes with the main loss and each comparison loss, then evaluates them all.
 
+  Checks everything it can first (`preflight`); results.json is rewritten after
+  each evaluated model ("complete": false until the last) and records, per loss,
+  the step evaluated and the step a resume started from.
+
   Returns:
     {"results": {row: evaluation.Result}, "table": markdown str, "steps": {loss: step}}.
   """
-  validate(config)
+  preflight(config, workdir)
+  config = with_workdir(config, workdir)  # the record names the folder really used
+  try:
+    return _run(config, workdir)
+  except KeyboardInterrupt:
+    checkpoints.finish_open(interrupted=True)  # the save in flight completes, no tmp left
+    raise
+
+
+def _run(config, workdir):
   s = setup(config)
   model = s.pretrained.model
-  names = [config.loss.name] + [n for n in config.compare_losses if n != config.loss.name]
-  finals, steps, loss_configs = {}, {}, {}
+  finals, steps, loss_configs, resumed = {}, {}, {}, {}
   t0 = time.time()
-  for name in names:
+  for name in loss_names(config):
     c = run_config(config, name)
     run_dir = os.path.join(workdir, name)
-    finals[name], steps[name] = train(c, run_dir, s, desc=f"fine-tune {name}")
+    resumed[name] = {}
+    finals[name], steps[name] = train(c, run_dir, s, desc=f"fine-tune {name}",
+                                      info=resumed[name])
     loss_configs[f"{name} fine-tuned"] = c.loss
     if config.export and jax.process_index() == 0:
       export = os.path.join(run_dir, "export")
@@ -428,8 +544,11 @@ def run(config, workdir: str):
   if not s.class_names:
     return {"results": {}, "table": "", "steps": steps}
   models = {"start": s.pretrained.params, **{f"{n} fine-tuned": p for n, p in finals.items()}}
-  results, indices = evaluate_models(config, s, models, loss_configs)
-  table = report(config, workdir, results, indices=indices,
-                 extra={"train_seconds": train_seconds, "steps": steps})
+  # steps: the step each fine-tuned row's params were saved at (what is evaluated).
+  extra = {"train_seconds": train_seconds, "steps": steps, "resumed": resumed}
+  results, indices = evaluate_models(
+      config, s, models, loss_configs,
+      on_result=lambda r, i: report(config, workdir, r, indices=i, extra=extra,
+                                    complete=False))
+  table = report(config, workdir, results, indices=indices, extra=extra)
   return {"results": results, "table": table, "steps": steps}
-
