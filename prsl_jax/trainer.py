@@ -230,12 +230,18 @@ def check_workdir(workdir):
 def preflight(config, workdir):
   """Everything about a run that can be checked before any compute.
 
-  The config (`validate`), the workdir (writable, not another tool's output),
+  The config (`validate`), the model folder's weight headers, the dataset's
+  splits, the workdir (writable, not another tool's output),
   and, for a workdir that holds runs already, that each loss's stored config
   trains the same thing (`check_resume`), so a refused resume fails before the
   first loss trains rather than after it.
   """
   validate(config)
+  path = os.path.expanduser(config.model.path)
+  if os.path.isdir(path):  # a hub id is checked when it is fetched, in setup
+    convert.check_weights(path, allow_pickle=config.model.allow_pickle)
+  for split in (config.data.train_split, config.data.eval_split):
+    data.check_available(config.data.name, split, data_dir=config.data.data_dir or None)
   check_workdir(workdir)
   for name in loss_names(config):
     run_dir = os.path.join(workdir, name)
