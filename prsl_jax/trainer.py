@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -140,11 +141,26 @@ def validate(config, *, num_classes=None):
       raise ValueError(f"config.eval.{field} must be >= 1 (or 0 for the attack's default), "
                        f"got {config.eval[field]}")
   eval_suites(config, config.loss)  # suite and attack names, settings
+  _warn_unusual_budgets(config)
   path = config.model.path
   if not os.path.isdir(os.path.expanduser(path)) and not convert.is_hub_id(path):
     raise FileNotFoundError(f"config.model.path {path!r} is neither a folder nor a hub id "
                             f"(give a local HF checkpoint folder or e.g. "
                             f"openai/clip-vit-base-patch32)")
+
+
+def _warn_unusual_budgets(config):
+  """A warning for budgets far above what the field reports (likely 0-255 units)."""
+  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  found = [("config.eval.eps", e, config.eval.get("norm", "linf")) for e in config.eval.eps]
+  if config.adversarial.enabled:
+    found.append(("config.adversarial.eps", config.adversarial.eps, config.adversarial.norm))
+  for name, eps, norm in found:
+    top = evaluator.TYPICAL_MAX.get(norm)
+    if top is not None and eps > top:
+      warnings.warn(f"{name}={evaluation.format_eps(eps)} is far above the budgets the "
+                    f"field reports ({norm} up to {evaluation.format_eps(top)}); budgets "
+                    "are in [0, 1] pixel units")
 
 
 def run_config(config, loss_name):
