@@ -88,16 +88,16 @@ def exit_now(code: int):
   sys.stderr.flush()
   if code == 0:
     sys.exit(0)  # a finished run closed its checkpoint managers: nothing is left waiting
+  def alive():
+    return [t.name for t in threading.enumerate()
+            if t is not threading.current_thread() and not t.daemon and t.is_alive()]
   deadline = time.time() + EXIT_GRACE_S
-  for t in threading.enumerate():
-    if t is threading.current_thread() or t.daemon:
-      continue
-    t.join(max(0.0, deadline - time.time()))
-  alive = [t.name for t in threading.enumerate()
-           if t is not threading.current_thread() and not t.daemon and t.is_alive()]
-  if alive and code != 0:
-    print(f"warning: background threads {alive[:4]} still running after "
-          f"{EXIT_GRACE_S:.0f} s; exiting without them", file=sys.stderr, flush=True)
+  while alive() and time.time() < deadline:
+    time.sleep(0.05)  # not Thread.join: orbax's threads override it to raise on timeout
+  if alive():
+    if _debug():
+      print(f"background threads {alive()[:4]} still running after {EXIT_GRACE_S:.0f} s; "
+            "exiting without them", file=sys.stderr, flush=True)
     logging.flush()
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
