@@ -109,7 +109,8 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
 
   Args:
     name: 'digits' (embedded, no download) or a TFDS name ('cifar10', ...), which
-      must already be prepared in `data_dir` (nothing is downloaded here).
+      must already be prepared as ArrayRecord in `data_dir` (nothing is
+      downloaded here; see `prepare`).
     split: 'train'/'test' or any TFDS split string.
     image_size: the model's input resolution S.
     data_dir: TFDS data directory (None: TFDS's default).
