@@ -26,8 +26,10 @@ from absl import flags
 from absl import logging
 
 # Exceptions that mean "the input is wrong", not "prsl_jax is broken".
+# FloatingPointError: the trainer's NaN guard ("loss is nan at step N"), which
+# names the step and the checkpoint kept.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               IsADirectoryError, PermissionError, OSError, KeyError)
+               IsADirectoryError, PermissionError, OSError, KeyError, FloatingPointError)
 
 DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error.")
 
