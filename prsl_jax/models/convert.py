@@ -217,8 +217,9 @@ def resolve_folder(path_or_hub_id, allow_pickle=False):
         f"exist) and could not be fetched from the HuggingFace hub: {why} "
         f"({type(e).__name__}: {' '.join(str(e).split())[:300]}). To work offline, download "
         f"it where there is network (`hf download {path_or_hub_id} --local-dir DIR`) and "
-        "pass the local folder DIR, or set HF_HUB_OFFLINE=1 to use the hub cache; "
-        "HF_HUB_ETAG_TIMEOUT sets how long to wait for the hub.") from e
+        "pass the local folder: load_pretrained('DIR'), evaluate.py --checkpoint DIR or "
+        "train.py --config.model.path=DIR; or set HF_HUB_OFFLINE=1 to use the hub cache "
+        "(HF_HUB_ETAG_TIMEOUT: seconds to wait for the hub).") from e
 
 
 def _hub_timeout() -> float:
