@@ -11,7 +11,8 @@ Checkpoints (comma-separated, all in one table and one plot): a train.py run
 folder (config.json + checkpoints/: the newest checkpoint's params on the model
 its config.json names), a folder written by save_pretrained or transformers
 (config.json + model.safetensors), or a HuggingFace hub id (needs network or
-the hub cache). Datasets: 'digits' (embedded) or a prepared TFDS dataset.
+the hub cache). Datasets: 'digits' (embedded) or a TFDS dataset prepared as
+ArrayRecord (python -c "from prsl_jax import data; data.prepare('cifar10')").
 
 Suites (--suite, repeatable; each is its own cascade, reported side by side):
 standard (AutoAttack: APGD-CE, APGD-T, FAB-T, Square), fast (APGD-CE, APGD-T),
@@ -103,7 +104,8 @@ def undash(argv):
 
 
 def parse_flags(argv):
-  return FLAGS(undash(argv))
+  """absl's parse of the undashed argv; a bad flag is one line and exit 2."""
+  return cli.parse_flags_or_exit(undash(argv))
 
 
 def settings():

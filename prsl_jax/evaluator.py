@@ -170,6 +170,22 @@ def check_folder(folder, allow_pickle):
   return cfg["model_type"]
 
 
+def check_not_train_output(outdir, given):
+  """evaluate.py never writes into train.py's folders (even with --overwrite)."""
+  is_run = os.path.isdir(os.path.join(outdir, "checkpoints"))
+  runs = is_run or (os.path.isdir(outdir) and any(
+      os.path.isdir(os.path.join(outdir, d, "checkpoints")) for d in os.listdir(outdir)))
+  kind = None
+  if os.path.isfile(os.path.join(outdir, RESULTS)):
+    try:
+      with open(os.path.join(outdir, RESULTS)) as f:
+        kind = json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+      pass
+  if runs or kind == "train":
+    raise ValueError(f"--outdir {given!r} is a train.py run folder; choose another")
+
+
 def preflight(settings):
   """Every check that needs no compute; raises with the flag's name.
 
@@ -190,8 +206,7 @@ def preflight(settings):
   if os.path.exists(os.path.join(outdir, RESULTS)) and not s["overwrite"]:
     raise FileExistsError(f"{s['outdir']}/{RESULTS} exists; pass --overwrite to replace it "
                           "or choose another --outdir")
-  if os.path.isdir(os.path.join(outdir, "checkpoints")):
-    raise ValueError(f"--outdir {s['outdir']!r} is a train.py run folder; choose another")
+  check_not_train_output(outdir, s["outdir"])
   parent = outdir
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -236,11 +251,13 @@ def preflight(settings):
 
 
 def load_model(ckpt, allow_pickle):
-  """(Pretrained, params) for a resolved checkpoint."""
+  """(Pretrained, params) for a resolved checkpoint; a train.py run's ckpt gets "step",
+  the step of the checkpoint evaluated (results.json records it)."""
   if ckpt["kind"] == "workdir":
     pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["model"]),
                                           allow_pickle=allow_pickle)
-    return pretrained, checkpoints.restore_params(ckpt["path"], pretrained.model)
+    params, ckpt["step"] = checkpoints.restore_params_and_step(ckpt["path"], pretrained.model)
+    return pretrained, params
   pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["path"]),
                                         allow_pickle=allow_pickle)
   return pretrained, pretrained.params

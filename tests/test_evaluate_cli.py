@@ -121,6 +121,7 @@ def test_digits_two_checkpoints_one_table_one_plot(cli_runs, tiny_ckpt, tiny_cli
   hf, run = res["models"][tiny_ckpt.path], res["models"][run_dir]
   assert (hf["checkpoint"]["kind"], run["checkpoint"]["kind"]) == ("hf", "workdir")
   assert run["checkpoint"]["model"] == tiny_ckpt.path
+  assert run["checkpoint"]["step"] == 7  # the step of the checkpoint evaluated
   # The numbers are the models' own: clean predictions recomputed here, directly
   # (at eps=0 the robust points are exactly the clean-correct ones).
   want_hf = _clean_correct(tiny_clip, tiny_clip.params, "digits", res["indices"])
