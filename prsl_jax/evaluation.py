@@ -123,9 +123,7 @@ def target_class(fn, x, y, index, num_targets):
 
   AutoAttack's order (autopgd_base.py, fab_base.py): target 0 is the runner-up.
   """
-  logits = jax.lax.stop_gradient(fn(x).astype(jnp.float32))
-  masked = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits)
-  _, top = jax.lax.top_k(masked, min(num_targets, logits.shape[-1] - 1))
+  top = attacks.core.top_wrong_classes(fn(x), y, num_targets)
   return jnp.take_along_axis(top, jnp.broadcast_to(index, y.shape)[:, None], axis=1)[:, 0]
 
 

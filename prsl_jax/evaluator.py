@@ -21,7 +21,6 @@ import time
 import warnings
 
 import jax
-import numpy as np
 
 import prsl_jax
 from prsl_jax import captioning

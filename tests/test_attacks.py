@@ -11,7 +11,6 @@ reused across hypothesis examples and tests.
 
 import functools
 import re
-import warnings
 
 from hypothesis import given, settings, strategies as st
 import jax

@@ -15,7 +15,6 @@ import pytest
 
 import prsl_jax
 from prsl_jax import checkpoints
-from prsl_jax import data
 from prsl_jax import sharding
 from prsl_jax import trainer
 from prsl_jax import training

@@ -7,7 +7,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prsl_jax.attacks import core
 from prsl_jax.attacks import objectives
@@ -196,22 +195,8 @@ def apgd_targeted(logits_fn, images, labels, *, key, eps, steps,
   x0 = images.astype(jnp.float32)
   keys = core.example_keys(key, x0.shape[0])
 
-  if target_labels is None:
-    clean = jax.lax.stop_gradient(logits_fn(x0).astype(jnp.float32))
-    masked = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, clean)
-    _, targets = jax.lax.top_k(masked, min(num_targets, num_classes - 1))
-  else:
-    if not hasattr(target_labels, "ndim") or target_labels.shape != labels.shape:
-      raise ValueError(
-          f"target_labels must have shape (B,) = {labels.shape}, got "
-          f"{getattr(target_labels, 'shape', None)}")
-    if not jnp.issubdtype(target_labels.dtype, jnp.integer):
-      raise TypeError(f"target_labels must be integer, got dtype {target_labels.dtype}")
-    core.num_classes(logits_fn, images, target_labels, labels_name="target_labels")
-    if (core.is_concrete(target_labels) and core.is_concrete(labels)
-        and np.any(np.asarray(target_labels) == np.asarray(labels))):
-      raise ValueError("target_labels must differ from labels for every example")
-    targets = target_labels[:, None]
+  targets = core.targets(logits_fn, x0, labels, num_targets=num_targets,
+                         target_labels=target_labels)
 
   if num_classes < 4:
     warnings.warn(

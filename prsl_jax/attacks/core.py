@@ -163,6 +163,34 @@ def success_fn(labels, targeted):
   return level
 
 
+def top_wrong_classes(clean_logits, labels, k):
+  """(B, k) the k most likely wrong classes of clean logits (B, C), most likely first.
+
+  AutoAttack's target order for APGD-T and FAB-T (target 1 is the runner-up).
+  """
+  logits = jax.lax.stop_gradient(clean_logits.astype(jnp.float32))
+  true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  _, top = jax.lax.top_k(jnp.where(true, -jnp.inf, logits), min(k, logits.shape[-1] - 1))
+  return top
+
+
+def targets(logits_fn, x0, labels, *, num_targets, target_labels=None):
+  """(B, T) targets of a targeted attack: the top wrong classes of the clean
+  logits, or the given target_labels (B,) as one target each (checked)."""
+  if target_labels is None:
+    return top_wrong_classes(logits_fn(x0), labels, num_targets)
+  if not hasattr(target_labels, "ndim") or target_labels.shape != labels.shape:
+    raise ValueError(f"target_labels must have shape (B,) = {labels.shape}, got "
+                     f"{getattr(target_labels, 'shape', None)}")
+  if not jnp.issubdtype(target_labels.dtype, jnp.integer):
+    raise TypeError(f"target_labels must be integer, got dtype {target_labels.dtype}")
+  num_classes(logits_fn, x0, target_labels, labels_name="target_labels")
+  if (is_concrete(target_labels) and is_concrete(labels)
+      and np.any(np.asarray(target_labels) == np.asarray(labels))):
+    raise ValueError("target_labels must differ from labels for every example")
+  return target_labels[:, None]
+
+
 def finalize(x_adv, eps, labels, num_classes_):
   """NaN images for examples whose eps or labels were invalid (traced values)."""
   bad = jnp.zeros(x_adv.shape[:1], bool)
