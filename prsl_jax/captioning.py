@@ -13,7 +13,9 @@ its EOS):
               greedy caption on the clean image: the paper's label);
   targeted    lower the token loss of a target caption (targeted=True).
 
-The cascade is AutoAttack's, with "robust" meaning "the generated caption did
+The parts, each a function of the run: `clean_pass`, `soundness_checks`,
+`eps0_check`, `cascade` (one suite at one budget), `clean_scores`. The cascade
+is AutoAttack's, with "robust" meaning "the generated caption did
 not change": each attack of a suite runs only on the examples whose caption
 every earlier attack left unchanged (untargeted), or that no earlier attack
 turned into the target (targeted), and an example's outcome is its worst case
@@ -253,6 +255,182 @@ def _ball_ok(dist, in_range, eps):
   return in_range & (dist <= eps + 1e-6)
 
 
+@dataclasses.dataclass
+class _Run:
+  """What every part of one evaluation shares (static model, arrays, settings)."""
+  model: object
+  params: object
+  tokenizer: object
+  source: object
+  indices: np.ndarray
+  batch_size: int
+  max_length: int
+  seed: int
+  mesh: object
+  bar: object
+
+  def batches(self, positions, extra=None):
+    return _batches(self.source, self.indices, positions, self.batch_size, self.mesh, extra)
+
+
+@dataclasses.dataclass
+class _Clean:
+  """The clean pass: greedy tokens and captions, their teacher-forcing targets."""
+  tokens: np.ndarray       # (N, L)
+  captions: list
+  dec: np.ndarray          # (N, L-1) decoder inputs
+  labels: np.ndarray       # (N, L-1) labels, IGNORE_INDEX after EOS
+  zero_gradient: int
+  nonfinite_gradient: int
+  first: tuple             # (device batch, valid, rows, tokens) of the first batch
+
+
+def clean_pass(run: _Run) -> _Clean:
+  """Greedy captions of every example and the input gradients of their token loss."""
+  n = len(run.indices)
+  tokens = np.zeros((n, run.max_length), np.int32)
+  zero_grad = nonfinite = 0
+  first = None
+  for dev, valid, rows in run.batches(np.arange(n)):
+    tok, gmax, gfinite = jax.device_get(_clean_batch(
+        run.params, dev["image"], model=run.model, max_length=run.max_length, mesh=run.mesh))
+    tokens[rows[valid]] = tok[valid]
+    zero_grad += int(np.sum((gmax == 0) & gfinite & valid))
+    nonfinite += int(np.sum(~gfinite & valid))
+    first = first or (dev, valid, rows, tok)
+    run.bar.update()
+  dec, labels = (np.asarray(a) for a in generated_labels(jnp.asarray(tokens),
+                                                         run.model.eos_token_id))
+  return _Clean(tokens, decode(run.tokenizer, tokens), dec, labels, zero_grad, nonfinite,
+                first)
+
+
+def soundness_checks(run: _Run, clean: _Clean, checks):
+  """Deterministic captions and usable input gradients, into `checks`."""
+  dev0, valid0, _, tok0 = clean.first
+  again = jax.device_get(_clean_batch(run.params, dev0["image"], model=run.model,
+                                      max_length=run.max_length, mesh=run.mesh))[0]
+  checks.deterministic = bool(np.array_equal(again[valid0], tok0[valid0]))
+  if not checks.deterministic:
+    evaluation._warn(checks, "the captioner is not deterministic: two generations on the "  # pylint: disable=protected-access
+                     "same images differ")
+  n = len(run.indices)
+  checks.zero_gradient_fraction = clean.zero_gradient / n
+  checks.nonfinite_gradient_fraction = clean.nonfinite_gradient / n
+  checks.gradients_ok = clean.zero_gradient == 0 and clean.nonfinite_gradient == 0
+  if not checks.gradients_ok:
+    evaluation._warn(checks, "input gradients of the clean captions' token loss: "  # pylint: disable=protected-access
+                     f"{clean.zero_gradient} of {n} all zero, {clean.nonfinite_gradient} "
+                     "not finite")
+
+
+def eps0_check(run: _Run, clean: _Clean, attack_list, checks):
+  """At eps = 0 every attack must leave every caption of the first batch as it is."""
+  rows0 = np.arange(min(run.batch_size, len(run.indices)))
+  for attack in attack_list:
+    if attack.name in checks.eps0:
+      continue
+    dev, valid, rows = next(run.batches(rows0, {"dec": clean.dec, "labels": clean.labels}))
+    tok, dist, in_range, _, _ = jax.device_get(_attack_batch(
+        run.params, dev["image"], dev["dec"], dev["labels"], dev["id"], dev["valid"],
+        evaluation.attack_key(run.seed, 0.0, attack.name), jnp.float32(0.0),
+        model=run.model, attack=attack, max_length=run.max_length, targeted=False,
+        mesh=run.mesh))
+    checks.eps0[attack.name] = {
+        "max_distance": float(np.max(dist[valid])),
+        "captions_unchanged": bool(np.array_equal(tok[valid], clean.tokens[rows[valid]])),
+        "in_range": bool(in_range[valid].all())}
+  checks.eps0_ok = all(v["max_distance"] <= 1e-6 and v["captions_unchanged"] and v["in_range"]
+                       for v in checks.eps0.values())
+  if not checks.eps0_ok:
+    evaluation._warn(checks, f"at eps=0 the attacks change captions: {checks.eps0}")  # pylint: disable=protected-access
+
+
+def cascade(run: _Run, clean: _Clean, attack_list, eps, *, target=None, refs=None,
+            keywords=None) -> CaptionEps:
+  """One suite at one budget: each attack on the captions every earlier one left as
+  they were (untargeted), or that no earlier one turned into `target` (targeted)."""
+  t_start = time.time()
+  n = len(run.indices)
+  same = lambda a, b: caption_metrics.tokenize(a) == caption_metrics.tokenize(b)
+  if target is not None:
+    lab = tokenize_captions(run.tokenizer, [target], length=run.max_length - 1,
+                            eos_token_id=run.model.eos_token_id)
+    labels = np.repeat(lab, n, axis=0)
+    dec = np.asarray(captioner_lib.shift_tokens_right(
+        labels, run.model.pad_token_id, run.model.decoder_start_token_id))
+    attackable = np.array([not same(c, target) for c in clean.captions])
+  else:
+    dec, labels, attackable = clean.dec, clean.labels, np.ones(n, bool)
+  done = np.zeros(n, bool)
+  adv_captions, broken_by = list(clean.captions), [None] * n
+  changed_after, outside = {}, 0
+  loss_clean, loss_adv = np.zeros(n), np.zeros(n)
+  for attack in attack_list:
+    positions = np.flatnonzero(attackable & ~done)
+    run.bar.reset(total=-(-len(positions) // run.batch_size),
+                  desc=f"eps={evaluation.format_eps(eps)} {attack.name}"
+                  + (" (targeted)" if target is not None else ""))
+    key = evaluation.attack_key(run.seed, eps,
+                                attack.name + ("-targeted" if target is not None else ""))
+    for dev, valid, rows in run.batches(positions, {"dec": dec, "labels": labels}):
+      tok, dist, in_range, l0, l1 = jax.device_get(_attack_batch(
+          run.params, dev["image"], dev["dec"], dev["labels"], dev["id"], dev["valid"], key,
+          jnp.float32(eps), model=run.model, attack=attack, max_length=run.max_length,
+          targeted=target is not None, mesh=run.mesh))
+      ok = _ball_ok(dist, in_range, eps)
+      outside += int(np.sum(~ok & valid))
+      texts = decode(run.tokenizer, tok)
+      for j in np.flatnonzero(valid):
+        r = rows[j]
+        if ok[j]:
+          adv_captions[r] = texts[j]
+        loss_clean[r], loss_adv[r] = l0[j], l1[j]
+        hit = same(texts[j], target) if target is not None else \
+            not same(texts[j], clean.captions[r])
+        if ok[j] and hit:
+          done[r], broken_by[r] = True, attack.name
+      run.bar.update()
+    changed_after[attack.name] = float(done[attackable].mean()) if attackable.any() else 0.0
+  rate = float(done[attackable].mean()) if attackable.any() else 0.0
+  scored = np.flatnonzero(attackable)
+  result = CaptionEps(
+      eps=eps, change_rate=rate, changed_after=changed_after, keyword_survival=None,
+      bleu4_vs_clean=0.0, cider_vs_clean=0.0, bleu4_vs_references=None,
+      cider_vs_references=None, targeted_success=rate if target is not None else None,
+      token_loss_clean=float(loss_clean[scored].mean()) if scored.size else 0.0,
+      token_loss_adversarial=float(loss_adv[scored].mean()) if scored.size else 0.0,
+      captions=adv_captions, broken_by=broken_by, outside_ball=outside,
+      seconds=time.time() - t_start)
+  if target is None:
+    result.change_rate = caption_metrics.change_rate(clean.captions, adv_captions)
+    if keywords:
+      result.keyword_survival = caption_metrics.keyword_survival(clean.captions,
+                                                                 adv_captions, keywords)
+    if n > 1:
+      clean_refs = [[c] if caption_metrics.tokenize(c) else ["<empty>"]
+                    for c in clean.captions]
+      scores = caption_metrics.caption_scores(adv_captions, clean_refs)
+      result.bleu4_vs_clean, result.cider_vs_clean = scores["bleu4"], scores["cider"]
+      if refs:
+        scores = caption_metrics.caption_scores(adv_captions, refs)
+        result.bleu4_vs_references = scores["bleu4"]
+        result.cider_vs_references = scores["cider"]
+  return result
+
+
+def clean_scores(clean: _Clean, refs, keywords):
+  """Diversity of clean generation, and its quality when references/keywords exist."""
+  out = {"diversity": caption_metrics.diversity(clean.captions)}
+  if refs:
+    out.update(caption_metrics.caption_scores(clean.captions, refs))
+  if keywords:
+    out["keyword_accuracy"] = float(np.mean(
+        [caption_metrics._contains(caption_metrics.tokenize(c), caption_metrics.tokenize(k))  # pylint: disable=protected-access
+         for c, k in zip(clean.captions, keywords)]))
+  return out
+
+
 def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None, seed=0,
              batch_size=32, max_length=None, target_caption=None, mesh=None,
              progress_bar=True) -> CaptionResult:
@@ -277,7 +455,7 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
   t0 = time.time()
   if suites is None:
     suites = {name: make_suite(name) for name in DEFAULT_SUITES}
-  for name, suite in suites.items():
+  for suite in suites.values():
     make_suite([a.name for a in suite])  # token-logit attacks only
   eps_list = evaluation.check_eps_list(eps_list, "linf")
   indices = np.asarray(indices, np.int64)
@@ -291,154 +469,23 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
                        f"({mesh.shape[DATA]})")
     params = jax.device_put(params, NamedSharding(mesh, P()))
   n = len(indices)
-  checks = evaluation.Checks()
   bar = progress.bar(total=-(-n // batch_size), desc="clean captions", enabled=progress_bar)
-
-  # --- Clean pass: greedy captions, input gradients of their token loss. ---
-  tokens = np.zeros((n, max_length), np.int32)
-  zero_grad = nonfinite = 0
-  first = None
-  for dev, valid, rows in _batches(source, indices, np.arange(n), batch_size, mesh):
-    tok, gmax, gfinite = jax.device_get(_clean_batch(params, dev["image"], model=model,
-                                                     max_length=max_length, mesh=mesh))
-    tokens[rows[valid]] = tok[valid]
-    zero_grad += int(np.sum((gmax == 0) & gfinite & valid))
-    nonfinite += int(np.sum(~gfinite & valid))
-    if first is None:
-      first = (dev, valid, rows, tok)
-    bar.update()
-  clean_captions = decode(tokenizer, tokens)
-  dec_all, labels_all = (np.asarray(a) for a in generated_labels(jnp.asarray(tokens),
-                                                                 model.eos_token_id))
-
-  # --- Checks: deterministic captions, gradients. ---
-  dev0, valid0, rows0, tok0 = first
-  again = jax.device_get(_clean_batch(params, dev0["image"], model=model,
-                                      max_length=max_length, mesh=mesh))[0]
-  checks.deterministic = bool(np.array_equal(again[valid0], tok0[valid0]))
-  if not checks.deterministic:
-    evaluation._warn(checks, "the captioner is not deterministic: two generations on the "  # pylint: disable=protected-access
-                     "same images differ")
-  checks.zero_gradient_fraction = zero_grad / n
-  checks.nonfinite_gradient_fraction = nonfinite / n
-  checks.gradients_ok = zero_grad == 0 and nonfinite == 0
-  if not checks.gradients_ok:
-    evaluation._warn(checks, f"input gradients of the clean captions' token loss: {zero_grad}"  # pylint: disable=protected-access
-                     f" of {n} all zero, {nonfinite} not finite")
-
+  run = _Run(model, params, tokenizer, source, indices, batch_size, max_length, seed, mesh,
+             bar)
   refs = [source.references(int(i)) for i in indices] if hasattr(source, "references") \
       else None
   keywords = [source.keyword(int(i)) for i in indices] if hasattr(source, "keyword") \
       else None
-  clean = {"diversity": caption_metrics.diversity(clean_captions)}
-  if refs:
-    clean.update(caption_metrics.caption_scores(clean_captions, refs))
-  if keywords:
-    clean["keyword_accuracy"] = float(np.mean(
-        [caption_metrics._contains(caption_metrics.tokenize(c), caption_metrics.tokenize(k))  # pylint: disable=protected-access
-         for c, k in zip(clean_captions, keywords)]))
-
-  target_labels = None
+  checks = evaluation.Checks()
+  clean = clean_pass(run)
+  soundness_checks(run, clean, checks)
+  eps0_check(run, clean, [a for suite in suites.values() for a in suite], checks)
+  robust = {name: [cascade(run, clean, suite, eps, refs=refs, keywords=keywords)
+                   for eps in eps_list] for name, suite in suites.items()}
+  targeted = {}
   if target_caption is not None:
-    lab = tokenize_captions(tokenizer, [target_caption], length=max_length - 1,
-                            eos_token_id=model.eos_token_id)
-    target_labels = np.repeat(lab, n, axis=0)
-    target_dec = np.asarray(captioner_lib.shift_tokens_right(
-        target_labels, model.pad_token_id, model.decoder_start_token_id))
-
-  def cascade(attack_list, eps, targeted):
-    t_start = time.time()
-    if targeted:
-      dec, labels = target_dec, target_labels
-      goal = caption_metrics.tokenize(target_caption)
-      done = np.array([caption_metrics.tokenize(c) == goal for c in clean_captions])
-      attackable = ~done
-    else:
-      dec, labels = dec_all, labels_all
-      done = np.zeros(n, bool)
-      attackable = np.ones(n, bool)
-    adv_captions = list(clean_captions)
-    broken_by = [None] * n
-    changed_after, outside = {}, 0
-    loss_clean, loss_adv = np.zeros(n), np.zeros(n)
-    for attack in attack_list:
-      positions = np.flatnonzero(attackable & ~done)
-      if bar is not None:
-        bar.reset(total=-(-len(positions) // batch_size),
-                  desc=f"eps={evaluation.format_eps(eps)} {attack.name}"
-                  + (" (targeted)" if targeted else ""))
-      key = evaluation.attack_key(seed, eps, attack.name + ("-targeted" if targeted else ""))
-      for dev, valid, rows in _batches(source, indices, positions, batch_size, mesh,
-                                       {"dec": dec, "labels": labels}):
-        tok, dist, in_range, l0, l1 = jax.device_get(_attack_batch(
-            params, dev["image"], dev["dec"], dev["labels"], dev["id"], dev["valid"], key,
-            jnp.float32(eps), model=model, attack=attack, max_length=max_length,
-            targeted=targeted, mesh=mesh))
-        ok = _ball_ok(dist, in_range, eps)
-        outside += int(np.sum(~ok & valid))
-        texts = decode(tokenizer, tok)
-        for j in np.flatnonzero(valid):
-          r = rows[j]
-          adv_captions[r] = texts[j] if ok[j] else adv_captions[r]
-          loss_clean[r], loss_adv[r] = l0[j], l1[j]
-          same = caption_metrics.tokenize(texts[j]) == caption_metrics.tokenize(
-              target_caption if targeted else clean_captions[r])
-          hit = ok[j] and (same if targeted else not same)
-          if hit:
-            done[r] = True
-            broken_by[r] = attack.name
-        bar.update()
-      changed_after[attack.name] = float(done[attackable].mean()) if attackable.any() else 0.0
-    scored = np.flatnonzero(attackable)
-    result = CaptionEps(
-        eps=eps, change_rate=float(done[attackable].mean()) if attackable.any() else 0.0,
-        changed_after=changed_after, keyword_survival=None, bleu4_vs_clean=0.0,
-        cider_vs_clean=0.0, bleu4_vs_references=None, cider_vs_references=None,
-        targeted_success=float(done[attackable].mean()) if targeted and attackable.any()
-        else None,
-        token_loss_clean=float(loss_clean[scored].mean()) if scored.size else 0.0,
-        token_loss_adversarial=float(loss_adv[scored].mean()) if scored.size else 0.0,
-        captions=adv_captions, broken_by=broken_by, outside_ball=outside,
-        seconds=time.time() - t_start)
-    if not targeted:
-      result.change_rate = caption_metrics.change_rate(clean_captions, adv_captions)
-      if keywords:
-        result.keyword_survival = caption_metrics.keyword_survival(
-            clean_captions, adv_captions, keywords)
-      if n > 1:
-        clean_refs = [[c] if caption_metrics.tokenize(c) else ["<empty>"]
-                      for c in clean_captions]
-        scores = caption_metrics.caption_scores(adv_captions, clean_refs)
-        result.bleu4_vs_clean, result.cider_vs_clean = scores["bleu4"], scores["cider"]
-        if refs:
-          scores = caption_metrics.caption_scores(adv_captions, refs)
-          result.bleu4_vs_references, result.cider_vs_references = (scores["bleu4"],
-                                                                    scores["cider"])
-    return result
-
-  # --- eps = 0: every attack must leave every caption as it is. ---
-  every = {a.name: a for suite in suites.values() for a in suite}
-  for name, attack in every.items():
-    dev_rows = np.arange(min(batch_size, n))
-    dev, valid, rows = next(_batches(source, indices, dev_rows, batch_size, mesh,
-                                     {"dec": dec_all, "labels": labels_all}))
-    tok, dist, in_range, _, _ = jax.device_get(_attack_batch(
-        params, dev["image"], dev["dec"], dev["labels"], dev["id"], dev["valid"],
-        evaluation.attack_key(seed, 0.0, name), jnp.float32(0.0), model=model,
-        attack=attack, max_length=max_length, targeted=False, mesh=mesh))
-    same = bool(np.array_equal(tok[valid], tokens[rows[valid]]))
-    checks.eps0[name] = {"max_distance": float(np.max(dist[valid])),
-                         "captions_unchanged": same, "in_range": bool(in_range[valid].all())}
-  checks.eps0_ok = all(v["max_distance"] <= 1e-6 and v["captions_unchanged"] and v["in_range"]
-                       for v in checks.eps0.values())
-  if not checks.eps0_ok:
-    evaluation._warn(checks, f"at eps=0 the attacks change captions: {checks.eps0}")  # pylint: disable=protected-access
-
-  robust, targeted = {}, {}
-  for name, suite in suites.items():
-    robust[name] = [cascade(suite, eps, False) for eps in eps_list]
-    if target_caption is not None:
-      targeted[name] = [cascade(suite, eps, True) for eps in eps_list]
+    targeted = {name: [cascade(run, clean, suite, eps, target=target_caption)
+                       for eps in eps_list] for name, suite in suites.items()}
   bar.close()
   outside = sum(r.outside_ball for rs in (*robust.values(), *targeted.values()) for r in rs)
   checks.ball_ok = outside == 0
@@ -447,7 +494,8 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
                      "they were not counted")
   return CaptionResult(
       num_examples=n, indices=indices.tolist(), seed=seed, batch_size=batch_size,
-      max_length=max_length, clean_captions=clean_captions, clean=clean,
+      max_length=max_length, clean_captions=clean.captions,
+      clean=clean_scores(clean, refs, keywords),
       suites={k: [dataclasses.asdict(a) for a in v] for k, v in suites.items()},
       robust=robust, targeted=targeted, target_caption=target_caption, checks=checks,
       seconds=time.time() - t0)
