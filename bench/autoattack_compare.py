@@ -18,10 +18,11 @@ test split, the same budgets, and AutoAttack's standard ensemble on both sides:
          these with its 10-step defaults, hence the explicit cascade.
 
 Each side is one subprocess, timed whole (start-up, loading, clean pass,
-compilation, attacks); the JSON records wall, user and system seconds, both
-robust accuracies, and the load average before and after. A ratio taken while
-the load average exceeded 1 is reported as null with the reason: on a shared
-machine it can flatter either side.
+compilation, attacks), after waiting for the 1-minute load average to fall
+below 1; the JSON records wall, user and system seconds, both robust
+accuracies, and the load average each process started on. A ratio whose runs
+started above load 1 is reported as null with the reason: on a shared machine
+it can flatter either side.
 """
 
 import argparse
@@ -77,8 +78,8 @@ def vitb32_checkpoint(folder):
 
 def timed(cmd, env=None):
   """Runs cmd; returns (wall, user, sys, stdout, load before, load after)."""
+  load0 = common.wait_for_quiet(QUIET_LOAD)
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  load0 = os.getloadavg()[0]
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   wall = time.perf_counter() - t0
@@ -190,8 +191,10 @@ def main(argv=None):
     if "torch" in sides:
       result["torch"] = run_torch(args, checkpoint)
   if "ours" in sides and "torch" in sides:
-    loads = [r[k] for r in (result["ours_cold"], result["ours_warm"], result["torch"])
-             for k in ("load_before", "load_after")]
+    # The load each process started on (its own threads raise the average
+    # while it runs, so the load after it is no measure of other work).
+    loads = [r["load_before"] for r in (result["ours_cold"], result["ours_warm"],
+                                        result["torch"])]
     if max(loads) > QUIET_LOAD:
       result["speedup"] = None
       result["speedup_note"] = (f"not reported: load average up to {max(loads):.2f} > "

@@ -22,6 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from prsl_jax import compilation  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The XLA:CPU settings train.py and evaluate.py use (prsl_jax/compilation.py),
+# set before JAX starts its backend, so the benchmarks measure what users run.
+compilation.set_cpu_flags()
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
@@ -147,6 +153,18 @@ def _json_default(x):
   if isinstance(x, np.ndarray):
     return x.tolist()
   return str(x)
+
+
+def wait_for_quiet(max_load=1.0, timeout_s=240):
+  """Sleeps until the 1-minute load average is below max_load (at most timeout_s).
+
+  Returns the load average then: a timed run starts on a settled machine, and
+  the figure is recorded beside it.
+  """
+  t0 = time.time()
+  while os.getloadavg()[0] >= max_load and time.time() - t0 < timeout_s:
+    time.sleep(5)
+  return os.getloadavg()[0]
 
 
 def block(x):

@@ -41,8 +41,10 @@ COMPILATION_CACHE_DIR = flags.DEFINE_string(
 
 
 def setup_compilation_cache():
-  """The persistent compilation cache, on unless --nocompilation_cache."""
+  """The XLA:CPU settings and the persistent compilation cache (unless
+  --nocompilation_cache); call before anything runs on a device."""
   from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
+  compilation.set_cpu_flags()
   if COMPILATION_CACHE.value:
     return compilation.enable_cache(COMPILATION_CACHE_DIR.value)
   compilation.disable_cache()

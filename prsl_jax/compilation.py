@@ -1,5 +1,7 @@
-"""Compilation is part of the user's wait: JAX's persistent cache, and its accounting.
+"""Compilation is part of the user's wait: JAX's persistent cache, its accounting,
+and the XLA:CPU settings the CLIs use.
 
+    compilation.set_cpu_flags()       # before JAX starts its backend (the CLIs do)
     compilation.enable_cache()        # the CLIs do this (--nocompilation_cache: off)
     with compilation.Timer() as t:
       ...
@@ -22,6 +24,30 @@ _TRACE = dispatch.JAXPR_TRACE_EVENT
 _LOWER = dispatch.JAXPR_TO_MLIR_MODULE_EVENT
 _COMPILE = dispatch.BACKEND_COMPILE_EVENT
 _HITS = "/jax/compilation_cache/cache_hits"
+
+
+# XLA:CPU settings, measured on a quiet 2-core machine (bench/RESULTS.md, "XLA:CPU
+# settings"): XLA's YNNPACK element-wise and reduce fusions make the tiny
+# models' attack steps (dominated by attention softmax and layer-norm work on
+# small tensors) about 25% slower than XLA's own fused loops; ViT-B/32's steps
+# (89% matmuls) are unchanged either way. YNNPACK matmuls stay on.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-eltwise,-reduce",)
+
+
+def set_cpu_flags(flags=CPU_XLA_FLAGS) -> bool:
+  """Adds `flags` to $XLA_FLAGS unless the user set them; only before JAX's backend starts.
+
+  Returns whether they apply: False once a backend is running (XLA reads the
+  variable when it starts), or when $XLA_FLAGS already names the option.
+  """
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    return False
+  current = os.environ.get("XLA_FLAGS", "")
+  add = [f for f in flags if f.split("=", 1)[0] not in current]
+  if add:
+    os.environ["XLA_FLAGS"] = " ".join([current] + add).strip()
+  return bool(add)
 
 
 def default_cache_dir() -> str:
