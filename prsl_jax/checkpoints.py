@@ -18,6 +18,7 @@ OSError naming the folder, at the next save or at `finish`.
 import json
 import os
 import shutil
+import sys
 import warnings
 import weakref
 
@@ -122,6 +123,44 @@ def finish_open(*, interrupted: bool = True):
     finish(mgr, interrupted=interrupted)
 
 
+# What orbax/TensorStore print, from their own threads, for the reads still in
+# flight when a restore fails: the failure itself is reported once, by the warning
+# or error that names the checkpoint.
+_FAILED_READ_ECHOES = ("Event loop is closed", "Encountered error while reading array index")
+
+
+def _is_echo(exc) -> bool:
+  return exc is not None and str(exc).startswith(_FAILED_READ_ECHOES)
+
+
+def _silence_failed_read_echoes():
+  """Drops the echoes of a failed restore from sys.excepthook and sys.unraisablehook.
+
+  Installed once per process, before the first restore; every other exception
+  goes to the hooks that were there before.
+  """
+  if getattr(sys.excepthook, "_prsl_jax", False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(exc_type, exc, tb):
+    if not _is_echo(exc):
+      excepthook(exc_type, exc, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_echo(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  quiet_excepthook._prsl_jax = True  # pylint: disable=protected-access
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
+def _describe(e) -> str:
+  """One line: the exception's type and message, without TensorStore's spec dump."""
+  text = " ".join(str(e).split(" See full TensorStore details")[0].split())
+  return f"{type(e).__name__}: {text[:300]}"
+
+
 def _set_aside(mgr, steps):
   """Renames unreadable step folders to <step>.unreadable[.N]; returns the new paths."""
   moved = []
@@ -165,12 +204,13 @@ def restore_latest_info(mgr: ocp.CheckpointManager, abstract_state, *,
   """
   steps = sorted(mgr.all_steps(), reverse=True)
   errors = []
+  _silence_failed_read_echoes()
   for step in steps:
     try:
       out = mgr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      errors.append((step, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+      errors.append((step, _describe(e)))
       continue
     moved = _set_aside(mgr, [s for s, _ in errors]) if errors and set_aside else []
     if errors:
@@ -214,6 +254,7 @@ def restore_params_and_step(workdir: str, model=None):
   steps = sorted(mgr.all_steps(), reverse=True)
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {path!r}")
+  _silence_failed_read_echoes()
   for step in steps:
     try:
       state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -221,7 +262,7 @@ def restore_params_and_step(workdir: str, model=None):
       break
     except Exception as e:  # pylint: disable=broad-except
       warnings.warn(f"checkpoint step {step} in {path} unreadable "
-                    f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); trying older")
+                    f"({_describe(e)}); trying older")
   else:
     raise ValueError(f"no readable checkpoint in {path!r}")
   if model is not None:
