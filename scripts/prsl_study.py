@@ -430,6 +430,16 @@ def compact(result):
 # ----------------------------------------------------------------------------
 
 
+def outcome(r):
+  """A run's measured numbers without its timings and load (what must reproduce)."""
+  robust = {suite: {e: {k: v for k, v in rec.items() if k != "seconds"}
+                    for e, rec in by_eps.items()} for suite, by_eps in r["eval"]["robust"].items()}
+  skip = ("seed", "load_average", "load_average_start", "train_seconds", "train_cpu_seconds",
+          "eval_seconds", "eval_cpu_seconds", "eval")
+  return {"robust": robust, "clean_accuracy": r["eval"]["clean_accuracy"],
+          **{k: v for k, v in r.items() if k not in skip}}
+
+
 def run_values(r, study):
   """One (row, seed)'s metrics -> {metric: value} (fractions, nats)."""
   topk = study["topk_entropy"]
@@ -957,10 +967,7 @@ def write_reports(rows, results, seeds_of, study, outdir, seeds, t_start, cpu_st
       "paired_vs_ce": {n: {m: paired(summary, n, f"{m}@{key}")
                            for m in ("paper", "standard", "pgd-ce", "bim-ce")}
                        for n in summary if n != "ce"},
-      "start_identical_across_seeds": (all(json.dumps(r["eval"]["robust"], sort_keys=True)
-                                           == json.dumps(start_runs[0]["eval"]["robust"],
-                                                         sort_keys=True)
-                                           and r["entropy"] == start_runs[0]["entropy"]
+      "start_identical_across_seeds": (all(outcome(r) == outcome(start_runs[0])
                                            for r in start_runs) if start_runs else None),
       "runs": {f"{n}/seed{s}": r for (n, s), r in sorted(results.items())},
       "totals_over_runs": totals,

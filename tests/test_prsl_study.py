@@ -74,8 +74,8 @@ def test_outputs_and_their_structure(study):
     suites = {"standard", "pgd-ce", "paper"}
     if key.startswith("prsl"):
       suites.add("bim-ce")
-    else:  # the start and CE models are also attacked through the PRSL row's loss
-      suites.add("bim@prsl_0_4_b1e-3")
+    else:  # the start and CE models are also attacked through every quick row's loss
+      suites |= {"bim@prsl_0_4_b1e-3", "bim@adv_prsl_0_4_b1e-1"}
     assert set(robust) == suites, key
     assert run["eval"]["checks_passed"], (key, run["eval"]["warnings"])
 
@@ -99,7 +99,11 @@ def test_start_row_equals_across_seeds(study):
   doc = study["doc"]
   assert doc["start_identical_across_seeds"] is True
   a, b = (_run_record(doc, "start", s) for s in SEEDS)
-  assert a["eval"]["robust"] == b["eval"]["robust"]
+  for suite, by_eps in a["eval"]["robust"].items():
+    for e, rec in by_eps.items():
+      other = b["eval"]["robust"][suite][e]
+      for field in ("robust_accuracy", "accuracy_after", "broken"):
+        assert rec[field] == other[field], (suite, e, field)
   assert (a["entropy"], a["spread_0_4"]) == (b["entropy"], b["spread_0_4"])
   assert a["param_change"] == b["param_change"] == 0.0
 
