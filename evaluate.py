@@ -11,12 +11,17 @@ Checkpoints (comma-separated, all in one table and one plot): a train.py run
 folder (config.json + checkpoints/: the newest checkpoint's params on the model
 its config.json names), a folder written by save_pretrained or transformers
 (config.json + model.safetensors), or a HuggingFace hub id (needs network or
-the hub cache). Datasets: 'digits' (embedded) or a prepared TFDS dataset.
+the hub cache). Datasets: 'digits' (embedded) or a TFDS dataset prepared as
+ArrayRecord (python -c "from prsl_jax import data; data.prepare('cifar10')").
 
 Suites (--suite, repeatable; each is its own cascade, reported side by side):
 standard (AutoAttack: APGD-CE, APGD-T, FAB-T, Square), fast (APGD-CE, APGD-T),
 pgd (PGD-CE, PGD-CW), paper (the paper's BIM-10 through the model's own training
 loss, read from the run's config or the export), or comma-separated attacks.
+Captioners (ViT + GPT-2; the kind is read from the checkpoint) are attacked on
+the token loss of their own clean caption: suites paper, strong (APGD-CE) and
+pgd; the record has caption change rates, keyword survival, BLEU-4/CIDEr and
+the diversity of generation; --target_caption adds a targeted attack.
 
 Writes into --outdir: results.json (all numbers, per-example outcomes, the exact
 command, package versions, seed and the evaluated subset), results.md (the
@@ -48,8 +53,10 @@ flags.DEFINE_string("split", "test", "Dataset split to draw the evaluation subse
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")
 flags.DEFINE_string("eps", "1/255,2/255,4/255",
                     "Budgets on [0, 1] pixels, comma-separated; fractions allowed.")
-flags.DEFINE_multi_string("suite", ["standard"], "A suite (standard, fast, pgd, paper) or "
-                          "comma-separated attacks; repeat for several cascades.")
+flags.DEFINE_multi_string("suite", None, "A suite (classifiers: standard, fast, pgd, "
+                          "paper; captioners: paper, strong, pgd) or comma-separated "
+                          "attacks; repeat for several cascades. Default: standard for "
+                          "classifiers, paper and strong for captioners.")
 flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
 flags.DEFINE_integer("num_examples", 1000, "Size of the seeded subset of the split "
                      "(0: the whole split).")
@@ -64,6 +71,10 @@ flags.DEFINE_integer("steps", None, "Iterations of APGD, APGD-T and FAB-T (per t
                      "PGD and BIM (default: 100; BIM 10).")
 flags.DEFINE_integer("square_queries", None, "Square attack queries (default 5000).")
 flags.DEFINE_integer("num_targets", None, "Targets of APGD-T and FAB-T (default 9).")
+flags.DEFINE_integer("max_length", None, "Captioners: generation length in tokens "
+                     "(default: the model's).")
+flags.DEFINE_string("target_caption", None, "Captioners: also attack toward this caption "
+                    "(targeted), e.g. 'a handwritten seven'.")
 flags.DEFINE_bool("allow_pickle", False, "Accept pytorch_model.bin checkpoints (a pickle "
                   "can run code).")
 flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in --outdir.")
@@ -75,7 +86,8 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
 FIELDS = ("checkpoint", "dataset", "split", "data_dir", "eps", "suite", "norm",
           "num_examples", "seed", "outdir", "templates", "batch_size", "steps",
-          "square_queries", "num_targets", "allow_pickle", "overwrite")
+          "square_queries", "num_targets", "allow_pickle", "overwrite", "max_length",
+          "target_caption")
 _DASHABLE = FIELDS + ("coordinator_address", "num_processes", "process_id")
 
 
@@ -92,7 +104,8 @@ def undash(argv):
 
 
 def parse_flags(argv):
-  return FLAGS(undash(argv))
+  """absl's parse of the undashed argv; a bad flag is one line and exit 2."""
+  return cli.parse_flags_or_exit(undash(argv))
 
 
 def settings():
@@ -115,6 +128,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_logs()
+  cli.setup_compilation_cache()
   from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
   from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
   s = settings()

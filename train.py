@@ -21,23 +21,21 @@ from prsl_jax import cli
 
 
 def _define_config_flag():
-  """--config, with a clear message for an override of a field the config lacks.
+  """--config, with a one-line message for an override of a field the config lacks.
 
   config_flags applies the --config.* overrides when the flag is defined, and a
-  missing field fails there with only the bare key ("'kk'"): name the argument.
+  missing field fails there with only the bare key ("'kk'"): name the argument
+  and the closest field.
   """
   default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
   try:
     return config_flags.DEFINE_config_file(
         "config", default,
         "Training config file (ml_collections get_config); override with --config.key=value.")
-  except (AttributeError, KeyError, ValueError) as e:
-    key = str(e).strip("\"'")
-    bad = [a for a in sys.argv[1:]
-           if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
-    what = f"unknown config key in {bad[0]!r}: the config has no field {key!r}" if bad else \
-        f"bad --config: {cli.one_line(e)[7:]}"
-    sys.exit(f"error: {what} (an override must name an existing field of the --config file)")
+  except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as e:
+    if "--debug" in sys.argv:
+      raise
+    cli.fail(cli.config_key_error(e, sys.argv))
 
 
 _CONFIG = _define_config_flag()
@@ -52,11 +50,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_logs()
+  cli.setup_compilation_cache()
   from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
   from prsl_jax import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
-  trainer.validate(config)  # a bad config stops before any compute
+  trainer.preflight(config, workdir)  # a bad config or workdir stops before any compute
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
   out = trainer.run(config, workdir)
@@ -69,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run(main, argv))
+  app.run(lambda argv: cli.run(main, argv), flags_parser=cli.parse_flags_or_exit)

@@ -5,8 +5,8 @@ r"""PGD L-inf attack throughput on a CLIP ViT-B/32-shaped vision tower, ours vs 
   python bench/attack_throughput.py --batch_sizes 8 --frameworks jax,torch
 
 What runs, per batch size, on the same random weights and images:
-  jax          prsl_jax.attacks.pgd through prsl_jax.zeroshot.logits, jitted
-               once per shape (float32 compute);
+  jax          prsl_jax.attacks.pgd through prsl_jax.zeroshot.Classifier, jitted
+               once per shape with the params as an argument (float32 compute);
   jax_bf16     the same with the model's compute dtype bfloat16 (params,
                logits and input gradients stay float32);
   torch        the same attack written in PyTorch (common.torch_pgd: same random
@@ -40,7 +40,6 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from prsl_jax import attacks  # pylint: disable=wrong-import-position
-from prsl_jax import zeroshot  # pylint: disable=wrong-import-position
 
 FRAMEWORKS = ("jax", "jax_bf16", "torch", "torchattacks")
 
@@ -70,30 +69,33 @@ def _ints(s):
   return [int(v) for v in s.split(",") if v.strip()]
 
 
-def jax_attack(clip, cls, steps, eps):
-  """Jitted (images, labels, key) -> adversarial images (PGD-`steps`, L-inf, CE)."""
-  def run(images, labels, key):
-    logits_fn = functools.partial(zeroshot.logits, clip, clip.params, cls)
-    return attacks.pgd(logits_fn, images, labels, key=key, eps=eps, steps=steps)
+def jax_attack(classify, steps, eps):
+  """Jitted (variables, images, labels, key) -> adversarial images (PGD-`steps`, L-inf, CE).
+
+  classify: a value-hashable model under attack (common.classifier), static.
+  """
+  def run(variables, images, labels, key):
+    return attacks.pgd(classify.bind(variables), images, labels, key=key, eps=eps,
+                       steps=steps)
   return jax.jit(run)
 
 
-def step_flops(clip, cls, images, labels):
+def step_flops(classify, variables, images, labels):
   """XLA's FLOP count of one attack step (value and input gradient of the CE sum)."""
-  def step(x):
-    logits_fn = functools.partial(zeroshot.logits, clip, clip.params, cls)
+  def step(variables, x):
+    logits_fn = classify.bind(variables)
     return jax.value_and_grad(lambda x: jnp.sum(attacks.ce_objective(logits_fn(x), labels)))(x)
-  def fwd(x):
-    return zeroshot.logits(clip, clip.params, cls, x)
+  def fwd(variables, x):
+    return classify(variables, x)
   out = {}
   for name, fn in (("step", step), ("forward", fwd)):
-    ca = jax.jit(fn).lower(images).compile().cost_analysis()
+    ca = jax.jit(fn).lower(variables, images).compile().cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     out[name] = float(ca.get("flops", float("nan")))
   return out
 
 
-def hot_path_checks(clip, cls, images, labels, steps, eps):
+def hot_path_checks(classify, variables, images, labels, steps, eps):
   """Structural checks of the jitted attack (cheap: tracing and lowering only).
 
   - host round trips: no callback primitives anywhere in the attack's jaxpr;
@@ -105,16 +107,16 @@ def hot_path_checks(clip, cls, images, labels, steps, eps):
   """
   import inspect  # pylint: disable=g-import-not-at-top
   from prsl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  def run(images, labels, key):
-    logits_fn = functools.partial(zeroshot.logits, clip, clip.params, cls)
-    return attacks.pgd(logits_fn, images, labels, key=key, eps=eps, steps=steps)
-  text = str(jax.make_jaxpr(run)(images, labels, jax.random.key(0)))
+  def run(variables, images, labels, key):
+    return attacks.pgd(classify.bind(variables), images, labels, key=key, eps=eps,
+                       steps=steps)
+  text = str(jax.make_jaxpr(run)(variables, images, labels, jax.random.key(0)))
   callbacks = [p for p in ("pure_callback", "io_callback", "debug_callback", "host_callback")
                if p in text]
-  hlo_1 = jax.jit(functools.partial(_with_steps, clip, cls, eps, 1)).lower(
-      images, labels, jax.random.key(0)).as_text()
-  hlo_n = jax.jit(functools.partial(_with_steps, clip, cls, eps, steps)).lower(
-      images, labels, jax.random.key(0)).as_text()
+  hlo_1 = jax_attack(classify, 1, eps).lower(
+      variables, images, labels, jax.random.key(0)).as_text()
+  hlo_n = jax_attack(classify, steps, eps).lower(
+      variables, images, labels, jax.random.key(0)).as_text()
   return {
       "host_callbacks_in_attack": callbacks,
       "loops_in_jaxpr": text.count("while[") + text.count("scan["),
@@ -124,16 +126,11 @@ def hot_path_checks(clip, cls, images, labels, steps, eps):
   }
 
 
-def _with_steps(clip, cls, eps, steps, images, labels, key):
-  logits_fn = functools.partial(zeroshot.logits, clip, clip.params, cls)
-  return attacks.pgd(logits_fn, images, labels, key=key, eps=eps, steps=steps)
-
-
 def recompile_check(cls, eps, steps):
   """Calls the jitted attack on two different batches/keys of one shape and
   counts backend compilations: expected exactly 1 (one per shape). Uses the
   --quick model: the check is structural and the same for any size."""
-  clip = common.make_clip(quick=True)
+  classify, variables = common.classifier(common.make_clip(quick=True), cls)
   count = []
   def listener(event, duration, **kw):
     del duration, kw
@@ -141,11 +138,11 @@ def recompile_check(cls, eps, steps):
       count.append(1)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    fn = jax_attack(clip, cls, steps, eps)
-    s = clip.config.vision.image_size
+    fn = jax_attack(classify, steps, eps)
+    s = classify.model.image_size
     for seed in (0, 1):
       x, y = common.images_and_labels(2, s, cls.shape[0], seed=seed)
-      common.block(fn(x, y, jax.random.key(seed)))
+      common.block(fn(variables, x, y, jax.random.key(seed)))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   return {"backend_compiles_for_2_calls_same_shape": len(count), "jit_cache_size": fn._cache_size()}  # pylint: disable=protected-access
@@ -183,9 +180,12 @@ def main(argv=None):
 
   clip = common.make_clip(args.quick)
   vision = common.QUICK_VISION if args.quick else common.VITB32_VISION
-  size = clip.config.vision.image_size
+  size = clip.model.image_size
   cls = common.class_embeddings(args.num_classes)
-  clip_bf16 = common.with_dtype(clip, jnp.bfloat16) if "jax_bf16" in frameworks else None
+  classify, variables = common.classifier(clip, cls)
+  classify_bf16 = None
+  if "jax_bf16" in frameworks:
+    classify_bf16, _ = common.classifier(common.with_dtype(clip, jnp.bfloat16), cls)
 
   torch_threads = None
   zs = ta_model = None
@@ -194,7 +194,8 @@ def main(argv=None):
     torch_threads = common.set_torch_threads(args.torch_threads or None)
     torch.manual_seed(0)
     zs = common.TorchZeroShot(common.torch_clip(clip, args.quick), np.asarray(cls),
-                              clip.config.vision.image_mean, clip.config.vision.image_std)
+                              clip.model.config.vision.image_mean,
+                              clip.model.config.vision.image_std)
   torchattacks = None
   if "torchattacks" in frameworks:
     try:
@@ -213,19 +214,19 @@ def main(argv=None):
   # Sanity: ours and torch's clean logits on the same weights and images.
   sanity = {}
   x8, y8 = common.images_and_labels(batch_sizes[0], size, args.num_classes)
-  ours = np.asarray(jax.jit(functools.partial(zeroshot.logits, clip, clip.params, cls))(x8))
+  ours = np.asarray(jax.jit(classify)(variables, x8))
   if zs is not None:
     import torch  # pylint: disable=g-import-not-at-top
     with torch.no_grad():
       theirs = zs(common.nchw(x8)).numpy()
     sanity["max_abs_logit_diff_jax_vs_torch"] = float(np.abs(ours - theirs).max())
     sanity["same_argmax_fraction"] = float(np.mean(ours.argmax(-1) == theirs.argmax(-1)))
-  if clip_bf16 is not None:
-    ours16 = np.asarray(jax.jit(functools.partial(zeroshot.logits, clip_bf16, clip.params, cls))(x8))
+  if classify_bf16 is not None:
+    ours16 = np.asarray(jax.jit(classify_bf16)(variables, x8))
     sanity["max_abs_logit_diff_bf16_vs_f32"] = float(np.abs(ours16 - ours).max())
   sanity["max_abs_logit"] = float(np.abs(ours).max())
 
-  flops = step_flops(clip, cls, x8, y8)
+  flops = step_flops(classify, variables, x8, y8)
   per_image = {
       "step_flops_xla": flops["step"] / batch_sizes[0],
       "forward_flops_xla": flops["forward"] / batch_sizes[0],
@@ -236,7 +237,7 @@ def main(argv=None):
   per_image["attack_flops_analytic"] = float(
       common.attack_flops_per_image(vision, args.steps, args.num_classes))
 
-  checks = hot_path_checks(clip, cls, x8, y8, args.steps, args.eps)
+  checks = hot_path_checks(classify, variables, x8, y8, args.steps, args.eps)
   checks.update(recompile_check(cls, args.eps, args.steps))
 
   results = []
@@ -247,14 +248,15 @@ def main(argv=None):
     if "jax" in frameworks:
       t0 = time.perf_counter()
       # AOT: compile once for this shape, outside the timed calls.
-      exe = jax_attack(clip, cls, args.steps, args.eps).lower(x, y, key).compile()
+      exe = jax_attack(classify, args.steps, args.eps).lower(variables, x, y, key).compile()
       compile_s["jax"] = time.perf_counter() - t0
-      fns["jax"] = functools.partial(exe, x, y, key)
+      fns["jax"] = functools.partial(exe, variables, x, y, key)
     if "jax_bf16" in frameworks and b in extra:
       t0 = time.perf_counter()
-      exe16 = jax_attack(clip_bf16, cls, args.steps, args.eps).lower(x, y, key).compile()
+      exe16 = jax_attack(classify_bf16, args.steps, args.eps).lower(
+          variables, x, y, key).compile()
       compile_s["jax_bf16"] = time.perf_counter() - t0
-      fns["jax_bf16"] = functools.partial(exe16, x, y, key)
+      fns["jax_bf16"] = functools.partial(exe16, variables, x, y, key)
     if "torch" in frameworks or "torchattacks" in frameworks:
       import torch  # pylint: disable=g-import-not-at-top
       xt, yt = common.nchw(x), torch.from_numpy(y).long()

@@ -22,6 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from prsl_jax import compilation  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The XLA:CPU settings train.py and evaluate.py use (prsl_jax/compilation.py),
+# set before JAX starts its backend, so the benchmarks measure what users run.
+compilation.set_cpu_flags()
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
@@ -149,6 +155,18 @@ def _json_default(x):
   return str(x)
 
 
+def wait_for_quiet(max_load=1.0, timeout_s=240):
+  """Sleeps until the 1-minute load average is below max_load (at most timeout_s).
+
+  Returns the load average then: a timed run starts on a settled machine, and
+  the figure is recorded beside it.
+  """
+  t0 = time.time()
+  while os.getloadavg()[0] >= max_load and time.time() - t0 < timeout_s:
+    time.sleep(5)
+  return os.getloadavg()[0]
+
+
 def block(x):
   """Waits for every array in the pytree x (jax or torch) to be computed."""
   return jax.block_until_ready(x)
@@ -235,18 +253,34 @@ def _clip_cached(quick, dtype_name, remat, seed):
 
 
 def make_clip(quick=False, dtype=jnp.float32, remat=False, seed=0):
-  """Random-weight prsl_jax CLIP of the benchmark shape (cached per setting)."""
+  """Random-weight CLIP of the benchmark shape: prsl_jax.Pretrained(model, params, None).
+
+  Cached per setting. model is the static part (prsl_jax.models.clip.CLIP), params
+  a float32 pytree passed to every function as an argument.
+  """
   return _clip_cached(bool(quick), jnp.dtype(dtype).name, bool(remat), seed)
 
 
-def with_dtype(clip, dtype, remat=False):
-  """The same params under another compute dtype / remat setting."""
-  from prsl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
+def with_dtype(pretrained, dtype, remat=False):
+  """The same params on a model with another compute dtype / remat setting."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  config = dataclasses.replace(clip.config, dtype=jnp.dtype(dtype), remat=remat)
-  return convert.CLIP(module=clip_lib.CLIPModule(config), params=clip.params, config=config,
-                      tokenizer=clip.tokenizer)
+  import prsl_jax  # pylint: disable=g-import-not-at-top
+  from prsl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  model = clip_lib.CLIP(dataclasses.replace(pretrained.model.config, dtype=jnp.dtype(dtype),
+                                            remat=remat))
+  return prsl_jax.Pretrained(model, pretrained.params, pretrained.tokenizer)
+
+
+def classifier(pretrained, class_emb):
+  """(zeroshot.Classifier(model), variables): the zero-shot model under attack.
+
+  The classifier is a value-hashable fn(variables, images (B, S, S, 3) in [0, 1])
+  -> (B, C) logits; variables = {"params", "class_emb"} is a jit argument, so
+  the params are never baked into a compiled program as constants.
+  """
+  from prsl_jax import zeroshot  # pylint: disable=g-import-not-at-top
+  return (zeroshot.Classifier(pretrained.model),
+          {"params": pretrained.params, "class_emb": class_emb})
 
 
 def class_embeddings(num_classes, dim=512, seed=1):
@@ -271,13 +305,14 @@ def set_torch_threads(n=None):
   return n
 
 
-def torch_clip(clip, quick=False):
-  """transformers' PyTorch CLIPModel holding exactly the params of `clip`, eval mode."""
+def torch_clip(pretrained, quick=False):
+  """transformers' PyTorch CLIPModel holding exactly the params of `pretrained`, eval mode."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
   model = transformers.CLIPModel(hf_config(quick))
-  state = {k: torch.from_numpy(v) for k, v in convert.to_hf_state_dict(clip.params, clip.config).items()}
+  state = {k: torch.from_numpy(v) for k, v in
+           convert.to_hf_state_dict(pretrained.params, pretrained.model).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)
   # Buffers such as position_ids are not params; any real weight left out is a bug.
   real_missing = [k for k in missing if not k.endswith("position_ids")]

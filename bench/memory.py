@@ -111,25 +111,29 @@ def child(setting, args):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   clip = common.make_clip(args.quick, dtype=jnp.dtype(dtype), remat=remat)
   cls = common.class_embeddings(args.num_classes)
-  x, y = common.images_and_labels(batch, clip.config.vision.image_size, args.num_classes)
+  x, y = common.images_and_labels(batch, clip.model.image_size, args.num_classes)
   if framework == "jax":
     import attack_throughput  # pylint: disable=g-import-not-at-top
     key = jax.random.key(0)
-    exe = attack_throughput.jax_attack(clip, cls, args.steps, args.eps).lower(x, y, key).compile()
+    classify, variables = common.classifier(clip, cls)
+    exe = attack_throughput.jax_attack(classify, args.steps, args.eps).lower(
+        variables, x, y, key).compile()
     out["xla_memory_analysis"] = _memory_analysis(exe)
     if args.compare_steps and setting == args.first_jax:
-      exe_n = attack_throughput.jax_attack(clip, cls, args.compare_steps, args.eps).lower(
-          x, y, key).compile()
+      exe_n = attack_throughput.jax_attack(classify, args.compare_steps, args.eps).lower(
+          variables, x, y, key).compile()
       out[f"xla_memory_analysis_steps_{args.compare_steps}"] = _memory_analysis(exe_n)
       del exe_n
+    variables = jax.device_put(variables)
     xd = jax.device_put(x)
     yd = jax.device_put(y)
-    run = lambda: jax.block_until_ready(exe(xd, yd, key))
+    run = lambda: jax.block_until_ready(exe(variables, xd, yd, key))
   elif framework == "torch":
     import torch  # pylint: disable=g-import-not-at-top
     common.set_torch_threads()
     zs = common.TorchZeroShot(common.torch_clip(clip, args.quick), np.asarray(cls),
-                              clip.config.vision.image_mean, clip.config.vision.image_std)
+                              clip.model.config.vision.image_mean,
+                              clip.model.config.vision.image_std)
     xt, yt = common.nchw(x), torch.from_numpy(y).long()
     run = lambda: common.torch_pgd(zs, xt, yt, eps=args.eps, steps=args.steps)
   else:

@@ -10,3 +10,7 @@ __version__ = "0.2.0"
 # The tiny CLIP bundled with the package, in HuggingFace format (made by
 # scripts/pretrain_tiny_clip.py): the embedded default's starting model.
 TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_clip")
+# The tiny ViT + GPT-2 captioner bundled with the package (made by
+# scripts/pretrain_tiny_captioner.py): the captioning default's starting model.
+TINY_CAPTIONER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                              "tiny_captioner")

@@ -3,44 +3,165 @@
 Layout: <workdir>/checkpoints/<step>/{state, data}; `state` is the pytree
 {"params", "opt", "step", "rng"}, `data` the grain iterator state (JSON).
 Orbax writes each step into a temporary folder and renames it when complete, so a
-run killed mid-save leaves no half checkpoint behind; a checkpoint damaged
-afterwards is skipped with a warning in favour of the one before it.
+run killed mid-save leaves no half checkpoint behind (a leftover
+`<step>.orbax-checkpoint-tmp` is removed when the next run opens the folder, and
+an interrupted run waits for its save and removes its own). A checkpoint damaged
+afterwards is skipped with a warning in favour of the one before it, and set
+aside as `<step>.unreadable` (renamed, never deleted): otherwise the manager
+would never save that step again (it skips steps not newer than its latest) and
+would garbage-collect the good ones before it.
+
+A save that fails (read-only folder, full disk) raises CheckpointSaveError, an
+OSError naming the folder, at the next save or at `finish`.
 """
 
 import json
 import os
+import shutil
 import warnings
+import weakref
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 
+UNREADABLE = ".unreadable"  # suffix of a step folder set aside by restore_latest
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written; the run stops (earlier checkpoints are kept)."""
+
+
+def _save_error(mgr, what, e):
+  return CheckpointSaveError(
+      f"checkpoint save {what} in {mgr.directory} failed ({type(e).__name__}: "
+      f"{' '.join(str(e).split())[:300]}); the run stops here, earlier checkpoints are "
+      "kept. Make the folder writable or free space, then rerun the same command to "
+      "resume")
+
+
+def check_writable(workdir: str):
+  """Fails before compute if workdir/checkpoints cannot be created or written."""
+  path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise NotADirectoryError(f"cannot write checkpoints under {workdir!r}: {existing} is a "
+                             "file; choose another workdir")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f"cannot write checkpoints in {path}: {existing} is not writable; "
+                          "fix its permissions or choose another workdir")
+
+
+# Managers made by `manager` and not yet finished: `finish_open` completes them
+# when a run is interrupted between saves.
+_OPEN = weakref.WeakSet()
+
+
 def manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
   path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(path, options=options, item_names=("state", "data"))
+  # cleanup_tmp_directories: a save interrupted by a kill leaves its temporary
+  # folder; the next manager on the folder removes it.
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         cleanup_tmp_directories=True)
+  mgr = ocp.CheckpointManager(path, options=options, item_names=("state", "data"))
+  _OPEN.add(mgr)
+  return mgr
 
 
 def save(mgr: ocp.CheckpointManager, state, data_state: dict):
+  """Starts an async save of `state` at its step; raises CheckpointSaveError for a
+  failure of this save's synchronous part or of an earlier save."""
   step = int(jax.device_get(state["step"]))
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         data=ocp.args.JsonSave(data_state)))
+  try:
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           data=ocp.args.JsonSave(data_state)))
+  except Exception as e:  # pylint: disable=broad-except  # PermissionError, ENOSPC, orbax's
+    raise _save_error(mgr, f"at step {step} (or an earlier one)", e) from e
 
 
-def restore_latest(mgr: ocp.CheckpointManager, abstract_state):
-  """Restores the newest readable checkpoint.
+def _remove_tmp_dirs(mgr):
+  if jax.process_index() != 0:
+    return
+  folder = os.fspath(mgr.directory)
+  for name in os.listdir(folder) if os.path.isdir(folder) else ():
+    if name.endswith(".orbax-checkpoint-tmp"):
+      shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def finish(mgr: ocp.CheckpointManager, *, interrupted: bool = False):
+  """Waits for the pending save and closes the manager.
+
+  Args:
+    mgr: from `manager`.
+    interrupted: the run is stopping on Ctrl-C: wait for the save in flight (a
+      second Ctrl-C abandons it), then remove any temporary folder it left.
+
+  Raises:
+    CheckpointSaveError: a save failed. The manager is not closed then: closing
+      joins orbax's threads, which wait for signals the failed save never sends
+      (the CLIs exit without them).
+  """
+  _OPEN.discard(mgr)
+  try:
+    mgr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    if interrupted:
+      return
+    raise _save_error(mgr, "in the background", e) from e
+  mgr.close()
+  if interrupted:
+    _remove_tmp_dirs(mgr)
+
+
+def finish_open(*, interrupted: bool = True):
+  """`finish` every manager still open (a run stopped by Ctrl-C between saves)."""
+  for mgr in list(_OPEN):
+    finish(mgr, interrupted=interrupted)
+
+
+def _set_aside(mgr, steps):
+  """Renames unreadable step folders to <step>.unreadable[.N]; returns the new paths."""
+  moved = []
+  if jax.process_index() == 0:
+    folder = os.fspath(mgr.directory)
+    for step in steps:
+      src = os.path.join(folder, str(step))
+      if not os.path.isdir(src):
+        continue
+      dst, n = src + UNREADABLE, 1
+      while os.path.exists(dst):
+        dst, n = f"{src}{UNREADABLE}.{n}", n + 1
+      os.rename(src, dst)
+      moved.append(dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("prsl_jax.checkpoints.set_aside")
+  mgr.reload()
+  return moved
+
+
+def restore_latest_info(mgr: ocp.CheckpointManager, abstract_state, *,
+                        set_aside: bool = True):
+  """Restores the newest readable checkpoint, setting aside newer unreadable ones.
 
   Args:
     mgr: from `manager`.
     abstract_state: pytree of jax.ShapeDtypeStruct (with shardings) like the state.
+    set_aside: rename the step folders newer than the restored one (they failed
+      to restore with the same abstract state, so they are damaged) to
+      `<step>.unreadable`, so that the run saves those steps again and keeps the
+      good checkpoints.
 
   Returns:
-    (state, data_state), or None when the workdir has no checkpoint.
+    dict(state, data, step, unreadable: [(step, error)], set_aside: [paths]), or
+    None when the workdir has no checkpoint.
 
   Raises:
     ValueError: when checkpoints exist but none can be read (e.g. they belong to a
-      different model or config); nothing is deleted.
+      different model or config); nothing is renamed or deleted.
   """
   steps = sorted(mgr.all_steps(), reverse=True)
   errors = []
@@ -48,22 +169,32 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state):
     try:
       out = mgr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      if errors:
-        warnings.warn(f"checkpoint(s) unreadable, resumed from step {step} instead: "
-                      + "; ".join(errors))
-      return out["state"], out["data"]
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+      errors.append((step, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+      continue
+    moved = _set_aside(mgr, [s for s, _ in errors]) if errors and set_aside else []
+    if errors:
+      where = f"; set aside as {', '.join(moved)}" if moved else ""
+      warnings.warn(f"checkpoint(s) unreadable, resumed from step {step} instead"
+                    f"{where}: " + "; ".join(f"step {s}: {m}" for s, m in errors))
+    return dict(state=out["state"], data=out["data"], step=step, unreadable=errors,
+                set_aside=moved)
   if errors:
     raise ValueError(
         f"no checkpoint in {mgr.directory} could be restored for this config (different "
         f"model or optimizer?). Use a new workdir; nothing was deleted. Errors: "
-        + " | ".join(errors))
+        + " | ".join(f"step {s}: {m}" for s, m in errors))
   return None
 
 
-def restore_params(workdir: str, model=None):
-  """Params of the newest checkpoint in a training workdir, as host numpy arrays.
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state):
+  """(state, data_state) of the newest readable checkpoint, or None (restore_latest_info)."""
+  info = restore_latest_info(mgr, abstract_state)
+  return None if info is None else (info["state"], info["data"])
+
+
+def restore_params_and_step(workdir: str, model=None):
+  """(params, step) of the newest readable checkpoint in a training workdir.
 
   Args:
     workdir: a train.py workdir (has checkpoints/<step>/state).
@@ -71,12 +202,15 @@ def restore_params(workdir: str, model=None):
       checkpoint must match.
 
   Returns:
-    the params pytree.
+    (params pytree of host numpy arrays, the step they were saved at). An
+    unreadable newer checkpoint is skipped with a warning (nothing is renamed:
+    evaluation only reads).
   """
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoints folder in workdir {workdir!r}")
-  mgr = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "data"))
+  mgr = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "data"),
+                              options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(mgr.all_steps(), reverse=True)
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {path!r}")
@@ -86,7 +220,8 @@ def restore_params(workdir: str, model=None):
       params = jax.tree.map(np.asarray, state["state"]["params"])
       break
     except Exception as e:  # pylint: disable=broad-except
-      warnings.warn(f"checkpoint step {step} in {path} unreadable ({e}); trying older")
+      warnings.warn(f"checkpoint step {step} in {path} unreadable "
+                    f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); trying older")
   else:
     raise ValueError(f"no readable checkpoint in {path!r}")
   if model is not None:
@@ -94,7 +229,12 @@ def restore_params(workdir: str, model=None):
     got = jax.tree.map(np.shape, params)
     if want != got:
       raise ValueError(f"checkpoint params in {workdir!r} do not match the model config")
-  return params
+  return params, step
+
+
+def restore_params(workdir: str, model=None):
+  """Params of the newest readable checkpoint in a training workdir (host numpy)."""
+  return restore_params_and_step(workdir, model)[0]
 
 
 def check_workdir(workdir: str):

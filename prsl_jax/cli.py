@@ -1,45 +1,191 @@
 """What train.py and evaluate.py share: user errors as one line, and quiet logs.
 
 A user error (a bad flag or config value, a missing or broken checkpoint, an
-unprepared dataset) prints one line naming the problem and the fix, and exits
-with status 2, no traceback; --debug shows the traceback. Ctrl-C exits 130.
+unprepared dataset, a checkpoint that cannot be written) prints one line naming
+the problem and the fix, and exits with status 2, no traceback; --debug shows
+the traceback. A misspelt flag or --config.key is one line too. Warnings are
+one line each. Ctrl-C prints one line and exits 130.
+
+The process ends promptly: when background threads are still alive at the end
+(orbax's checkpoint writers after a failed save wait for signals that never
+come), they get a few seconds, then the process exits without them.
 """
 
+import difflib
+import logging as std_logging
+import os
+import re
 import sys
+import threading
+import time
 import traceback
+import warnings
 
+from absl import app
 from absl import flags
 from absl import logging
 
 # Exceptions that mean "the input is wrong", not "prsl_jax is broken".
+# FloatingPointError: the trainer's NaN guard ("loss is nan at step N"), which
+# names the step and the checkpoint kept.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               IsADirectoryError, PermissionError, OSError, KeyError)
+               IsADirectoryError, PermissionError, OSError, KeyError, FloatingPointError)
 
 DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an error.")
+COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled programs in JAX's persistent cache, so the "
+    "next run of the same shapes starts at once (--nocompilation_cache: off).")
+COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Where (default: $PRSL_JAX_CACHE, else "
+    "~/.cache/prsl_jax/jax).")
+
+
+def setup_compilation_cache():
+  """The XLA:CPU settings and the persistent compilation cache (unless
+  --nocompilation_cache); call before anything runs on a device."""
+  from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
+  compilation.set_cpu_flags()
+  if COMPILATION_CACHE.value:
+    return compilation.enable_cache(COMPILATION_CACHE_DIR.value)
+  compilation.disable_cache()
+  return None
+
+# Seconds background threads get to finish once main() is done.
+EXIT_GRACE_S = 5.0
+# Longest message printed; TFDS's "not found" lists every dataset it knows.
+MAX_CHARS = 1500
+
+
+def _debug():
+  try:
+    return bool(DEBUG.value)
+  except flags.UnparsedFlagAccessError:
+    return "--debug" in sys.argv
+
+
+class _DropLibraryErrors(std_logging.Filter):
+  """orbax logs each failed background write as an ERROR with a traceback; the
+  same failure reaches the user as one line (prsl_jax.checkpoints), so its log
+  records are kept for --debug and --verbosity only."""
+
+  def filter(self, record):
+    return "/orbax/" not in (record.pathname or "").replace(os.sep, "/")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+  del filename, lineno, line
+  return f"warning: {' '.join(str(message).split())} ({category.__name__})\n"
 
 
 def quiet_logs():
   """orbax and TFDS log every step at INFO; keep the console to progress and tables."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+    if not _debug():
+      logging.get_absl_handler().addFilter(_DropLibraryErrors())
+  if not _debug():
+    warnings.formatwarning = _one_line_warning
 
 
 def one_line(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, KeyError):
     text = f"missing key {text}"
+  if len(text) > MAX_CHARS:
+    text = text[:MAX_CHARS] + " ... (--debug for all of it)"
   return f"error: {text}"
+
+
+def exit_now(code: int):
+  """sys.exit(code); after an error, os._exit once non-daemon threads outlive a grace.
+
+  A failed orbax save leaves threads waiting (for up to orbax's coordination
+  timeout) for signals its failed step never sends; interpreter shutdown would
+  join them, so a batch job would hang instead of failing.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if code == 0:
+    sys.exit(0)  # a finished run closed its checkpoint managers: nothing is left waiting
+  def alive():
+    return [t.name for t in threading.enumerate()
+            if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+  deadline = time.time() + EXIT_GRACE_S
+  while alive() and time.time() < deadline:
+    time.sleep(0.05)  # not Thread.join: orbax's threads override it to raise on timeout
+  if alive():
+    if _debug():
+      print(f"background threads {alive()[:4]} still running after {EXIT_GRACE_S:.0f} s; "
+            "exiting without them", file=sys.stderr, flush=True)
+    logging.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
+def fail(message: str, code: int = 2):
+  """One line on stderr, exit `code`."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  exit_now(code)
+
+
+def flag_error_line(e: BaseException) -> str:
+  """absl's flag errors ("Unknown command line flag 'x'. Did you mean: y ?") -> one line."""
+  text = " ".join(str(e).split())
+  m = re.search(r"Unknown command line flag '([^']+)'(?:\. Did you mean: ([^?]+?) ?\?)?", text)
+  if m:
+    name, close = m.group(1), (m.group(2) or "").strip()
+    hint = f" (did you mean --{close.split(',')[0].strip()}?)" if close else ""
+    return f"unknown flag --{name}{hint}; --helpshort lists the flags"
+  return f"{text}; --helpshort lists the flags"
+
+
+def parse_flags_or_exit(argv, parse=None):
+  """absl flags_parser: a bad flag is one line and exit 2 (absl prints usage, exit 1)."""
+  try:
+    return (parse or flags.FLAGS)(argv)
+  except flags.Error as e:
+    if "--debug" in argv:
+      traceback.print_exc()
+    fail(flag_error_line(e))
+
+
+def config_key_error(e: BaseException, argv, field_names=()) -> str:
+  """The one line for a --config.key override the config has no field for."""
+  text = " ".join(str(e).replace("\\n", " ").replace("\\", "").split())
+  keys = re.findall(r"'([A-Za-z_][\w]*)'", text)
+  key = keys[0] if keys else text.strip("\"' ")
+  bad = [a for a in argv[1:] if a.startswith("--config.")
+         and key in a.split("=", 1)[0][len("--config."):].split(".")]
+  m = re.search(r'Did you mean "([^"]+)"', text)
+  close = m.group(1) if m else None
+  if close is None and field_names:
+    near = difflib.get_close_matches(key, list(field_names), n=1)
+    close = near[0] if near else None
+  hint = f" (did you mean {close!r}?)" if close else ""
+  if bad:
+    return (f"unknown config key in {bad[0]!r}: the config has no field {key!r}{hint}; "
+            "an override must name an existing field of the --config file")
+  return f"bad --config: {text}"
 
 
 def run(main, argv):
   """Calls main(argv); turns user errors into one line on stderr and exit status 2."""
   try:
-    return main(argv)
+    main(argv)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
-    sys.exit(130)
+    exit_now(130)
   except USER_ERRORS as e:
-    if DEBUG.value:
+    if _debug():
       traceback.print_exc()
     print(one_line(e), file=sys.stderr, flush=True)
-    sys.exit(2)
+    exit_now(2)
+  except app.UsageError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    exit_now(2)
+  except SystemExit:
+    raise
+  except BaseException:  # pylint: disable=broad-except  # a bug: traceback, then exit promptly
+    traceback.print_exc()
+    exit_now(1)
+  exit_now(0)

@@ -14,6 +14,7 @@ or 1 process and 2, train on the same numbers.
 """
 
 import functools
+import os
 
 import grain
 import numpy as np
@@ -70,13 +71,25 @@ class DigitsSource:
   def labels(self):
     return self._labels
 
+  def references(self, i):
+    """Reference captions of example i: its class name in every caption template."""
+    return [t.format(DIGIT_NAMES[self._labels[i]]) for t in DIGIT_CAPTIONS]
+
+  def keyword(self, i):
+    """The word a caption of example i should contain: its class name."""
+    return DIGIT_NAMES[self._labels[i]]
+
 
 class _TfdsSource:
   """A tfds.data_source with CLIP preprocessing applied on read."""
 
-  def __init__(self, source, image_size, image_key, label_key, caption_fn):
+  def __init__(self, source, image_size, image_key, label_key, caption_fn,
+               references_fn=None):
     self._source, self._size = source, image_size
     self._image_key, self._label_key, self._caption_fn = image_key, label_key, caption_fn
+    if references_fn is not None:
+      # Captions to score generated ones against (read without decoding the image).
+      self.references = lambda i: references_fn(self._source[i])
 
   def __len__(self):
     return len(self._source)
@@ -92,14 +105,19 @@ class _TfdsSource:
     return out
 
 
+def _coco_references(rec):
+  return [t.decode() if isinstance(t, bytes) else str(t) for t in rec["captions"]["text"]]
+
+
 def _coco_caption(rec):
-  texts = rec["captions"]["text"]
-  return (texts[0].decode() if isinstance(texts[0], bytes) else str(texts[0]))
+  # The first of COCO's (about five) captions: a fixed training target.
+  return _coco_references(rec)[0]
 
 
 # Per-dataset record layout for TFDS sets whose keys are not image/label.
 _TFDS_KEYS = {
-    "coco_captions": dict(image_key="image", label_key=None, caption_fn=_coco_caption),
+    "coco_captions": dict(image_key="image", label_key=None, caption_fn=_coco_caption,
+                          references_fn=_coco_references),
 }
 
 
@@ -108,7 +126,8 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
 
   Args:
     name: 'digits' (embedded, no download) or a TFDS name ('cifar10', ...), which
-      must already be prepared in `data_dir` (nothing is downloaded here).
+      must already be prepared as ArrayRecord in `data_dir` (nothing is
+      downloaded here; see `prepare`).
     split: 'train'/'test' or any TFDS split string.
     image_size: the model's input resolution S.
     data_dir: TFDS data directory (None: TFDS's default).
@@ -123,16 +142,79 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
   try:
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises several types for a missing dataset.
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} split {split!r} is not prepared in data_dir={data_dir!r} "
-        f"(prsl_jax never downloads data: run `tfds build {name}` or "
-        f"tfds.builder({name!r}).download_and_prepare() first): {e}") from e
-  keys = _TFDS_KEYS.get(name, dict(image_key="image", label_key="label", caption_fn=None))
+    raise not_available_error(name, split, data_dir, e) from e
+  keys = _TFDS_KEYS.get(name.split(":")[0].split("/")[0],
+                        dict(image_key="image", label_key="label", caption_fn=None))
   class_names = None
   if keys["label_key"] is not None:
     from prsl_jax import classnames  # pylint: disable=g-import-not-at-top
     class_names = classnames.get(name, src.dataset_info.features[keys["label_key"]].names)
   return _TfdsSource(src, image_size, **keys), class_names
+
+
+def prepare_command(name: str, data_dir=None) -> str:
+  """The shell command that prepares a TFDS dataset the way `load` reads it."""
+  dd = f", data_dir={data_dir!r}" if data_dir else ""
+  return (f"python -c \"from prsl_jax import data; data.prepare({name!r}{dd})\"")
+
+
+def not_available_error(name, split, data_dir, e) -> Exception:
+  """The one-line error for a TFDS dataset tfds.data_source cannot open, with the fix."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  text = " ".join(str(e).split())
+  if isinstance(e, tfds.core.registered.DatasetNotFoundError) or "not found" in text[:200]:
+    import difflib  # pylint: disable=g-import-not-at-top
+    try:
+      close = difflib.get_close_matches(name.split("/")[0].split(":")[0],
+                                        tfds.list_builders(with_community_datasets=False), n=3)
+    except Exception:  # pylint: disable=broad-except
+      close = []
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ValueError(f"unknown dataset {name!r}{hint}: give 'digits' (embedded) or the "
+                      "name of a TFDS dataset prepared as ArrayRecord")
+  import re  # pylint: disable=g-import-not-at-top
+  at = re.search(r"already prepared at (\S+) in the FileFormat.TFRECORD", text)
+  if at and os.path.isdir(at.group(1)) and any(".tfrecord" in f for f in os.listdir(at.group(1))):
+    return FileNotFoundError(
+        f"TFDS dataset {name!r} in data_dir={data_dir!r} is prepared as TFRecord, which "
+        f"tfds.data_source cannot read; delete {at.group(1)} (or choose another data_dir) "
+        f"and prepare it as ArrayRecord: {prepare_command(name, data_dir)}")
+  return FileNotFoundError(
+      f"TFDS dataset {name!r} split {split!r} is not prepared in data_dir={data_dir!r} "
+      f"(prsl_jax never downloads data at run time); prepare it once as ArrayRecord: "
+      f"{prepare_command(name, data_dir)} (TFDS needs tensorflow to write most datasets: "
+      "pip install tensorflow-cpu)" + ("" if "TFRECORD" in text else f". TFDS said: {text[:300]}"))
+
+
+def prepare(name: str, *, data_dir=None, **builder_kwargs):
+  """Downloads and prepares a TFDS dataset in the format `load` reads (ArrayRecord).
+
+  `tfds build NAME` writes TFRecord by default, which tfds.data_source refuses,
+  and in TFDS 4.9 its command line also needs apache_beam and tensorflow. This
+  is the builder API with file_format="array_record". Writing images encoded
+  from arrays (cifar10 and most image sets) needs tensorflow installed
+  (`pip install tensorflow-cpu`); prsl_jax itself never imports it.
+
+  Args:
+    name: TFDS name, e.g. "cifar10" or "cifar10:3.0.2".
+    data_dir: where to write (None: TFDS's default, ~/tensorflow_datasets).
+    **builder_kwargs: passed to tfds.builder (e.g. config=...).
+
+  Returns:
+    the builder's data_dir (the prepared version's folder).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record",
+                         **builder_kwargs)
+  try:
+    builder.download_and_prepare()
+  except ModuleNotFoundError as e:
+    if e.name and e.name.split(".")[0] == "tensorflow":
+      raise ModuleNotFoundError(
+          f"preparing {name!r} needs tensorflow (TFDS encodes its images with it): "
+          "pip install tensorflow-cpu, then run this again", name=e.name) from e
+    raise
+  return builder.data_dir
 
 
 def check_available(name: str, split: str, *, data_dir=None):

@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prsl_jax import attacks
+from prsl_jax import compilation
 from prsl_jax import data as data_lib
 from prsl_jax import losses
 from prsl_jax import progress
@@ -102,46 +103,61 @@ class Attack:
 
 
 def _apgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name):
-    del axis_name
+  def run(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
+    del axis_name, target
     return attacks.apgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
-                        restarts=a.restarts)
+                        restarts=a.restarts, max_iterations=iterations)
   return run
 
 
 def _pgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name):
-    del axis_name
+  def run(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
+    del axis_name, target
     return attacks.pgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
-                       restarts=a.restarts)
+                       restarts=a.restarts, max_iterations=iterations)
   return run
 
 
-def _apgd_t(a, fn, x, y, keys, eps, norm, axis_name):
+def target_class(fn, x, y, index, num_targets):
+  """(B,) the index-th most likely wrong class of the clean logits (index traced).
+
+  AutoAttack's order (autopgd_base.py, fab_base.py): target 0 is the runner-up.
+  """
+  top = attacks.core.top_wrong_classes(fn(x), y, num_targets)
+  return jnp.take_along_axis(top, jnp.broadcast_to(index, y.shape)[:, None], axis=1)[:, 0]
+
+
+def _apgd_t(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
   del axis_name
+  t = target_class(fn, x, y, target, a.num_targets)
   return attacks.apgd_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                               num_targets=a.num_targets, restarts=a.restarts)
+                               restarts=a.restarts, target_labels=t,
+                               max_iterations=iterations)
 
 
-def _fab_t(a, fn, x, y, keys, eps, norm, axis_name):
+def _fab_t(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
   del axis_name
+  t = target_class(fn, x, y, target, a.num_targets)
   return attacks.fab_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                              num_targets=a.num_targets, restarts=a.restarts)
+                              restarts=a.restarts, target_labels=t,
+                              max_iterations=iterations)
 
 
-def _square(a, fn, x, y, keys, eps, norm, axis_name):
-  del axis_name
-  return attacks.square(fn, x, y, key=keys, eps=eps, queries=a.queries, norm=norm)
+def _square(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
+  del axis_name, target
+  return attacks.square(fn, x, y, key=keys, eps=eps, queries=a.queries, norm=norm,
+                        max_iterations=iterations)
 
 
-def _fgsm(a, fn, x, y, keys, eps, norm, axis_name):
-  del a, keys, norm, axis_name  # deterministic, L-inf only (checked up front)
+def _fgsm(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
+  del a, keys, norm, axis_name, target, iterations  # one step; L-inf only (checked)
   return attacks.fgsm(fn, x, y, eps=eps)
 
 
-def _bim(a, fn, x, y, keys, eps, norm, axis_name):
-  del keys, norm  # deterministic, L-inf only (checked up front)
-  return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=a.objective(axis_name))
+def _bim(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
+  del keys, norm, target  # deterministic, L-inf only (checked up front)
+  return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=a.objective(axis_name),
+                     max_iterations=iterations)
 
 
 ATTACKS = {
@@ -160,6 +176,9 @@ BLACK_BOX = frozenset({"square"})
 LINF_ONLY = frozenset({"fgsm", "bim"})
 # The paper's protocol ('bim') and FGSM never draw random numbers.
 DETERMINISTIC = frozenset({"fgsm", "bim"})
+# Run as AutoAttack runs them: one target at a time, each target only on the
+# points every earlier target (and attack) failed on.
+TARGETED = frozenset({"apgd-t", "fab-t"})
 
 SUITES = {
     # AutoAttack's standard version: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square.
@@ -296,20 +315,26 @@ def _logits_batch(variables, x, *, model_fn, mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "attack", "norm", "mesh"))
-def _attack_batch(variables, x, y, ids, valid, base_key, eps, *, model_fn, attack, norm,
-                  mesh):
+def _attack_batch(variables, x, y, ids, valid, base_key, eps, target, iterations, *,
+                  model_fn, attack, norm, mesh):
   """-> (logits of x_adv (B, C), distance (B,), x_adv finite and in [0, 1] (B,)).
 
-  The checks of the returned images run here, on the device, so the images
-  themselves never travel to the host. Padding rows (valid False) are masked
-  out of batch-coupled objectives with IGNORE_INDEX.
+  eps, the target index (targeted attacks: which of the top wrong classes) and
+  the iteration count are traced: one compilation serves every budget, every
+  target, the full attack and the eps = 0 check's single iteration. The checks of
+  the returned images run here, on the device, so the images themselves never
+  travel to the host. Padding rows (valid False) are masked out of
+  batch-coupled objectives with IGNORE_INDEX.
   """
-  def run(variables, x, y, ids, valid, base_key, eps, axis_name):
+  def run(variables, x, y, ids, valid, base_key, eps, target, iterations, axis_name):
     fn = functools.partial(model_fn, variables)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
+    if attack.name in TARGETED:
+      keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, target)
     if attack.loss is not None:
       y = jnp.where(valid, y, losses.IGNORE_INDEX)
-    x_adv = ATTACKS[attack.name](attack, fn, x, y, keys, eps, norm, axis_name)
+    x_adv = ATTACKS[attack.name](attack, fn, x, y, keys, eps, norm, axis_name, target,
+                                 iterations)
     delta = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(x.shape[0], -1)
     dist = (jnp.max(jnp.abs(delta), axis=1) if norm == "linf"
             else jnp.sqrt(jnp.sum(delta * delta, axis=1)))
@@ -317,8 +342,16 @@ def _attack_batch(variables, x, y, ids, valid, base_key, eps, *, model_fn, attac
     in_range = (jnp.all(jnp.isfinite(flat), axis=1) & (jnp.min(flat, axis=1) >= 0)
                 & (jnp.max(flat, axis=1) <= 1))
     return fn(x_adv).astype(jnp.float32), dist, in_range
-  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P())
-  return _sharded(run, mesh, specs, variables, x, y, ids, valid, base_key, eps)
+  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P(), P())
+  return _sharded(run, mesh, specs, variables, x, y, ids, valid, base_key, eps, target,
+                  iterations)
+
+
+# The eps = 0 check runs each attack's compiled program for this many iterations
+# (at eps = 0 nothing can move; what is checked is that the code path returns
+# the clean images); the cascade runs them in full (FULL >= any step count).
+EPS0_ITERATIONS = 2
+FULL = 2**30
 
 
 def _ball_tol(eps, norm, numel):
@@ -451,6 +484,9 @@ class Result:
   robust: dict      # suite name -> [EpsResult], in eps_list order
   checks: Checks
   seconds: float = 0.0
+  # Where the time went: compiling (incl. persistent-cache reads) vs running
+  # the attacks, and how many programs were compiled or read from the cache.
+  timing: dict = dataclasses.field(default_factory=dict)
 
   def to_dict(self):
     d = dataclasses.asdict(self)
@@ -520,7 +556,8 @@ def soundness_checks(model_fn, variables, clean, checks, *, mesh=None):
 def eps0_check(model_fn, variables, clean, attack_list, checks, *, seed, norm, mesh=None):
   """Every attack at eps = 0 must return the clean images and predictions.
 
-  Uses the same compiled functions as the cascade (eps is traced).
+  Runs the cascade's own compiled programs (eps, target and iteration count are
+  traced), for EPS0_ITERATIONS iterations on the first batch.
   """
   b = clean.first_batch
   valid0 = b.host_valid
@@ -530,7 +567,8 @@ def eps0_check(model_fn, variables, clean, attack_list, checks, *, seed, norm, m
       continue  # the same attack in another suite
     logits, dist, in_range = jax.device_get(_attack_batch(
         variables, b.images, b.labels, b.ids, b.valid, attack_key(seed, 0.0, attack.name),
-        jnp.float32(0.0), model_fn=model_fn, attack=attack, norm=norm, mesh=mesh))
+        jnp.float32(0.0), jnp.int32(0), jnp.int32(EPS0_ITERATIONS), model_fn=model_fn,
+        attack=attack, norm=norm, mesh=mesh))
     agree = float(np.mean((np.argmax(logits, -1) == clean.pred[b.rows])[valid0]))
     checks.eps0[attack.name] = {"max_distance": float(np.max(dist[valid0])),
                                 "prediction_agreement": agree,
@@ -554,32 +592,38 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
   after, broken = {}, {}
   outside, excess = 0, -np.inf
   white_before, masked = False, 0
+  num_classes = clean.first_logits.shape[-1]
   for attack in attack_list:
-    positions = np.flatnonzero(robust)
     broken[attack.name] = 0
-    if bar is not None:
-      bar.reset(total=-(-len(positions) // batch_size),
-                desc=f"eps={format_eps(eps)} {attack.name}")
     key = attack_key(seed, eps, attack.name)
-    for b in _batches(source, indices, positions, batch_size, mesh):
-      numel = numel or int(np.prod(b.images.shape[1:]))
-      logits, dist, in_range = jax.device_get(_attack_batch(
-          variables, b.images, b.labels, b.ids, b.valid, key, jnp.float32(eps),
-          model_fn=model_fn, attack=attack, norm=norm, mesh=mesh))
-      valid = b.host_valid
-      ok = in_range & (dist <= eps + _ball_tol(eps, norm, numel))
-      outside += int(np.sum(~ok & valid))
-      if valid.any():
-        excess = max(excess, float(np.max(dist[valid])) - eps)
-      hit = valid & ok & (np.argmax(logits, -1) != b.host_labels)
-      robust[b.rows[hit]] = False
-      broken_by[b.rows[hit]] = attack.name
-      broken[attack.name] += int(hit.sum())
-      if attack.name in BLACK_BOX and white_before:
-        masked += int(hit.sum())
+    passes = range(min(attack.num_targets, num_classes - 1)) if attack.name in TARGETED \
+        else range(1)
+    for target in passes:
+      positions = np.flatnonzero(robust)
       if bar is not None:
-        bar.update()
-        bar.set_postfix(robust_acc=f"{robust.sum() / n:.3f}")
+        what = f" target {target + 1}" if attack.name in TARGETED else ""
+        bar.reset(total=-(-len(positions) // batch_size),
+                  desc=f"eps={format_eps(eps)} {attack.name}{what}")
+      for b in _batches(source, indices, positions, batch_size, mesh):
+        numel = numel or int(np.prod(b.images.shape[1:]))
+        logits, dist, in_range = jax.device_get(_attack_batch(
+            variables, b.images, b.labels, b.ids, b.valid, key, jnp.float32(eps),
+            jnp.int32(target), jnp.int32(FULL), model_fn=model_fn, attack=attack, norm=norm,
+            mesh=mesh))
+        valid = b.host_valid
+        ok = in_range & (dist <= eps + _ball_tol(eps, norm, numel))
+        outside += int(np.sum(~ok & valid))
+        if valid.any():
+          excess = max(excess, float(np.max(dist[valid])) - eps)
+        hit = valid & ok & (np.argmax(logits, -1) != b.host_labels)
+        robust[b.rows[hit]] = False
+        broken_by[b.rows[hit]] = attack.name
+        broken[attack.name] += int(hit.sum())
+        if attack.name in BLACK_BOX and white_before:
+          masked += int(hit.sum())
+        if bar is not None:
+          bar.update()
+          bar.set_postfix(robust_acc=f"{robust.sum() / n:.3f}")
     after[attack.name] = float(robust.mean())
     white_before |= attack.name not in BLACK_BOX
   masking = masked / n > masking_tol
@@ -652,26 +696,34 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
   checks = Checks()
 
   bar = progress.bar(total=-(-n // batch_size), desc="clean", enabled=progress_bar)
-  clean = clean_pass(model_fn, variables, source, indices, batch_size=batch_size,
-                     mesh=mesh, bar=bar)
-  soundness_checks(model_fn, variables, clean, checks, mesh=mesh)
-  every_attack = [a for suite in suites.values() for a in suite]
-  eps0_check(model_fn, variables, clean, every_attack, checks, seed=seed, norm=norm,
-             mesh=mesh)
-  robust = {}
-  for name, suite in suites.items():
-    robust[name] = [cascade(model_fn, variables, source, indices, clean, suite, eps, checks,
-                            seed=seed, norm=norm, batch_size=batch_size, mesh=mesh,
-                            masking_tol=masking_tol, bar=bar)
-                    for eps in eps_list]
+  with compilation.Timer() as timer:
+    t_clean = time.time()
+    clean = clean_pass(model_fn, variables, source, indices, batch_size=batch_size,
+                       mesh=mesh, bar=bar)
+    soundness_checks(model_fn, variables, clean, checks, mesh=mesh)
+    every_attack = [a for suite in suites.values() for a in suite]
+    # eps = 0 runs the cascade's own compiled attacks (eps is traced): after it,
+    # the cascades below compile nothing, whatever the number of budgets.
+    eps0_check(model_fn, variables, clean, every_attack, checks, seed=seed, norm=norm,
+               mesh=mesh)
+    before_attacks = timer.seconds
+    t_attacks = time.time()
+    robust = {}
+    for name, suite in suites.items():
+      robust[name] = [cascade(model_fn, variables, source, indices, clean, suite, eps,
+                              checks, seed=seed, norm=norm, batch_size=batch_size,
+                              mesh=mesh, masking_tol=masking_tol, bar=bar)
+                      for eps in eps_list]
   bar.close()
+  timing = dict(timer.as_dict(), clean_and_checks_seconds=t_attacks - t_clean,
+                attack_seconds=time.time() - t_attacks - (timer.seconds - before_attacks))
   checks.ball_ok = all(r.outside_ball == 0 for rs in robust.values() for r in rs)
   checks.gradient_masking = any(r.gradient_masking for rs in robust.values() for r in rs)
   return Result(
       num_examples=n, indices=indices.tolist(), norm=norm, seed=seed,
       batch_size=batch_size, num_devices=num_devices, clean_accuracy=clean.accuracy,
       suites={name: [dataclasses.asdict(a) for a in suite] for name, suite in suites.items()},
-      robust=robust, checks=checks, seconds=time.time() - t0)
+      robust=robust, checks=checks, seconds=time.time() - t0, timing=timing)
 
 
 def format_eps(eps):

@@ -21,9 +21,9 @@ import time
 import warnings
 
 import jax
-import numpy as np
 
 import prsl_jax
+from prsl_jax import captioning
 from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
@@ -35,9 +35,13 @@ from prsl_jax.models import convert
 
 DEFAULTS = dict(
     checkpoint=None, dataset="digits", split="test", data_dir=None,
-    eps="1/255,2/255,4/255", suite=("standard",), norm="linf", num_examples=1000, seed=0,
+    eps="1/255,2/255,4/255", suite=None, norm="linf", num_examples=1000, seed=0,
     outdir=None, templates="default", batch_size=64, steps=None, square_queries=None,
-    num_targets=None, allow_pickle=False, overwrite=False)
+    num_targets=None, allow_pickle=False, overwrite=False, max_length=None,
+    target_caption=None)
+# --suite when none is given: AutoAttack's ensemble for classifiers; the paper's
+# protocol and APGD-CE on the token loss for captioners.
+DEFAULT_SUITES = {"clip": ("standard",), "vision-encoder-decoder": ("paper", "strong")}
 
 # Budgets past these are outside what the field reports (TeCoA: 1/255; FARE:
 # 2/255 and 4/255; RobustBench L2: 0.5 at 32x32) and get a warning.
@@ -69,17 +73,19 @@ def parse_eps(value, norm="linf"):
   return eps
 
 
-def parse_suites(value, norm="linf", *, steps=None, queries=None, num_targets=None,
-                 train_loss=None):
+def parse_suites(value, norm="linf", *, kind="clip", steps=None, queries=None,
+                 num_targets=None, train_loss=None):
   """--suite values -> {label: tuple of Attack}; each value is one cascade."""
-  values = [value] if isinstance(value, str) else list(value)
+  values = DEFAULT_SUITES[kind] if value is None else (
+      [value] if isinstance(value, str) else list(value))
   if not values:
     raise ValueError("--suite is empty")
   out = {}
   for v in values:
     names = [s.strip() for s in v.split(",") if s.strip()] if "," in v else v.strip()
-    out[v] = evaluation.make_suite(names, norm, steps=steps, queries=queries,
-                                   num_targets=num_targets, train_loss=train_loss)
+    kw = dict(steps=steps, queries=queries, num_targets=num_targets, train_loss=train_loss)
+    out[v] = (captioning.make_suite(names, **kw) if kind == "vision-encoder-decoder"
+              else evaluation.make_suite(names, norm, **kw))
   return out
 
 
@@ -163,6 +169,22 @@ def check_folder(folder, allow_pickle):
   return cfg["model_type"]
 
 
+def check_not_train_output(outdir, given):
+  """evaluate.py never writes into train.py's folders (even with --overwrite)."""
+  is_run = os.path.isdir(os.path.join(outdir, "checkpoints"))
+  runs = is_run or (os.path.isdir(outdir) and any(
+      os.path.isdir(os.path.join(outdir, d, "checkpoints")) for d in os.listdir(outdir)))
+  kind = None
+  if os.path.isfile(os.path.join(outdir, RESULTS)):
+    try:
+      with open(os.path.join(outdir, RESULTS)) as f:
+        kind = json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+      pass
+  if runs or kind == "train":
+    raise ValueError(f"--outdir {given!r} is a train.py run folder; choose another")
+
+
 def preflight(settings):
   """Every check that needs no compute; raises with the flag's name.
 
@@ -183,8 +205,7 @@ def preflight(settings):
   if os.path.exists(os.path.join(outdir, RESULTS)) and not s["overwrite"]:
     raise FileExistsError(f"{s['outdir']}/{RESULTS} exists; pass --overwrite to replace it "
                           "or choose another --outdir")
-  if os.path.isdir(os.path.join(outdir, "checkpoints")):
-    raise ValueError(f"--outdir {s['outdir']!r} is a train.py run folder; choose another")
+  check_not_train_output(outdir, s["outdir"])
   parent = outdir
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -203,29 +224,39 @@ def preflight(settings):
     raise ValueError(f"--norm must be one of {list(evaluation.attacks.NORMS)}, got "
                      f"{s['norm']!r}")
   eps = parse_eps(s["eps"], s["norm"])
-  parse_suites(s["suite"], s["norm"], steps=s["steps"], queries=s["square_queries"],
-               num_targets=s["num_targets"])
   ckpts = [resolve_checkpoint(c) for c in specs]
+  kinds = set()
   for ckpt in ckpts:
     train_loss_of(ckpt)  # a stored loss we cannot rebuild fails now
     folder = ckpt.get("model", ckpt["path"])
     if ckpt["kind"] == "hub" or (ckpt["kind"] == "workdir" and convert.is_hub_id(folder)):
       folder = convert.resolve_folder(folder, s["allow_pickle"])  # downloads if online
       ckpt["folder"] = folder
-    check_folder(folder, s["allow_pickle"])
+    ckpt["model_type"] = check_folder(folder, s["allow_pickle"])
+    kinds.add(ckpt["model_type"])
     if ckpt["kind"] == "workdir":
       checkpoints.check_workdir(ckpt["path"])
+  if len(kinds) > 1:
+    raise ValueError(f"--checkpoint mixes kinds of model {sorted(kinds)}; evaluate "
+                     "classifiers (CLIP) and captioners in separate runs")
+  kind = kinds.pop()
+  if kind == "vision-encoder-decoder" and s["norm"] != "linf":
+    raise ValueError("captioners are attacked in L-inf only (--norm linf)")
+  parse_suites(s["suite"], s["norm"], kind=kind, steps=s["steps"],
+               queries=s["square_queries"], num_targets=s["num_targets"])
   data.check_available(s["dataset"], s["split"], data_dir=s["data_dir"])
   os.makedirs(outdir, exist_ok=True)
-  return dict(settings=s, specs=specs, ckpts=ckpts, eps=eps, outdir=outdir)
+  return dict(settings=s, specs=specs, ckpts=ckpts, eps=eps, outdir=outdir, kind=kind)
 
 
 def load_model(ckpt, allow_pickle):
-  """(Pretrained, params) for a resolved checkpoint."""
+  """(Pretrained, params) for a resolved checkpoint; a train.py run's ckpt gets "step",
+  the step of the checkpoint evaluated (results.json records it)."""
   if ckpt["kind"] == "workdir":
     pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["model"]),
                                           allow_pickle=allow_pickle)
-    return pretrained, checkpoints.restore_params(ckpt["path"], pretrained.model)
+    params, ckpt["step"] = checkpoints.restore_params_and_step(ckpt["path"], pretrained.model)
+    return pretrained, params
   pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["path"]),
                                         allow_pickle=allow_pickle)
   return pretrained, pretrained.params
@@ -253,9 +284,10 @@ def model_names(specs):
   return names
 
 
-def _write(outdir, record, title, results, final):
+def _write(outdir, record, title, results, final, captioner=False):
   """results.json and results.md, each replaced atomically."""
-  table = reports.format_table(results) if results else ""
+  report = captioning if captioner else reports
+  table = report.format_table(results) if results else ""
   for name, text in ((RESULTS, json.dumps(record, indent=1, default=str)),
                      ("results.md", f"{title}\n\n{table}")):
     tmp = os.path.join(outdir, f".{name}.tmp")
@@ -263,7 +295,7 @@ def _write(outdir, record, title, results, final):
       f.write(text)
     os.replace(tmp, os.path.join(outdir, name))
   if final and results:
-    reports.plot(results, os.path.join(outdir, "robustness.png"))
+    report.plot(results, os.path.join(outdir, "robustness.png"))
   return table
 
 
@@ -281,6 +313,7 @@ def run(settings, *, argv=None):
   argv = list(sys.argv if argv is None else argv)
   record = {
       "kind": "evaluate",
+      "model_kind": p["kind"],
       "command": shlex.join([sys.executable] + argv),
       "argv": argv,
       "cwd": os.getcwd(),
@@ -294,32 +327,41 @@ def run(settings, *, argv=None):
       "complete": False,
   }
   results, classify = {}, {}
-  indices = class_names = None
+  indices = None
   title = ""
+  captioner = p["kind"] == "vision-encoder-decoder"
   for name, ckpt in zip(model_names(p["specs"]), p["ckpts"]):
     print(f"{name}: loading ({ckpt['kind']})", flush=True)
     pretrained, params = load_model(ckpt, s["allow_pickle"])
     model = pretrained.model
     source, class_names = data.load(s["dataset"], s["split"], image_size=model.image_size,
                                     data_dir=s["data_dir"])
-    if not class_names:
+    if not class_names and not captioner:
       raise ValueError(f"dataset {s['dataset']!r} has no class labels to classify")
     if indices is None:
       indices = data.eval_indices(len(source), num, s["seed"])
-      record.update(indices=[int(i) for i in indices], class_names=list(class_names))
-      title = (f"Zero-shot accuracy (%) on {len(indices)} {s['dataset']} {s['split']} "
-               f"examples (seed {s['seed']}); {s['norm']} budgets on [0, 1] pixels.")
-    class_emb = zeroshot.class_embeddings(model, params, pretrained.tokenizer, class_names,
-                                          templates)
-    suites = parse_suites(s["suite"], s["norm"], steps=s["steps"],
+      record.update(indices=[int(i) for i in indices],
+                    class_names=list(class_names) if class_names else None)
+      what = "Captions" if captioner else "Zero-shot accuracy (%)"
+      title = (f"{what} on {len(indices)} {s['dataset']} {s['split']} examples (seed "
+               f"{s['seed']}); {s['norm']} budgets on [0, 1] pixels.")
+    suites = parse_suites(s["suite"], s["norm"], kind=p["kind"], steps=s["steps"],
                           queries=s["square_queries"], num_targets=s["num_targets"],
                           train_loss=train_loss_of(ckpt))
-    # Classifier(model) is equal for equal configs: checkpoints share compilations.
-    fn = classify.setdefault(model, zeroshot.Classifier(model))
-    result = evaluation.evaluate(
-        fn, {"params": params, "class_emb": class_emb}, source, indices, eps_list=eps,
-        suites=suites, norm=s["norm"], seed=s["seed"], batch_size=s["batch_size"],
-        mesh=mesh)
+    if captioner:
+      result = captioning.evaluate(
+          model, params, pretrained.tokenizer, source, indices, eps_list=eps, suites=suites,
+          seed=s["seed"], batch_size=s["batch_size"], max_length=s["max_length"],
+          target_caption=s["target_caption"], mesh=mesh)
+    else:
+      class_emb = zeroshot.class_embeddings(model, params, pretrained.tokenizer, class_names,
+                                            templates)
+      # Classifier(model) is equal for equal configs: checkpoints share compilations.
+      fn = classify.setdefault(model, zeroshot.Classifier(model))
+      result = evaluation.evaluate(
+          fn, {"params": params, "class_emb": class_emb}, source, indices, eps_list=eps,
+          suites=suites, norm=s["norm"], seed=s["seed"], batch_size=s["batch_size"],
+          mesh=mesh)
     results[name] = result
     entry = result.to_dict()
     entry.pop("indices")  # stored once, at the top level
@@ -327,12 +369,12 @@ def run(settings, *, argv=None):
     del pretrained, params
     if jax.process_index() == 0:
       record["seconds"] = time.time() - t0
-      _write(outdir, record, title, results, final=False)
+      _write(outdir, record, title, results, final=False, captioner=captioner)
   record["complete"] = True
   record["seconds"] = time.time() - t0
   table = ""
   if jax.process_index() == 0:
-    table = _write(outdir, record, title, results, final=True)
+    table = _write(outdir, record, title, results, final=True, captioner=captioner)
   print(f"\n{title}\n\n{table}\nwrote {outdir}/{RESULTS}, results.md, robustness.png",
         flush=True)
   failed = [n for n, r in results.items() if not r.checks.passed]

@@ -35,8 +35,9 @@ and, with gradients averaged by lax.pmean, the same gradients.
 What jit can and cannot check. Shapes, dtypes and static arguments are checked
 at trace time and raise with the argument's name. Values (labels in range,
 weights) are checked only when they are concrete; under jit a label outside
-[0, C) that is not ignore_index makes that row's loss NaN (so the trainer's NaN
-guard stops the run), it is never silently clipped.
+[0, C) that is not ignore_index makes that row's loss NaN, and a negative or
+NaN weight makes the loss NaN (so the trainer's NaN guard stops the run); they
+are never silently clipped or used.
 """
 
 import math
@@ -102,11 +103,15 @@ def check_logits_labels(logits, labels, *, labels_name="labels", min_classes=2,
 
 
 def check_weight(name: str, value):
-  """A finite number >= 0 (Python, NumPy or a concrete JAX scalar); tracers pass."""
+  """A finite number >= 0 (Python, NumPy or a concrete JAX scalar), returned as given.
+
+  A traced weight cannot be checked: it is returned as NaN where it is negative
+  or not finite, so the loss built from it is NaN (never a plausible value).
+  """
   if isinstance(value, bool):
     raise TypeError(f"{name} must be a number, got {value!r}")
   if not is_concrete(value):
-    return value
+    return jnp.where(jnp.isfinite(value) & (value >= 0), value, jnp.nan)
   try:
     v = np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError):
@@ -290,8 +295,8 @@ def prsl_loss(logits, labels, *, start=0, end=4, weight=1e-3, ce_weight=1.0,
   check_logits_labels(logits, labels, ignore_index=ignore_index)
   num_classes = logits.shape[-1]
   start, end = check_window(start, end, num_classes)
-  check_weight("weight", weight)
-  check_weight("ce_weight", ce_weight)
+  weight = check_weight("weight", weight)
+  ce_weight = check_weight("ce_weight", ce_weight)
   z, y, valid = _rows(logits, labels, ignore_index)
   num_rows = z.shape[0]
   if group_size is not None:
@@ -348,8 +353,8 @@ def drsl_loss(logits, labels, *, weight=1e-3, ce_weight=1.0, ignore_index=IGNORE
     scalar float32.
   """
   check_logits_labels(logits, labels, ignore_index=ignore_index)
-  check_weight("weight", weight)
-  check_weight("ce_weight", ce_weight)
+  weight = check_weight("weight", weight)
+  ce_weight = check_weight("ce_weight", ce_weight)
   _check_nonempty_groups(labels, ignore_index, None)
   z, y, valid = _rows(logits, labels, ignore_index)
   num_classes = z.shape[-1]
@@ -408,7 +413,7 @@ def topk_variance_loss(logits, labels, *, k, weight, renormalize=False):
   Returns:
     (...) float32; NaN where a label is outside [0, C).
   """
-  check_weight("weight", weight)
+  weight = check_weight("weight", weight)
   return cross_entropy(logits, labels, ignore_index=None) + weight * topk_variance(
       logits, labels, k=k, renormalize=renormalize)
 

@@ -19,12 +19,14 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
 import prsl_jax
+from prsl_jax import captioning
 from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
@@ -65,6 +67,7 @@ def eval_suites(config, loss_config=None):
 
   The paper's suite attacks each model through its own training loss: pass the
   loss config it was trained with (None: cross-entropy, the start model's).
+  Captioning configs take captioning's suites (token-logit attacks).
   """
   e = config.eval
   train_loss = None
@@ -73,9 +76,12 @@ def eval_suites(config, loss_config=None):
   out = {}
   for spec in e.suites:
     names = [s.strip() for s in spec.split(",") if s.strip()] if "," in spec else spec
-    out[spec] = evaluation.make_suite(
-        names, e.get("norm", "linf"), steps=e.steps or None, queries=e.queries or None,
-        num_targets=e.num_targets or None, train_loss=train_loss)
+    settings = dict(steps=e.steps or None, queries=e.queries or None,
+                    num_targets=e.num_targets or None, train_loss=train_loss)
+    if config.objective == "captioning":
+      out[spec] = captioning.make_suite(names, **settings)
+    else:
+      out[spec] = evaluation.make_suite(names, e.get("norm", "linf"), **settings)
   return out
 
 
@@ -86,6 +92,11 @@ def _positive(config, *names):
       value = value[part]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"config.{name} must be an integer >= 1, got {value!r}")
+
+
+def _rows_per_example(config):
+  """Loss rows per example: one, or a caption's tokens for captioning."""
+  return config.data.caption_length if config.objective == "captioning" else 1
 
 
 def validate(config, *, num_classes=None):
@@ -124,9 +135,11 @@ def validate(config, *, num_classes=None):
     raise ValueError(f"config.eval.num_examples must be >= 0 (0: the whole split), got "
                      f"{config.eval.num_examples}")
   group = config.loss.get("group_size") or 0
-  if group and config.batch_size % group:
-    raise ValueError(f"config.loss.group_size={group} must divide config.batch_size="
-                     f"{config.batch_size}")
+  rows = _rows_per_example(config)
+  if group and (config.batch_size * rows) % group:
+    what = f"{config.batch_size} x {rows} token rows" if rows > 1 else f"{config.batch_size}"
+    raise ValueError(f"config.loss.group_size={group} must divide the batch's rows "
+                     f"(config.batch_size={what})")
   lr = config.optimizer.lr
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
     raise ValueError(f"config.optimizer.lr must be a number > 0, got {lr!r}")
@@ -139,12 +152,30 @@ def validate(config, *, num_classes=None):
     if config.eval[field] < 0:
       raise ValueError(f"config.eval.{field} must be >= 1 (or 0 for the attack's default), "
                        f"got {config.eval[field]}")
-  eval_suites(config, config.loss)  # suite and attack names, settings
+  try:
+    eval_suites(config, config.loss)  # suite and attack names, settings
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"config.eval.suites: {e}") from None
+  _warn_unusual_budgets(config)
   path = config.model.path
   if not os.path.isdir(os.path.expanduser(path)) and not convert.is_hub_id(path):
     raise FileNotFoundError(f"config.model.path {path!r} is neither a folder nor a hub id "
                             f"(give a local HF checkpoint folder or e.g. "
                             f"openai/clip-vit-base-patch32)")
+
+
+def _warn_unusual_budgets(config):
+  """A warning for budgets far above what the field reports (likely 0-255 units)."""
+  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  found = [("config.eval.eps", e, config.eval.get("norm", "linf")) for e in config.eval.eps]
+  if config.adversarial.enabled:
+    found.append(("config.adversarial.eps", config.adversarial.eps, config.adversarial.norm))
+  for name, eps, norm in found:
+    top = evaluator.TYPICAL_MAX.get(norm)
+    if top is not None and eps > top:
+      warnings.warn(f"{name}={evaluation.format_eps(eps)} is far above the budgets the "
+                    f"field reports ({norm} up to {evaluation.format_eps(top)}); budgets "
+                    "are in [0, 1] pixel units")
 
 
 def run_config(config, loss_name):
@@ -185,7 +216,11 @@ def config_changes(stored: dict, config) -> list:
 
 
 def check_resume(config, workdir):
-  """Refuses to resume a workdir whose stored config trains something else."""
+  """Refuses to resume a workdir whose stored config trains something else.
+
+  Reads only: called before train() writes config.json, so a refused resume
+  leaves the stored config as it was.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return
@@ -195,6 +230,72 @@ def check_resume(config, workdir):
   if changed:
     raise ValueError(f"{workdir} holds a run with another config ({'; '.join(changed)}); "
                      "resume it with the same settings or choose a new --workdir")
+
+
+def loss_names(config):
+  """The main loss, then each comparison loss (once)."""
+  return [config.loss.name] + [n for n in config.compare_losses if n != config.loss.name]
+
+
+def check_workdir(workdir):
+  """A workdir train.py may write: not a file, not evaluate.py's output folder."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"--workdir {workdir!r} is a file; pass a folder")
+  results = os.path.join(path, "results.json")
+  if os.path.isfile(results):
+    try:
+      with open(results) as f:
+        kind = json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+      kind = None
+    if kind == "evaluate":
+      raise FileExistsError(f"--workdir {workdir!r} holds evaluate.py results "
+                            "(results.json); train.py would overwrite them: choose "
+                            "another --workdir")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    raise ValueError(f"--workdir {workdir!r} is the run folder of one loss (it has "
+                     f"checkpoints/); pass its parent, {os.path.dirname(path)!r}")
+
+
+def preflight(config, workdir):
+  """Everything about a run that can be checked before any compute.
+
+  The config (`validate`), the model folder's weight headers, the dataset's
+  splits, the workdir (writable, not another tool's output),
+  and, for a workdir that holds runs already, that each loss's stored config
+  trains the same thing (`check_resume`), so a refused resume fails before the
+  first loss trains rather than after it.
+  """
+  validate(config)
+  path = os.path.expanduser(config.model.path)
+  if os.path.isdir(path):  # a hub id is checked when it is fetched, in setup
+    convert.check_weights(path, allow_pickle=config.model.allow_pickle)
+    check_objective_fits(config, convert.model_type(path))
+  for split in (config.data.train_split, config.data.eval_split):
+    data.check_available(config.data.name, split, data_dir=config.data.data_dir or None)
+  check_workdir(workdir)
+  for name in loss_names(config):
+    run_dir = os.path.join(workdir, name)
+    check_resume(run_config(config, name), run_dir)
+    checkpoints.check_writable(run_dir)
+
+
+def check_objective_fits(config, model_type):
+  """Captioning needs a captioner; classification and contrastive a CLIP."""
+  captioner = model_type == "vision-encoder-decoder"
+  if (config.objective == "captioning") != captioner:
+    raise ValueError(f"config.objective={config.objective!r} does not fit the {model_type} "
+                     f"checkpoint {config.model.path}: captioning needs a captioner "
+                     "(vision-encoder-decoder), classification/contrastive a CLIP")
+
+
+def with_workdir(config, workdir):
+  """A copy of config whose workdir field is the folder the run really uses."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.workdir = str(workdir)
+  return c
 
 
 # ----------------------------------------------------------------------------
@@ -218,9 +319,10 @@ def setup(config) -> Setup:
   mesh = sharding.make_mesh()
   sharding.check_global_batch(config.batch_size, mesh)
   group = config.loss.get("group_size") or 0
-  if group and (config.batch_size // mesh.devices.size) % group:
+  if group and (config.batch_size // mesh.devices.size * _rows_per_example(config)) % group:
     raise ValueError(f"config.loss.group_size={group} must divide each device's rows "
-                     f"({config.batch_size} / {mesh.devices.size} devices)")
+                     f"({config.batch_size} / {mesh.devices.size} devices x "
+                     f"{_rows_per_example(config)} rows per example)")
   pretrained = prsl_jax.load_pretrained(config.model.path,
                                         allow_pickle=config.model.allow_pickle,
                                         dtype=config.model.dtype, remat=config.model.remat)
@@ -229,11 +331,14 @@ def setup(config) -> Setup:
   train_source, class_names = data.load(config.data.name, config.data.train_split,
                                         image_size=model.image_size, data_dir=data_dir)
   eval_source = None
-  if class_names:
+  if class_names or config.objective == "captioning":
     eval_source, _ = data.load(config.data.name, config.data.eval_split,
                                image_size=model.image_size, data_dir=data_dir)
+  captioner = config.objective == "captioning"
+  check_objective_fits(config, model.kind)
   num_classes = {"classification": len(class_names or ()),
-                 "contrastive": config.batch_size}.get(config.objective)
+                 "contrastive": config.batch_size,
+                 "captioning": model.vocab_size if captioner else None}[config.objective]
   if config.objective == "classification" and not class_names:
     raise ValueError(f"dataset {config.data.name!r} has no class names to classify")
   validate(config, num_classes=num_classes)
@@ -260,12 +365,19 @@ def setup(config) -> Setup:
 
 def _text_fields(config, model, tokenizer):
   """train_iterator's caption arguments for the objective (none for classification)."""
-  if config.objective != "contrastive":
-    return {}
-  def tokenize(texts):
-    ids, mask = zeroshot.tokenize(tokenizer, texts, model.max_text_length)
-    return {"input_ids": ids, "attention_mask": mask}
   templates = data.DIGIT_CAPTIONS if config.data.name == "digits" else ()
+  if config.objective == "contrastive":
+    def tokenize(texts):
+      ids, mask = zeroshot.tokenize(tokenizer, texts, model.max_text_length)
+      return {"input_ids": ids, "attention_mask": mask}
+  elif config.objective == "captioning":
+    def tokenize(texts):
+      labels = captioning.tokenize_captions(tokenizer, texts,
+                                            length=config.data.caption_length,
+                                            eos_token_id=model.eos_token_id)
+      return captioning.teacher_forcing(model, labels)
+  else:
+    return {}
   return {"caption_templates": templates, "tokenize": tokenize}
 
 
@@ -283,11 +395,39 @@ def _clean_accuracy_fn(config, s: Setup, model):
   return accuracy
 
 
-def train(config, workdir, s: Setup, *, desc="train"):
+def _trim_metrics(path, last_step):
+  """Drops metrics.jsonl lines after `last_step` (logged past the checkpoint a resume
+  starts from; they are logged again), so no step appears twice."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut by a kill
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def train(config, workdir, s: Setup, *, desc="train", info=None):
   """Fine-tunes the pretrained params with config; resumes from workdir.
+
+  Args:
+    info: optional dict, filled with resumed_from (step or None) and set_aside
+      (unreadable checkpoint folders renamed on resume).
 
   Returns:
     (final params on the host, the step the run ended at).
+
+  Raises:
+    checkpoints.CheckpointSaveError: a checkpoint could not be written.
   """
   model, params, tokenizer = s.pretrained
   check_resume(config, workdir)
@@ -316,19 +456,24 @@ def train(config, workdir, s: Setup, *, desc="train"):
   mgr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
-  restored = checkpoints.restore_latest(mgr, abstract)
+  restored = checkpoints.restore_latest_info(mgr, abstract)
   if restored is not None:
-    state, data_state = restored
-    train_iter.set_state(data_state)
+    state = restored["state"]
+    train_iter.set_state(restored["data"])
   start = int(jax.device_get(state["step"]))
+  if info is not None:
+    info.update(resumed_from=start if restored is not None else None,
+                set_aside=list(restored["set_aside"]) if restored is not None else [])
   if start and is_main:
     print(f"{desc}: resumed from step {start} of {config.total_steps} ({workdir})", flush=True)
 
   clean_accuracy = None
-  if s.eval_source is not None and config.eval_every:
+  if s.class_names and config.eval_every and config.objective == "classification":
     clean_accuracy = _clean_accuracy_fn(config, s, model)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_main:
+    _trim_metrics(metrics_path, start)
   bar = progress.bar(total=config.total_steps, initial=start, desc=desc, enabled=is_main)
   for step in range(start + 1, config.total_steps + 1):
     batch = sharding.to_global(next(train_iter), s.mesh)
@@ -350,8 +495,7 @@ def train(config, workdir, s: Setup, *, desc="train"):
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       checkpoints.save(mgr, state, train_iter.get_state())
   bar.close()
-  mgr.wait_until_finished()
-  mgr.close()
+  checkpoints.finish(mgr)  # raises CheckpointSaveError if a background save failed
   return jax.device_get(state["params"]), int(jax.device_get(state["step"]))
 
 
@@ -360,12 +504,14 @@ def train(config, workdir, s: Setup, *, desc="train"):
 # ----------------------------------------------------------------------------
 
 
-def evaluate_models(config, s: Setup, models: dict, loss_configs: dict):
+def evaluate_models(config, s: Setup, models: dict, loss_configs: dict, *, on_result=None):
   """Clean and robust accuracy of each model on the same seeded subset.
 
   Args:
     models: {row name: params}.
     loss_configs: {row name: the loss ConfigDict it was trained with, or None}.
+    on_result: optional fn(results so far, indices), called after each model
+      (run() rewrites the record with it, so a later failure keeps these).
 
   Returns:
     ({row name: evaluation.Result}, indices).
@@ -384,52 +530,105 @@ def evaluate_models(config, s: Setup, models: dict, loss_configs: dict):
         eps_list=list(config.eval.eps), suites=eval_suites(config, loss_configs.get(name)),
         norm=config.eval.get("norm", "linf"), seed=config.eval.seed,
         batch_size=config.eval.batch_size, mesh=s.mesh)
+    if on_result is not None:
+      on_result(results, indices)
   return results, indices
 
 
-def report(config, workdir, results, *, indices, extra=None):
-  """Writes results.json, results.md and robustness.png into workdir; returns the table."""
-  table = reports.format_table(results)
+def evaluate_captioners(config, s: Setup, models: dict, loss_configs: dict, *,
+                        on_result=None):
+  """Clean captions and caption attacks of each model on the same seeded subset."""
+  model, _, tokenizer = s.pretrained
+  indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
+                              config.eval.seed)
+  results = {}
+  for name, params in models.items():
+    results[name] = captioning.evaluate(
+        model, params, tokenizer, s.eval_source, indices, eps_list=list(config.eval.eps),
+        suites=eval_suites(config, loss_configs.get(name)), seed=config.eval.seed,
+        batch_size=config.eval.batch_size, max_length=config.eval.max_length or None,
+        target_caption=config.eval.target_caption or None, mesh=s.mesh)
+    if on_result is not None:
+      on_result(results, indices)
+  return results, indices
+
+
+def _write_atomic(path, text):
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def report(config, workdir, results, *, indices, extra=None, complete=True):
+  """Writes results.json, results.md and robustness.png into workdir; returns the table.
+
+  With complete=False (after each model of a run) the record says so and the
+  plot waits for the end; each file is replaced atomically.
+  """
+  captions = config.objective == "captioning"
+  table = (captioning.format_table if captions else reports.format_table)(results)
   if jax.process_index() != 0:
     return table
-  reports.plot(results, os.path.join(workdir, "robustness.png"))
-  record = {"config": json.loads(config.to_json_best_effort()), "workdir": workdir,
+  if complete:
+    (captioning.plot if captions else reports.plot)(results,
+                                                    os.path.join(workdir, "robustness.png"))
+  record = {"kind": "train", "config": json.loads(config.to_json_best_effort()),
+            "workdir": workdir, "complete": complete,
             "results": {k: r.to_dict() for k, r in results.items()},
             "eval_indices": [int(i) for i in indices], **(extra or {})}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(record, f, indent=1, default=str)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table)
+  _write_atomic(os.path.join(workdir, "results.json"),
+                json.dumps(record, indent=1, default=str))
+  _write_atomic(os.path.join(workdir, "results.md"), table)
   return table
 
 
 def run(config, workdir: str):
   """Fine-tunes with the main loss and each comparison loss, then evaluates them all.
 
+  Checks everything it can first (`preflight`); results.json is rewritten after
+  each evaluated model ("complete": false until the last) and records, per loss,
+  the step evaluated and the step a resume started from.
+
   Returns:
     {"results": {row: evaluation.Result}, "table": markdown str, "steps": {loss: step}}.
   """
-  validate(config)
+  preflight(config, workdir)
+  config = with_workdir(config, workdir)  # the record names the folder really used
+  try:
+    return _run(config, workdir)
+  except KeyboardInterrupt:
+    checkpoints.finish_open(interrupted=True)  # the save in flight completes, no tmp left
+    raise
+
+
+def _run(config, workdir):
   s = setup(config)
   model = s.pretrained.model
-  names = [config.loss.name] + [n for n in config.compare_losses if n != config.loss.name]
-  finals, steps, loss_configs = {}, {}, {}
+  finals, steps, loss_configs, resumed = {}, {}, {}, {}
   t0 = time.time()
-  for name in names:
+  for name in loss_names(config):
     c = run_config(config, name)
     run_dir = os.path.join(workdir, name)
-    finals[name], steps[name] = train(c, run_dir, s, desc=f"fine-tune {name}")
+    resumed[name] = {}
+    finals[name], steps[name] = train(c, run_dir, s, desc=f"fine-tune {name}",
+                                      info=resumed[name])
     loss_configs[f"{name} fine-tuned"] = c.loss
     if config.export and jax.process_index() == 0:
       export = os.path.join(run_dir, "export")
       prsl_jax.save_pretrained(model, finals[name], export, tokenizer=s.pretrained.tokenizer)
       checkpoints.write_training_loss(export, c.loss.to_dict())
   train_seconds = time.time() - t0
-  if not s.class_names:
-    return {"results": {}, "table": "", "steps": steps}
   models = {"start": s.pretrained.params, **{f"{n} fine-tuned": p for n, p in finals.items()}}
-  results, indices = evaluate_models(config, s, models, loss_configs)
-  table = report(config, workdir, results, indices=indices,
-                 extra={"train_seconds": train_seconds, "steps": steps})
+  # steps: the step each fine-tuned row's params were saved at (what is evaluated).
+  extra = {"train_seconds": train_seconds, "steps": steps, "resumed": resumed}
+  on_result = lambda r, i: report(config, workdir, r, indices=i, extra=extra, complete=False)
+  if config.objective == "captioning":
+    results, indices = evaluate_captioners(config, s, models, loss_configs,
+                                           on_result=on_result)
+  elif s.class_names:
+    results, indices = evaluate_models(config, s, models, loss_configs, on_result=on_result)
+  else:
+    return {"results": {}, "table": "", "steps": steps}
+  table = report(config, workdir, results, indices=indices, extra=extra)
   return {"results": results, "table": table, "steps": steps}
-

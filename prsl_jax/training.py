@@ -37,18 +37,23 @@ from prsl_jax import zeroshot
 
 VISION_KEYS = ("vision_model", "visual_projection")
 TEXT_KEYS = ("text_model", "text_projection", "logit_scale")
-CLIP_TOWERS = {"vision": VISION_KEYS, "text": TEXT_KEYS, "both": VISION_KEYS + TEXT_KEYS}
+# Top-level param keys per tower: CLIP's, and the captioner's (the bridge from
+# encoder to decoder width, when present, trains with the vision tower).
+TOWERS = {
+    "clip": {"vision": VISION_KEYS, "text": TEXT_KEYS, "both": VISION_KEYS + TEXT_KEYS},
+    "vision-encoder-decoder": {"vision": ("encoder", "enc_to_dec_proj"),
+                               "text": ("decoder",),
+                               "both": ("encoder", "enc_to_dec_proj", "decoder")},
+}
 OBJECTIVES = ("classification", "contrastive", "captioning")
 
 
 def trainable_keys(model, train_towers: str):
   """Top-level param keys the optimizer updates; the rest stays frozen."""
-  if model.kind == "clip":
-    if train_towers not in CLIP_TOWERS:
-      raise ValueError(f"train_towers must be one of {sorted(CLIP_TOWERS)}, got "
-                       f"{train_towers!r}")
-    return CLIP_TOWERS[train_towers]
-  return model.trainable_keys(train_towers)
+  towers = TOWERS[model.kind]
+  if train_towers not in towers:
+    raise ValueError(f"train_towers must be one of {sorted(towers)}, got {train_towers!r}")
+  return towers[train_towers]
 
 
 def make_optimizer(opt_config, total_steps: int, params, trainable):

@@ -151,3 +151,16 @@ def random_text_batch(rng, ckpt, n=4):
     mask[i, :length] = 1
   mask[-1, 2] = 0
   return ids, mask
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_compilation_cache(tmp_path_factory):
+  """The CLIs' persistent compilation cache goes to a temp folder, not ~/.cache."""
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  old = os.environ.get("PRSL_JAX_CACHE")
+  os.environ["PRSL_JAX_CACHE"] = path
+  yield path
+  if old is None:
+    os.environ.pop("PRSL_JAX_CACHE", None)
+  else:
+    os.environ["PRSL_JAX_CACHE"] = old

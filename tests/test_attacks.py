@@ -11,7 +11,6 @@ reused across hypothesis examples and tests.
 
 import functools
 import re
-import warnings
 
 from hypothesis import given, settings, strategies as st
 import jax
@@ -594,3 +593,19 @@ def test_attacks_on_token_logits_raise_the_caption_loss_and_stay_in_the_ball():
                     targeted=True)
   assert np.all(np.asarray(attacks.ce_objective(logits_fn(adv), target))
                 < np.asarray(attacks.ce_objective(logits_fn(x), target)))
+
+
+@pytest.mark.parametrize("attack,arg", [(attacks.pgd, "steps"), (attacks.apgd, "steps"),
+                                        (attacks.square, "queries")])
+def test_max_iterations_traced_one_compilation_and_full_count_is_the_default(attack, arg):
+  x, y = _images(8)
+  key = jax.random.key(8)
+  n = 6
+  full = attack(mlp3, x, y, key=key, eps=0.1, **{arg: n})
+  run = jax.jit(lambda it: attack(mlp3, x, y, key=key, eps=0.1, max_iterations=it,
+                                  **{arg: n}))
+  np.testing.assert_allclose(run(n), full, atol=1e-6)
+  np.testing.assert_allclose(run(10 * n), full, atol=1e-6)  # capped at the schedule's n
+  early = run(1)
+  assert not np.allclose(early, full)  # it did stop early
+  assert run._cache_size() == 1  # pylint: disable=protected-access

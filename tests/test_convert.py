@@ -14,7 +14,6 @@ import torch
 import transformers
 
 from tests.conftest import MAX_LEN, random_images
-from prsl_jax.models import convert
 from prsl_jax.models import clip as clip_lib
 from prsl_jax.models.convert import load_pretrained, save_pretrained
 

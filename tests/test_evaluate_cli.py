@@ -83,7 +83,8 @@ def cli_runs(tiny_ckpt, tiny_clip, tmp_path_factory):
   flipped = _flipped_run(tiny_ckpt, tiny_clip, run_dir)
   digits = ["--checkpoint", f"{tiny_ckpt.path},{run_dir}", "--dataset", "digits",
             "--eps", "0,2/255,8/255", "--suite", "fgsm,square", "--num-examples", "24",
-            "--seed", "1", "--outdir", str(tmp / "digits")] + TINY
+            "--seed", "1", "--outdir", str(tmp / "digits"),
+            "--compilation_cache_dir", str(tmp / "jax_cache")] + TINY
   cifar = ["--checkpoint", tiny_ckpt.path, "--dataset", "cifar10", "--eps", "4/255",
            "--suite", "fgsm", "--num_examples", "12", "--outdir", str(tmp / "cifar"),
            "--templates", "imagenet"] + TINY
@@ -91,7 +92,8 @@ def cli_runs(tiny_ckpt, tiny_clip, tmp_path_factory):
   driver.write_text(_DRIVER)
   proc = _run([EVALUATE, json.dumps([digits, cifar])], driver=str(driver))
   return dict(proc=proc, digits=digits, run_dir=run_dir, flipped=flipped,
-              digits_out=str(tmp / "digits"), cifar_out=str(tmp / "cifar"))
+              digits_out=str(tmp / "digits"), cifar_out=str(tmp / "cifar"),
+              cache=str(tmp / "jax_cache"))
 
 
 def _outputs(outdir):
@@ -119,6 +121,7 @@ def test_digits_two_checkpoints_one_table_one_plot(cli_runs, tiny_ckpt, tiny_cli
   hf, run = res["models"][tiny_ckpt.path], res["models"][run_dir]
   assert (hf["checkpoint"]["kind"], run["checkpoint"]["kind"]) == ("hf", "workdir")
   assert run["checkpoint"]["model"] == tiny_ckpt.path
+  assert run["checkpoint"]["step"] == 7  # the step of the checkpoint evaluated
   # The numbers are the models' own: clean predictions recomputed here, directly
   # (at eps=0 the robust points are exactly the clean-correct ones).
   want_hf = _clean_correct(tiny_clip, tiny_clip.params, "digits", res["indices"])
@@ -140,6 +143,20 @@ def test_digits_two_checkpoints_one_table_one_plot(cli_runs, tiny_ckpt, tiny_cli
   assert "ε=8/255" in md
   assert "24 digits test examples" in md
   assert md.split("\n\n", 1)[1] in cli_runs["proc"].stdout  # the table is printed
+
+
+def test_compilation_cache_flags(cli_runs, tmp_path):
+  # --compilation_cache_dir: the digits run's programs were written there.
+  assert len(os.listdir(cli_runs["cache"])) >= 3
+  # On by default (in $PRSL_JAX_CACHE), off with --nocompilation_cache.
+  code = ("import sys, jax; from absl import flags; from prsl_jax import cli; "
+          "flags.FLAGS(['x'] + sys.argv[1:]); cli.setup_compilation_cache(); "
+          "print('DIR', jax.config.jax_compilation_cache_dir)")
+  env = dict(os.environ, PRSL_JAX_CACHE=str(tmp_path / "default"))
+  out = [subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                        text=True, timeout=120).stdout.split("DIR ", 1)[1].strip()
+         for args in ([], ["--nocompilation_cache"])]
+  assert out == [str(tmp_path / "default"), "None"]
 
 
 def test_tfds_mock_cifar10(cli_runs):

@@ -82,7 +82,7 @@ def _mlp_params(seed=0):
 
 
 def _strip_times(results):
-  return {**{k: v for k, v in results.items() if k != "seconds"},
+  return {**{k: v for k, v in results.items() if k not in ("seconds", "timing")},
           "robust": [{k: v for k, v in r.items() if k != "seconds"} for r in results["robust"]]}
 
 
@@ -203,8 +203,8 @@ def test_an_example_draws_the_same_randomness_in_any_batch():
 def test_out_of_ball_images_are_flagged_and_not_counted(lin, monkeypatch):
   params, source, idx = lin
 
-  def too_far(attack, fn, x, y, keys, eps, norm, axis_name):
-    del attack, fn, y, keys, norm, axis_name  # 2 eps away: outside the ball, even at eps=0
+  def too_far(attack, fn, x, y, keys, eps, norm, axis_name, target, iterations):
+    del attack, fn, y, keys, norm, axis_name, target, iterations  # outside, even at eps=0
     return jnp.clip(x + 2 * eps + 0.01, 0, 1)
 
   monkeypatch.setitem(evaluation.ATTACKS, "fgsm", too_far)
@@ -388,3 +388,60 @@ def test_checkpoints_of_one_config_share_compilations_and_are_not_pinned(tiny_ck
   del other, other_params, second
   gc.collect()
   assert leaf() is None  # no cache kept the dropped checkpoint's params alive
+
+
+def _fresh_linear():
+  """A new model function object: its programs are compiled afresh."""
+  def fn(params, images):
+    return linear(params, images)
+  return fn
+
+
+def test_compilations_do_not_grow_with_budgets_and_eps0_reuses_the_attacks(lin):
+  from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
+  params, source, idx = lin
+  suites = {"s": evaluation.make_suite(["apgd-ce", "square"], steps=2, queries=4)}
+  kw = dict(suites=suites, batch_size=16, progress_bar=False)
+  evaluation.evaluate(_fresh_linear(), params, source, idx, eps_list=[1 / 255], **kw)  # warm
+  counts = []
+  for eps_list in ([1 / 255], [1 / 255, 2 / 255, 8 / 255]):
+    with compilation.Timer() as timer:
+      r = evaluation.evaluate(_fresh_linear(), params, source, idx, eps_list=eps_list, **kw)
+    counts.append(timer.compiles)
+    assert r.timing["compiles"] == timer.compiles and r.timing["attack_seconds"] > 0
+  # One program each: the clean pass, the determinism check and the two attacks;
+  # the eps=0 check and every budget run the attacks' own programs.
+  assert counts == [4, 4], counts
+
+
+_CACHE_RUN = textwrap.dedent("""
+    import json, sys
+    from prsl_jax import compilation, evaluation
+    sys.path.insert(0, sys.argv[1])
+    import test_evaluation as t
+    if sys.argv[2] == "on":
+      compilation.enable_cache(sys.argv[3])
+    params = t._linear_params()
+    source, idx = t._problem(t.linear, params)
+    r = evaluation.evaluate(t.linear, params, source, idx, eps_list=[2 / 255],
+                            suites={"s": evaluation.make_suite(["pgd-ce"], steps=2)},
+                            batch_size=16, progress_bar=False)
+    print("RESULT" + json.dumps(r.timing))
+""")
+
+
+def test_persistent_cache_serves_a_second_process_and_can_be_off(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / "cache"
+  def run(mode):
+    proc = subprocess.run([sys.executable, "-c", _CACHE_RUN, os.path.dirname(__file__), mode,
+                           str(cache)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+  first = run("on")
+  assert first["cache_hits"] == 0 and first["compiles"] >= 3 and any(cache.iterdir())
+  second = run("on")
+  assert second["cache_hits"] == second["compiles"] == first["compiles"]
+  off = run("off")
+  assert off["cache_hits"] == 0 and off["compiles"] == first["compiles"]

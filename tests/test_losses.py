@@ -275,6 +275,22 @@ def test_out_of_range_labels_give_nan_under_jit_not_a_clipped_loss():
   assert np.isfinite(per_row[0]) and np.isnan(per_row[1])
 
 
+@pytest.mark.parametrize("name,kw", [("prsl", {}), ("drsl", {}),
+                                     ("topk_variance", {"k": 3})])
+def test_invalid_traced_weight_gives_nan_under_jit_not_a_plausible_loss(name, kw):
+  z, y = _batch(5, shape=(4,))
+  fn = {"prsl": losses.prsl_loss, "drsl": losses.drsl_loss,
+        "topk_variance": losses.topk_variance_loss}[name]
+  run = jax.jit(lambda w: jnp.mean(fn(z, y, weight=w, **kw)))
+  assert np.isfinite(float(run(0.5)))
+  for bad in (-1.0, np.nan, np.inf):
+    assert np.isnan(float(run(bad))), (name, bad)
+  # Concrete values are refused with the argument's name (NumPy and JAX scalars too).
+  for bad in (np.float32(-1.0), jnp.float32(-1.0), float("nan")):
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
+      fn(z, y, weight=bad, **kw)
+
+
 def test_contrastive_loss_symmetric_and_built_from_the_registry_loss():
   kx, kt = jax.random.split(jax.random.key(6))
   img = jax.random.normal(kx, (6, 8))

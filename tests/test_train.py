@@ -15,7 +15,6 @@ import pytest
 
 import prsl_jax
 from prsl_jax import checkpoints
-from prsl_jax import data
 from prsl_jax import sharding
 from prsl_jax import trainer
 from prsl_jax import training
@@ -162,6 +161,14 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(reference, tmp_path):
   with pytest.warns(UserWarning, match="resumed from step 4"):
     restored, data_state = checkpoints.restore_latest(mgr, abstract)
   assert int(restored["step"]) == 4 and data_state["next_index"] == 4
+  # The damaged step is set aside (renamed, not deleted), so the manager saves step
+  # 6 again instead of skipping it, and keeps the good steps before it.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "6.unreadable"]
+  assert list(mgr.all_steps()) == [2, 4]
+  checkpoints.save(mgr, dict(restored, step=np.int32(6)), data_state)
+  checkpoints.finish(mgr)
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "6", "6.unreadable"]
 
 
 def _config(**overrides):

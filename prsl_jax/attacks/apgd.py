@@ -7,7 +7,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prsl_jax.attacks import core
 from prsl_jax.attacks import objectives
@@ -20,7 +19,7 @@ _APGD_DECR = 0.03        # each checkpoint interval shrinks by this ...
 _APGD_MIN = 0.06         # ... down to this fraction of steps
 
 
-def _apgd_single(vg, success, x0, keys, *, eps, steps, norm):
+def _apgd_single(vg, success, x0, keys, *, eps, steps, norm, max_iterations=None):
   """One APGD run (AutoAttack's attack_single_run); best (x, success, obj).
 
   Step size starts at 2 * eps per example and is halved at checkpoints
@@ -96,11 +95,11 @@ def _apgd_single(vg, success, x0, keys, *, eps, steps, norm):
         since_check=jnp.where(check, 0, since),
         period=jnp.where(check, jnp.maximum(s["period"] - decr, period_min), s["period"]))
 
-  return jax.lax.fori_loop(0, steps, body, state)["best"]
+  return jax.lax.fori_loop(0, core.loop_bound(steps, max_iterations), body, state)["best"]
 
 
 def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
-         loss="ce", restarts=1):
+         loss="ce", restarts=1, targeted=False, max_iterations=None):
   """Auto-PGD (Croce & Hein 2020) exactly as AutoAttack's APGD-CE / APGD-DLR.
 
   Momentum alpha = 0.75, initial step 2 * eps, the checkpoint schedule and the
@@ -121,6 +120,11 @@ def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
       classifier logits with C >= 3, else warns, uses 'ce'.
     restarts: static int >= 1, random starts, restart r keyed by fold_in(key, r),
       run sequentially in a lax.scan, per-example best kept.
+    targeted: `labels` are targets: minimise the loss toward them (e.g. a
+      target caption's tokens); success means reaching them. For classifiers
+      AutoAttack's targeted APGD is `apgd_targeted`.
+    max_iterations: optional int, possibly traced: stop after this many steps,
+      the schedule still that of `steps` (core.loop_bound).
 
   Returns:
     (B, H, W, C') float32 adversarial images in the eps-ball and in [0, 1].
@@ -129,18 +133,21 @@ def apgd(logits_fn, images, labels, *, key, eps, steps, norm="linf",
   steps = core.check_int("steps", steps, minimum=1)
   restarts = core.check_int("restarts", restarts, minimum=1)
   num_classes = core.num_classes(logits_fn, images, labels)
-  obj = objectives.make_objective(loss, labels=labels, num_classes=num_classes, attack="apgd")
-  success = core.success_fn(labels, False)
+  obj = objectives.make_objective(loss, labels=labels, num_classes=num_classes,
+                                  targeted=targeted, attack="apgd")
+  success = core.success_fn(labels, targeted)
   x0 = images.astype(jnp.float32)
   keys = core.example_keys(key, x0.shape[0])
   vg = core.value_and_grad(logits_fn, obj, labels)
-  run = functools.partial(_apgd_single, vg, success, x0, eps=eps, steps=steps, norm=norm)
+  run = functools.partial(_apgd_single, vg, success, x0, eps=eps, steps=steps, norm=norm,
+                          max_iterations=max_iterations)
   x_adv = core.best_of_restarts(run, keys, restarts, x0)[0]
   return core.finalize(x_adv, eps, labels, num_classes)
 
 
 def apgd_targeted(logits_fn, images, labels, *, key, eps, steps,
-                  norm="linf", num_targets=9, restarts=1, target_labels=None):
+                  norm="linf", num_targets=9, restarts=1, target_labels=None,
+                  max_iterations=None):
   """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, several targets.
 
   Targets are the `num_targets` (capped at C-1) wrong classes with the largest
@@ -168,6 +175,8 @@ def apgd_targeted(logits_fn, images, labels, *, key, eps, steps,
     num_targets: static int >= 1 (AutoAttack: 9), capped at C-1.
     restarts: static int >= 1, random starts per target.
     target_labels: optional (B,) int targets, != labels; overrides num_targets.
+    max_iterations: optional int, possibly traced: stop each run after this many
+      steps (core.loop_bound).
 
   Returns:
     (B, H, W, C') float32 adversarial images in the eps-ball and in [0, 1].
@@ -186,22 +195,8 @@ def apgd_targeted(logits_fn, images, labels, *, key, eps, steps,
   x0 = images.astype(jnp.float32)
   keys = core.example_keys(key, x0.shape[0])
 
-  if target_labels is None:
-    clean = jax.lax.stop_gradient(logits_fn(x0).astype(jnp.float32))
-    masked = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, clean)
-    _, targets = jax.lax.top_k(masked, min(num_targets, num_classes - 1))
-  else:
-    if not hasattr(target_labels, "ndim") or target_labels.shape != labels.shape:
-      raise ValueError(
-          f"target_labels must have shape (B,) = {labels.shape}, got "
-          f"{getattr(target_labels, 'shape', None)}")
-    if not jnp.issubdtype(target_labels.dtype, jnp.integer):
-      raise TypeError(f"target_labels must be integer, got dtype {target_labels.dtype}")
-    core.num_classes(logits_fn, images, target_labels, labels_name="target_labels")
-    if (core.is_concrete(target_labels) and core.is_concrete(labels)
-        and np.any(np.asarray(target_labels) == np.asarray(labels))):
-      raise ValueError("target_labels must differ from labels for every example")
-    targets = target_labels[:, None]
+  targets = core.targets(logits_fn, x0, labels, num_targets=num_targets,
+                         target_labels=target_labels)
 
   if num_classes < 4:
     warnings.warn(
@@ -221,7 +216,8 @@ def apgd_targeted(logits_fn, images, labels, *, key, eps, steps,
     def level(logits):  # 2: target reached, 1: misclassified, 0: robust
       pred = jnp.argmax(logits, axis=-1)
       return (pred != labels).astype(jnp.int32) + (pred == target).astype(jnp.int32)
-    run = functools.partial(_apgd_single, vg, level, x0, eps=eps, steps=steps, norm=norm)
+    run = functools.partial(_apgd_single, vg, level, x0, eps=eps, steps=steps, norm=norm,
+                            max_iterations=max_iterations)
     return core.merge(best, core.best_of_restarts(run, core.fold(keys, j), restarts, x0)), None
 
   best, _ = jax.lax.scan(

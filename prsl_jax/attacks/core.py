@@ -112,6 +112,20 @@ def check_common(images, labels, eps, norm):
   check_eps(eps, norm, numel=int(np.prod(images.shape[1:])))
 
 
+def loop_bound(count, max_iterations, name="max_iterations"):
+  """The trip count of an attack's loop: `count`, or at most `max_iterations`.
+
+  max_iterations may be traced (a jit argument): the loop then ends early with
+  the schedule (APGD's checkpoints, Square's p) still that of `count`. One
+  compiled attack then serves a full run and a one-iteration check.
+  """
+  if max_iterations is None:
+    return count
+  if is_concrete(max_iterations):
+    check_int(name, max_iterations, minimum=0)
+  return jnp.minimum(jnp.asarray(max_iterations, jnp.int32), count)
+
+
 def example_keys(key, batch):
   """One PRNG key per example: (B,) typed keys or (B, 2) raw uint32 keys."""
   if key is None:
@@ -147,6 +161,34 @@ def success_fn(labels, targeted):
       hit = jnp.any((pred != labels) & valid, axis=axes)
     return hit.astype(jnp.int32)
   return level
+
+
+def top_wrong_classes(clean_logits, labels, k):
+  """(B, k) the k most likely wrong classes of clean logits (B, C), most likely first.
+
+  AutoAttack's target order for APGD-T and FAB-T (target 1 is the runner-up).
+  """
+  logits = jax.lax.stop_gradient(clean_logits.astype(jnp.float32))
+  true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  _, top = jax.lax.top_k(jnp.where(true, -jnp.inf, logits), min(k, logits.shape[-1] - 1))
+  return top
+
+
+def targets(logits_fn, x0, labels, *, num_targets, target_labels=None):
+  """(B, T) targets of a targeted attack: the top wrong classes of the clean
+  logits, or the given target_labels (B,) as one target each (checked)."""
+  if target_labels is None:
+    return top_wrong_classes(logits_fn(x0), labels, num_targets)
+  if not hasattr(target_labels, "ndim") or target_labels.shape != labels.shape:
+    raise ValueError(f"target_labels must have shape (B,) = {labels.shape}, got "
+                     f"{getattr(target_labels, 'shape', None)}")
+  if not jnp.issubdtype(target_labels.dtype, jnp.integer):
+    raise TypeError(f"target_labels must be integer, got dtype {target_labels.dtype}")
+  num_classes(logits_fn, x0, target_labels, labels_name="target_labels")
+  if (is_concrete(target_labels) and is_concrete(labels)
+      and np.any(np.asarray(target_labels) == np.asarray(labels))):
+    raise ValueError("target_labels must differ from labels for every example")
+  return target_labels[:, None]
 
 
 def finalize(x_adv, eps, labels, num_classes_):

@@ -96,7 +96,8 @@ def _project_hyperplane(t, w, c, norm):
   return -jnp.sign(w) * jnp.minimum(lam[..., None], r)
 
 
-def _fab_single(grad_fn, predict, x0, labels, x_start, *, steps, norm, alpha_max, eta, beta):
+def _fab_single(grad_fn, predict, x0, labels, x_start, *, steps, norm, alpha_max, eta, beta,
+                max_iterations=None):
   """One FAB run from x_start (AutoAttack's attack_single_run, targeted).
 
   Step: linearise g = z_t - z_y at x and project both x and the clean x0 onto
@@ -134,7 +135,7 @@ def _fab_single(grad_fn, predict, x0, labels, x_start, *, steps, norm, alpha_max
         dist=jnp.where(closer, dist, s["dist"]))
 
   init = dict(x=x_start, best=x0, dist=core.batch_zeros(x0) + jnp.inf)
-  s = jax.lax.fori_loop(0, steps, body, init)
+  s = jax.lax.fori_loop(0, core.loop_bound(steps, max_iterations), body, init)
   found = jnp.isfinite(s["dist"])
   return s["best"], found.astype(jnp.int32), -s["dist"]
 
@@ -170,7 +171,7 @@ def _check_hyper(name, value, low, high=None, low_open=False):
 
 def fab_targeted(logits_fn, images, labels, *, key, eps, steps=100, norm="linf",
                  num_targets=9, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
-                 target_labels=None):
+                 target_labels=None, max_iterations=None):
   """FAB-T (Croce & Hein 2020) as in AutoAttack's standard version, L-inf / L2.
 
   FAB is a minimum-norm attack: it looks for the misclassified point closest to
@@ -221,6 +222,8 @@ def fab_targeted(logits_fn, images, labels, *, key, eps, steps=100, norm="linf",
     eps: budget in [0, 1] pixel units, >= 0 (L-inf at most 1): the success
       radius and the radius of the random starts. May be traced.
     steps: static int >= 1, iterations per target and restart.
+    max_iterations: optional int, possibly traced: stop each run after this many
+      steps (core.loop_bound).
     norm: 'linf' or 'l2'; both the norm minimised and the ball.
     num_targets: static int >= 1 (AutoAttack: 9), capped at C-1.
     restarts: static int >= 1 (AutoAttack's FAB-T: 1), starts per target.
@@ -250,20 +253,8 @@ def fab_targeted(logits_fn, images, labels, *, key, eps, steps=100, norm="linf",
   logits = lambda x: logits_fn(x).astype(jnp.float32)
   clean = jax.lax.stop_gradient(logits(x0))
 
-  if target_labels is None:
-    masked = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, clean)
-    _, targets = jax.lax.top_k(masked, min(num_targets, num_classes - 1))
-  else:
-    if not hasattr(target_labels, "ndim") or target_labels.shape != labels.shape:
-      raise ValueError(f"target_labels must have shape (B,) = {labels.shape}, got "
-                       f"{getattr(target_labels, 'shape', None)}")
-    if not jnp.issubdtype(target_labels.dtype, jnp.integer):
-      raise TypeError(f"target_labels must be integer, got dtype {target_labels.dtype}")
-    core.num_classes(logits_fn, images, target_labels, labels_name="target_labels")
-    if (core.is_concrete(target_labels) and core.is_concrete(labels)
-        and np.any(np.asarray(target_labels) == np.asarray(labels))):
-      raise ValueError("target_labels must differ from labels for every example")
-    targets = target_labels[:, None]
+  targets = core.targets(logits, x0, labels, num_targets=num_targets,
+                         target_labels=target_labels)
 
   predict = lambda x: jnp.argmax(logits(x), axis=-1)
   pick = lambda z, k: jnp.take_along_axis(z, k[:, None], axis=-1)[:, 0]
@@ -277,7 +268,8 @@ def fab_targeted(logits_fn, images, labels, *, key, eps, steps=100, norm="linf",
       return jnp.sum(m), m
     run = functools.partial(
         _fab_single, jax.grad(margin, has_aux=True), predict, x0, labels,
-        steps=steps, norm=norm, alpha_max=alpha_max, eta=eta, beta=beta)
+        steps=steps, norm=norm, alpha_max=alpha_max, eta=eta, beta=beta,
+        max_iterations=max_iterations)
     keys_j = core.fold(keys, j)
 
     def per_restart(best, r):

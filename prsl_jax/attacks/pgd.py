@@ -61,7 +61,7 @@ def _random_start(keys, x0, eps, norm):
 
 
 def _pgd_single(logits_fn, vg, obj, success, x0, labels, keys, *, eps, steps,
-                step_size, norm, random_start):
+                step_size, norm, random_start, max_iterations=None):
   """One PGD run; returns the best iterate (x, level, value) per example."""
   x = _random_start(keys, x0, eps, norm) if random_start else x0
 
@@ -72,14 +72,15 @@ def _pgd_single(logits_fn, vg, obj, success, x0, labels, keys, *, eps, steps,
     x = core.project(x + step_size * core.direction(grad, norm), x0, eps, norm)
     return x, best
 
-  x, best = jax.lax.fori_loop(0, steps, body, (x, core.empty_best(x0)))
+  x, best = jax.lax.fori_loop(0, core.loop_bound(steps, max_iterations), body,
+                              (x, core.empty_best(x0)))
   # The last step's point has not been scored yet: one forward pass, no grad.
   logits = logits_fn(x).astype(jnp.float32)
   return core.merge(best, (x, success(logits), obj.values(logits, labels)))
 
 
 def pgd(logits_fn, images, labels, *, key, eps, steps, step_size=None, norm="linf",
-        random_start=True, restarts=1, targeted=False, loss="ce"):
+        random_start=True, restarts=1, targeted=False, loss="ce", max_iterations=None):
   """Projected Gradient Descent (Madry et al. 2018), L-inf or L2.
 
   Each step: x <- Proj_{ball ∩ [0,1]}(x + step_size * d), d = sign(g) (L-inf) or
@@ -108,6 +109,8 @@ def pgd(logits_fn, images, labels, *, key, eps, steps, step_size=None, norm="lin
     loss: 'ce', 'cw' (margin), 'dlr' (C >= 3, else warns and uses 'ce'), or a
       loss of prsl_jax.losses (a batch loss such as PRSL is differentiated as
       the scalar it is; see attacks.objectives).
+    max_iterations: optional int, possibly traced: stop after this many steps
+      (the default step size still follows `steps`); see core.loop_bound.
 
   Returns:
     (B, H, W, C') float32 adversarial images in the eps-ball and in [0, 1].
@@ -127,7 +130,8 @@ def pgd(logits_fn, images, labels, *, key, eps, steps, step_size=None, norm="lin
   vg = core.value_and_grad(logits_fn, obj, labels)
   run = functools.partial(
       _pgd_single, logits_fn, vg, obj, success, x0, labels, eps=eps, steps=steps,
-      step_size=step_size, norm=norm, random_start=random_start)
+      step_size=step_size, norm=norm, random_start=random_start,
+      max_iterations=max_iterations)
   if key is None and not random_start and restarts == 1:
     x_adv = run(None)[0]  # deterministic: nothing to draw
   else:
@@ -136,7 +140,7 @@ def pgd(logits_fn, images, labels, *, key, eps, steps, step_size=None, norm="lin
 
 
 def bim(logits_fn, images, labels, *, eps, steps=10, step_size=None, loss="ce",
-        targeted=False):
+        targeted=False, max_iterations=None):
   """The paper's attack: BIM (Kurakin et al. 2017), sign steps from the clean image.
 
   arXiv:2402.03627 attacks with 10 iterative sign-gradient steps, no random
@@ -166,4 +170,5 @@ def bim(logits_fn, images, labels, *, eps, steps=10, step_size=None, loss="ce",
     (B, H, W, C') float32 adversarial images in the eps-ball and in [0, 1].
   """
   return pgd(logits_fn, images, labels, key=None, eps=eps, steps=steps, step_size=step_size,
-             norm="linf", random_start=False, restarts=1, targeted=targeted, loss=loss)
+             norm="linf", random_start=False, restarts=1, targeted=targeted, loss=loss,
+             max_iterations=max_iterations)

@@ -125,7 +125,7 @@ def _square_l2_step(keys, x0, x_best, eps, size):
 
 
 def square(logits_fn, images, labels, *, key, eps, queries=5000, norm="linf",
-           p_init=0.8):
+           p_init=0.8, max_iterations=None):
   """Square Attack (Andriushchenko et al. 2020): random search on logits only.
 
   Minimises the margin z_y - max_{j != y} z_j (= -cw_margin) by random square
@@ -150,6 +150,8 @@ def square(logits_fn, images, labels, *, key, eps, queries=5000, norm="linf",
     queries: static int >= 1, forward passes per example (1 init + queries - 1).
     norm: 'linf' or 'l2'.
     p_init: initial fraction of pixels per window, in (0, 1].
+    max_iterations: optional int, possibly traced: stop after this many queries
+      (p's schedule still that of `queries`; core.loop_bound).
 
   Returns:
     (B, H, W, C') float32 adversarial images in the eps-ball and in [0, 1].
@@ -185,5 +187,7 @@ def square(logits_fn, images, labels, *, key, eps, queries=5000, norm="linf",
     accept = (m_best > 0) & (m_new < m_best)
     return core.select(accept, (x_new, m_new), (x_best, m_best))
 
-  x_best, _ = jax.lax.fori_loop(0, queries - 1, body, (x_best, m_best))
+  x_best, _ = jax.lax.fori_loop(
+      0, core.loop_bound(queries - 1, None if max_iterations is None else
+                         jnp.maximum(max_iterations - 1, 0)), body, (x_best, m_best))
   return core.finalize(x_best, eps, labels, num_classes)

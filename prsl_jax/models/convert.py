@@ -195,20 +195,63 @@ def resolve_folder(path_or_hub_id, allow_pickle=False):
   from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
   offline = _env_offline()
   patterns = ["*.json", "*.safetensors", "*.txt"] + (["*.bin"] if allow_pickle else [])
+  hub_id = str(path_or_hub_id)
+  unreachable = None if offline else _probe_hub(hub_id)
   try:
-    # local_files_only when offline: answer from the cache or fail now, instead
-    # of retrying a network that is not there. etag_timeout bounds the wait.
-    return snapshot_download(str(path_or_hub_id), allow_patterns=patterns,
-                             local_files_only=offline, etag_timeout=5)
+    # local_files_only when offline or when the hub did not answer the probe:
+    # answer from the cache or fail now, instead of waiting on a network that is
+    # not there. etag_timeout bounds the per-file metadata requests.
+    return snapshot_download(hub_id, allow_patterns=patterns,
+                             local_files_only=offline or unreachable is not None,
+                             etag_timeout=_hub_timeout())
   except Exception as e:  # pylint: disable=broad-except
-    why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
-        "the hub is unreachable or has no such repo"
+    if unreachable is not None:
+      why = (f"the hub at {_hub_endpoint()} did not answer within {_hub_timeout():g} s "
+             f"({unreachable}) and it is not in the local cache")
+    elif offline:
+      why = "HF_HUB_OFFLINE is set and it is not in the local cache"
+    else:
+      why = "the hub is unreachable or has no such repo"
     raise OSError(
         f"{path_or_hub_id!r} is not a local folder ({os.path.abspath(path)} does not "
         f"exist) and could not be fetched from the HuggingFace hub: {why} "
-        f"({type(e).__name__}: {e}). Download it where there is network (e.g. "
-        f"`hf download {path_or_hub_id} --local-dir DIR`) and pass the local folder: "
-        "load_pretrained('DIR').") from e
+        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}). To work offline, download "
+        f"it where there is network (`hf download {path_or_hub_id} --local-dir DIR`) and "
+        "pass the local folder: load_pretrained('DIR'), evaluate.py --checkpoint DIR or "
+        "train.py --config.model.path=DIR; or set HF_HUB_OFFLINE=1 to use the hub cache "
+        "(HF_HUB_ETAG_TIMEOUT: seconds to wait for the hub).") from e
+
+
+def _hub_timeout() -> float:
+  """Seconds to wait for one answer from the hub (HF_HUB_ETAG_TIMEOUT, default 10)."""
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+  try:
+    return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or constants.HF_HUB_ETAG_TIMEOUT)
+  except ValueError:
+    return float(constants.DEFAULT_ETAG_TIMEOUT)
+
+
+def _hub_endpoint() -> str:
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+  return constants.ENDPOINT
+
+
+def _probe_hub(repo_id):
+  """None if the hub answers (anything, a 404 included) within the timeout; else why not.
+
+  snapshot_download's first request (repo_info) has no timeout, so an endpoint
+  that accepts connections and never answers would hang it for minutes; this
+  one request, without retries, is bounded.
+  """
+  from huggingface_hub import HfApi  # pylint: disable=g-import-not-at-top
+  try:
+    HfApi().model_info(repo_id, timeout=_hub_timeout())
+  except Exception as e:  # pylint: disable=broad-except
+    name = type(e).__name__
+    if isinstance(e, (TimeoutError, ConnectionError)) or "Timeout" in name or \
+        "Connect" in name or "Network" in name or "Proxy" in name:
+      return name
+  return None
 
 
 def _pickle_refusal(files):
@@ -250,6 +293,20 @@ def _weight_files(folder, allow_pickle):
   raise FileNotFoundError(
       f"no weights in {folder}: expected {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME} "
       f"(or {PICKLE_NAME} with allow_pickle)")
+
+
+def model_type(folder):
+  """config.json's model_type of a checkpoint folder (one JSON read, no weights)."""
+  path = os.path.join(folder, CONFIG_NAME)
+  try:
+    with open(path) as f:
+      value = json.load(f).get("model_type")
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+    raise ValueError(f"{path} cannot be read as a JSON object ({e}); is {folder} a "
+                     "checkpoint folder?") from None
+  if value not in MODEL_KINDS:
+    raise ValueError(f"{path} has model_type={value!r}; prsl_jax loads {sorted(MODEL_KINDS)}")
+  return value
 
 
 def check_weights(folder, *, allow_pickle=False):

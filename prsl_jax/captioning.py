@@ -1,0 +1,589 @@
+"""Captioners under attack: caption targets, attacks on captions, and their metrics.
+
+    result = evaluate(model, params, tokenizer, source, indices, eps_list=[2 / 255],
+                      suites={"paper": make_suite("paper", train_loss=...)})
+
+The paper's setting (arXiv:2402.03627: ViT-GPT2 fine-tuned on COCO captions).
+Attacks use the gradient attacks of prsl_jax.attacks on token logits:
+logits_fn(x) = model.logits(params, x, decoder_input_ids), shape (B, T, V),
+teacher-forced on a caption whose tokens are the labels (IGNORE_INDEX after
+its EOS):
+
+  untargeted  raise the token loss of the model's own clean caption (the
+              greedy caption on the clean image: the paper's label);
+  targeted    lower the token loss of a target caption (targeted=True).
+
+The parts, each a function of the run: `clean_pass`, `soundness_checks`,
+`eps0_check`, `cascade` (one suite at one budget), `clean_scores`. The cascade
+is AutoAttack's, with "robust" meaning "the generated caption did
+not change": each attack of a suite runs only on the examples whose caption
+every earlier attack left unchanged (untargeted), or that no earlier attack
+turned into the target (targeted), and an example's outcome is its worst case
+over the suite. Reported per budget: the caption change rate, keyword survival
+(does the class word of a clean caption survive?), BLEU-4 / CIDEr of the
+adversarial captions against the clean ones and against the references, the
+targeted success rate, and the teacher-forced token loss before and after.
+Clean: keyword accuracy, BLEU-4 / CIDEr against the references, and the
+diversity of generation (distinct-1/2, vocabulary, mean length), the paper's
+trade-off. Checks as for classifiers where they apply: deterministic captions,
+finite non-zero input gradients, perturbations in the ball and [0, 1], and
+eps = 0 leaving every caption unchanged.
+"""
+
+import dataclasses
+import functools
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from prsl_jax import attacks
+from prsl_jax import caption_metrics
+from prsl_jax import evaluation
+from prsl_jax import losses
+from prsl_jax import progress
+from prsl_jax import sharding
+from prsl_jax.models import captioner as captioner_lib
+from prsl_jax.models import generation
+
+IGNORE = losses.IGNORE_INDEX
+DATA = sharding.DATA
+
+# The attacks that work on token logits, and the caption suites.
+CAPTION_ATTACKS = frozenset({"bim", "pgd-ce", "apgd-ce", "fgsm"})
+SUITES = {"paper": ("bim",), "strong": ("apgd-ce",), "pgd": ("pgd-ce",)}
+DEFAULT_SUITES = ("paper", "strong")
+
+
+def make_suite(suite, **kwargs):
+  """evaluation.make_suite for captioners: suite names of SUITES or token-logit attacks."""
+  if isinstance(suite, str) and suite in SUITES:
+    suite = list(SUITES[suite])
+  attack_list = evaluation.make_suite(suite, "linf", **kwargs)
+  unsupported = sorted({a.name for a in attack_list} - CAPTION_ATTACKS)
+  if unsupported:
+    raise ValueError(f"{unsupported} attack classifiers, not captioners; for captions use "
+                     f"{sorted(CAPTION_ATTACKS)} or the suites {sorted(SUITES)}")
+  return attack_list
+
+
+# ----------------------------------------------------------------------------
+# Caption tokens.
+# ----------------------------------------------------------------------------
+
+
+def tokenize_captions(tokenizer, texts, *, length, eos_token_id):
+  """Caption texts -> labels (N, length) int32: tokens, EOS, then IGNORE_INDEX.
+
+  As transformers' VisionEncoderDecoder training: labels are the caption's
+  tokens (no start token; decoder inputs are shift_tokens_right(labels)), here
+  ended by EOS so the model learns to stop, with padding ignored by the loss.
+  A caption longer than length - 1 tokens is cut (EOS kept).
+  """
+  if tokenizer is None:
+    raise ValueError("the captioner checkpoint has no tokenizer files")
+  out = np.full((len(texts), length), IGNORE, np.int32)
+  for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+    ids = list(ids)[:length - 1] + [eos_token_id]
+    out[i, :len(ids)] = ids
+  return out
+
+
+def teacher_forcing(model, labels):
+  """labels (B, T) -> the captioning batch fields of training.make_train_step."""
+  labels = np.asarray(labels, np.int32)
+  dec = np.asarray(captioner_lib.shift_tokens_right(labels, model.pad_token_id,
+                                                    model.decoder_start_token_id))
+  return {"labels": labels, "decoder_input_ids": dec,
+          "decoder_attention_mask": np.ones_like(dec)}
+
+
+def generated_labels(tokens, eos_token_id):
+  """Generated sequences (B, L) -> (decoder_input_ids (B, L-1), labels (B, L-1)).
+
+  The sequence starts with decoder_start; labels are its tokens after the
+  start, kept through the first EOS and IGNORE_INDEX after it.
+  """
+  dec, nxt = tokens[:, :-1], tokens[:, 1:]
+  after = jnp.cumsum((nxt == eos_token_id).astype(jnp.int32), axis=1)
+  ended_before = (after - (nxt == eos_token_id)) > 0
+  return dec, jnp.where(ended_before, IGNORE, nxt)
+
+
+def decode(tokenizer, tokens):
+  """(B, L) token ids -> B caption strings (special tokens dropped)."""
+  return [t.strip() for t in tokenizer.batch_decode(np.asarray(tokens).tolist(),
+                                                    skip_special_tokens=True)]
+
+
+# ----------------------------------------------------------------------------
+# Jitted batch functions (static: model, attack, lengths, mesh).
+# ----------------------------------------------------------------------------
+
+
+def _sharded(fn, mesh, in_specs, *args):
+  return evaluation._sharded(fn, mesh, in_specs, *args)  # pylint: disable=protected-access
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "mesh"))
+def _clean_batch(params, x, *, model, max_length, mesh):
+  """-> greedy tokens (B, L), max |grad| (B,) and grad finite (B,) of the caption loss."""
+  def run(params, x, axis_name):
+    del axis_name
+    tokens = generation.greedy(model, params, x, max_length=max_length)
+    dec, labels = generated_labels(tokens, model.eos_token_id)
+    def loss(x):
+      return jnp.sum(attacks.ce_objective(model.logits(params, x, dec), labels))
+    grad = jax.grad(loss)(x).reshape(x.shape[0], -1)
+    return tokens, jnp.max(jnp.abs(grad), axis=1), jnp.all(jnp.isfinite(grad), axis=1)
+  return _sharded(run, mesh, (P(), P(DATA)), params, x)
+
+
+def _attack(a, fn, x, y, keys, eps, axis_name, targeted):
+  objective = a.objective(axis_name)
+  if a.name == "bim":
+    return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=objective, targeted=targeted)
+  if a.name == "fgsm":
+    return attacks.fgsm(fn, x, y, eps=eps, targeted=targeted)
+  if a.name == "pgd-ce":
+    return attacks.pgd(fn, x, y, key=keys, eps=eps, steps=a.steps, restarts=a.restarts,
+                       targeted=targeted)
+  return attacks.apgd(fn, x, y, key=keys, eps=eps, steps=a.steps, restarts=a.restarts,
+                      targeted=targeted)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "attack", "max_length", "targeted",
+                                             "mesh"))
+def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, attack,
+                  max_length, targeted, mesh):
+  """-> (adversarial greedy tokens, distance, in range, token loss clean, adversarial)."""
+  def run(params, x, dec, labels, ids, valid, base_key, eps, axis_name):
+    fn = lambda z: model.logits(params, z, dec)
+    keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
+    y = jnp.where(valid[:, None], labels, IGNORE)  # padding rows leave batch losses
+    x_adv = _attack(attack, fn, x, y, keys, eps, axis_name, targeted)
+    delta = (x_adv - x).reshape(x.shape[0], -1)
+    dist = jnp.max(jnp.abs(delta), axis=1)
+    flat = x_adv.reshape(x.shape[0], -1)
+    in_range = (jnp.all(jnp.isfinite(flat), axis=1) & (jnp.min(flat, axis=1) >= 0)
+                & (jnp.max(flat, axis=1) <= 1))
+    tokens = generation.greedy(model, params, jnp.where(jnp.isfinite(x_adv), x_adv, x),
+                               max_length=max_length)
+    loss = lambda z: attacks.ce_objective(model.logits(params, z, dec), labels)
+    return tokens, dist, in_range, loss(x), loss(x_adv)
+  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(DATA), P(), P())
+  return _sharded(run, mesh, specs, params, x, dec, labels, ids, valid, base_key, eps)
+
+
+# ----------------------------------------------------------------------------
+# Results.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CaptionEps:
+  """One suite's cascade at one budget (untargeted, or toward the target caption).
+
+  changed_after: {attack: fraction of captions changed (untargeted) / turned
+  into the target (targeted) after that attack of the cascade}, cumulative.
+  captions / broken_by: per example, the adversarial caption (of the attack
+  that broke it, else of the last attack) and that attack (None if robust).
+  """
+  eps: float
+  change_rate: float
+  changed_after: dict
+  keyword_survival: Optional[float]
+  bleu4_vs_clean: float
+  cider_vs_clean: float
+  bleu4_vs_references: Optional[float]
+  cider_vs_references: Optional[float]
+  targeted_success: Optional[float]
+  token_loss_clean: float
+  token_loss_adversarial: float
+  captions: list
+  broken_by: list
+  outside_ball: int
+  seconds: float
+
+
+@dataclasses.dataclass
+class CaptionResult:
+  num_examples: int
+  indices: list
+  seed: int
+  batch_size: int
+  max_length: int
+  clean_captions: list
+  clean: dict       # keyword_accuracy, bleu4, cider, diversity
+  suites: dict      # suite name -> [attack settings (dict)]
+  robust: dict      # suite name -> [CaptionEps], untargeted
+  targeted: dict    # suite name -> [CaptionEps] toward target_caption ({} if none)
+  target_caption: Optional[str]
+  checks: evaluation.Checks
+  seconds: float = 0.0
+  kind: str = "captioner"
+
+  def to_dict(self):
+    d = dataclasses.asdict(self)
+    d["checks"]["passed"] = self.checks.passed
+    return d
+
+
+def _batches(source, indices, positions, batch_size, mesh, extra=None):
+  """Fixed-size image batches on the mesh; `extra` {name: (N, ...)} rows go along."""
+  idx = np.asarray(indices)
+  for start in range(0, len(positions), batch_size):
+    pos = positions[start:start + batch_size]
+    rows = np.concatenate([pos, np.repeat(pos[-1:], batch_size - len(pos))])
+    host = {"image": np.stack([source[int(i)]["image"] for i in idx[rows]]),
+            "id": idx[rows].astype(np.int32),
+            "valid": np.arange(batch_size) < len(pos)}
+    for name, arr in (extra or {}).items():
+      host[name] = np.asarray(arr)[rows]
+    if mesh is not None:
+      dev = sharding.to_global(sharding.process_rows(host), mesh)
+    else:
+      dev = jax.tree.map(jnp.asarray, host)
+    yield dev, host["valid"], rows
+
+
+def _ball_ok(dist, in_range, eps):
+  return in_range & (dist <= eps + 1e-6)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What every part of one evaluation shares (static model, arrays, settings)."""
+  model: object
+  params: object
+  tokenizer: object
+  source: object
+  indices: np.ndarray
+  batch_size: int
+  max_length: int
+  seed: int
+  mesh: object
+  bar: object
+
+  def batches(self, positions, extra=None):
+    return _batches(self.source, self.indices, positions, self.batch_size, self.mesh, extra)
+
+
+@dataclasses.dataclass
+class _Clean:
+  """The clean pass: greedy tokens and captions, their teacher-forcing targets."""
+  tokens: np.ndarray       # (N, L)
+  captions: list
+  dec: np.ndarray          # (N, L-1) decoder inputs
+  labels: np.ndarray       # (N, L-1) labels, IGNORE_INDEX after EOS
+  zero_gradient: int
+  nonfinite_gradient: int
+  first: tuple             # (device batch, valid, rows, tokens) of the first batch
+
+
+def clean_pass(run: _Run) -> _Clean:
+  """Greedy captions of every example and the input gradients of their token loss."""
+  n = len(run.indices)
+  tokens = np.zeros((n, run.max_length), np.int32)
+  zero_grad = nonfinite = 0
+  first = None
+  for dev, valid, rows in run.batches(np.arange(n)):
+    tok, gmax, gfinite = jax.device_get(_clean_batch(
+        run.params, dev["image"], model=run.model, max_length=run.max_length, mesh=run.mesh))
+    tokens[rows[valid]] = tok[valid]
+    zero_grad += int(np.sum((gmax == 0) & gfinite & valid))
+    nonfinite += int(np.sum(~gfinite & valid))
+    first = first or (dev, valid, rows, tok)
+    run.bar.update()
+  dec, labels = (np.asarray(a) for a in generated_labels(jnp.asarray(tokens),
+                                                         run.model.eos_token_id))
+  return _Clean(tokens, decode(run.tokenizer, tokens), dec, labels, zero_grad, nonfinite,
+                first)
+
+
+def soundness_checks(run: _Run, clean: _Clean, checks):
+  """Deterministic captions and usable input gradients, into `checks`."""
+  dev0, valid0, _, tok0 = clean.first
+  again = jax.device_get(_clean_batch(run.params, dev0["image"], model=run.model,
+                                      max_length=run.max_length, mesh=run.mesh))[0]
+  checks.deterministic = bool(np.array_equal(again[valid0], tok0[valid0]))
+  if not checks.deterministic:
+    evaluation._warn(checks, "the captioner is not deterministic: two generations on the "  # pylint: disable=protected-access
+                     "same images differ")
+  n = len(run.indices)
+  checks.zero_gradient_fraction = clean.zero_gradient / n
+  checks.nonfinite_gradient_fraction = clean.nonfinite_gradient / n
+  checks.gradients_ok = clean.zero_gradient == 0 and clean.nonfinite_gradient == 0
+  if not checks.gradients_ok:
+    evaluation._warn(checks, "input gradients of the clean captions' token loss: "  # pylint: disable=protected-access
+                     f"{clean.zero_gradient} of {n} all zero, {clean.nonfinite_gradient} "
+                     "not finite")
+
+
+def eps0_check(run: _Run, clean: _Clean, attack_list, checks):
+  """At eps = 0 every attack must leave every caption of the first batch as it is."""
+  rows0 = np.arange(min(run.batch_size, len(run.indices)))
+  for attack in attack_list:
+    if attack.name in checks.eps0:
+      continue
+    dev, valid, rows = next(run.batches(rows0, {"dec": clean.dec, "labels": clean.labels}))
+    tok, dist, in_range, _, _ = jax.device_get(_attack_batch(
+        run.params, dev["image"], dev["dec"], dev["labels"], dev["id"], dev["valid"],
+        evaluation.attack_key(run.seed, 0.0, attack.name), jnp.float32(0.0),
+        model=run.model, attack=attack, max_length=run.max_length, targeted=False,
+        mesh=run.mesh))
+    checks.eps0[attack.name] = {
+        "max_distance": float(np.max(dist[valid])),
+        "captions_unchanged": bool(np.array_equal(tok[valid], clean.tokens[rows[valid]])),
+        "in_range": bool(in_range[valid].all())}
+  checks.eps0_ok = all(v["max_distance"] <= 1e-6 and v["captions_unchanged"] and v["in_range"]
+                       for v in checks.eps0.values())
+  if not checks.eps0_ok:
+    evaluation._warn(checks, f"at eps=0 the attacks change captions: {checks.eps0}")  # pylint: disable=protected-access
+
+
+def cascade(run: _Run, clean: _Clean, attack_list, eps, *, target=None, refs=None,
+            keywords=None) -> CaptionEps:
+  """One suite at one budget: each attack on the captions every earlier one left as
+  they were (untargeted), or that no earlier one turned into `target` (targeted)."""
+  t_start = time.time()
+  n = len(run.indices)
+  same = lambda a, b: caption_metrics.tokenize(a) == caption_metrics.tokenize(b)
+  if target is not None:
+    lab = tokenize_captions(run.tokenizer, [target], length=run.max_length - 1,
+                            eos_token_id=run.model.eos_token_id)
+    labels = np.repeat(lab, n, axis=0)
+    dec = np.asarray(captioner_lib.shift_tokens_right(
+        labels, run.model.pad_token_id, run.model.decoder_start_token_id))
+    attackable = np.array([not same(c, target) for c in clean.captions])
+  else:
+    dec, labels, attackable = clean.dec, clean.labels, np.ones(n, bool)
+  done = np.zeros(n, bool)
+  adv_captions, broken_by = list(clean.captions), [None] * n
+  changed_after, outside = {}, 0
+  loss_clean, loss_adv = np.zeros(n), np.zeros(n)
+  for attack in attack_list:
+    positions = np.flatnonzero(attackable & ~done)
+    run.bar.reset(total=-(-len(positions) // run.batch_size),
+                  desc=f"eps={evaluation.format_eps(eps)} {attack.name}"
+                  + (" (targeted)" if target is not None else ""))
+    key = evaluation.attack_key(run.seed, eps,
+                                attack.name + ("-targeted" if target is not None else ""))
+    for dev, valid, rows in run.batches(positions, {"dec": dec, "labels": labels}):
+      tok, dist, in_range, l0, l1 = jax.device_get(_attack_batch(
+          run.params, dev["image"], dev["dec"], dev["labels"], dev["id"], dev["valid"], key,
+          jnp.float32(eps), model=run.model, attack=attack, max_length=run.max_length,
+          targeted=target is not None, mesh=run.mesh))
+      ok = _ball_ok(dist, in_range, eps)
+      outside += int(np.sum(~ok & valid))
+      texts = decode(run.tokenizer, tok)
+      for j in np.flatnonzero(valid):
+        r = rows[j]
+        if ok[j]:
+          adv_captions[r] = texts[j]
+        loss_clean[r], loss_adv[r] = l0[j], l1[j]
+        hit = same(texts[j], target) if target is not None else \
+            not same(texts[j], clean.captions[r])
+        if ok[j] and hit:
+          done[r], broken_by[r] = True, attack.name
+      run.bar.update()
+    changed_after[attack.name] = float(done[attackable].mean()) if attackable.any() else 0.0
+  rate = float(done[attackable].mean()) if attackable.any() else 0.0
+  scored = np.flatnonzero(attackable)
+  result = CaptionEps(
+      eps=eps, change_rate=rate, changed_after=changed_after, keyword_survival=None,
+      bleu4_vs_clean=0.0, cider_vs_clean=0.0, bleu4_vs_references=None,
+      cider_vs_references=None, targeted_success=rate if target is not None else None,
+      token_loss_clean=float(loss_clean[scored].mean()) if scored.size else 0.0,
+      token_loss_adversarial=float(loss_adv[scored].mean()) if scored.size else 0.0,
+      captions=adv_captions, broken_by=broken_by, outside_ball=outside,
+      seconds=time.time() - t_start)
+  if target is None:
+    result.change_rate = caption_metrics.change_rate(clean.captions, adv_captions)
+    if keywords:
+      result.keyword_survival = caption_metrics.keyword_survival(clean.captions,
+                                                                 adv_captions, keywords)
+    if n > 1:
+      clean_refs = [[c] if caption_metrics.tokenize(c) else ["<empty>"]
+                    for c in clean.captions]
+      scores = caption_metrics.caption_scores(adv_captions, clean_refs)
+      result.bleu4_vs_clean, result.cider_vs_clean = scores["bleu4"], scores["cider"]
+      if refs:
+        scores = caption_metrics.caption_scores(adv_captions, refs)
+        result.bleu4_vs_references = scores["bleu4"]
+        result.cider_vs_references = scores["cider"]
+  return result
+
+
+def clean_scores(clean: _Clean, refs, keywords):
+  """Diversity of clean generation, and its quality when references/keywords exist."""
+  out = {"diversity": caption_metrics.diversity(clean.captions)}
+  if refs:
+    out.update(caption_metrics.caption_scores(clean.captions, refs))
+  if keywords:
+    out["keyword_accuracy"] = float(np.mean(
+        [caption_metrics._contains(caption_metrics.tokenize(c), caption_metrics.tokenize(k))  # pylint: disable=protected-access
+         for c, k in zip(clean.captions, keywords)]))
+  return out
+
+
+def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None, seed=0,
+             batch_size=32, max_length=None, target_caption=None, mesh=None,
+             progress_bar=True) -> CaptionResult:
+  """Clean captions and attacks on them (see the module docstring).
+
+  Args:
+    model: the static Captioner; params: its params; tokenizer: its tokenizer.
+    source: random-access source of dicts with 'image' (prsl_jax.data); if it
+      has `references(i)` and `keyword(i)`, BLEU/CIDEr against the references
+      and keyword survival are reported.
+    indices: the examples of `source` to evaluate (N).
+    eps_list: L-inf budgets in [0, 1] pixel units.
+    suites: {name: tuple of Attack} (make_suite); default the paper's protocol
+      (BIM-10 through cross-entropy) and APGD-CE on the token loss.
+    seed: PRNG seed of the attacks (keys per example, as evaluation's).
+    batch_size: images per attack call (fixed; the last batch is padded).
+    max_length: generation length (tokens incl. the start token); None: the
+      model's.
+    target_caption: a caption to attack toward (targeted), or None.
+    mesh: data mesh, or None for one device.
+  """
+  t0 = time.time()
+  if suites is None:
+    suites = {name: make_suite(name) for name in DEFAULT_SUITES}
+  for suite in suites.values():
+    make_suite([a.name for a in suite])  # token-logit attacks only
+  eps_list = evaluation.check_eps_list(eps_list, "linf")
+  indices = np.asarray(indices, np.int64)
+  if indices.ndim != 1 or not len(indices):
+    raise ValueError(f"indices must be a non-empty 1-D array, got shape {indices.shape}")
+  batch_size = losses.check_int("batch_size", batch_size, minimum=1)
+  max_length = generation._resolve_max_length(model, max_length)  # pylint: disable=protected-access
+  if mesh is not None:
+    if batch_size % mesh.shape[DATA]:
+      raise ValueError(f"batch_size={batch_size} must be divisible by the number of devices "
+                       f"({mesh.shape[DATA]})")
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+  n = len(indices)
+  bar = progress.bar(total=-(-n // batch_size), desc="clean captions", enabled=progress_bar)
+  run = _Run(model, params, tokenizer, source, indices, batch_size, max_length, seed, mesh,
+             bar)
+  refs = [source.references(int(i)) for i in indices] if hasattr(source, "references") \
+      else None
+  keywords = [source.keyword(int(i)) for i in indices] if hasattr(source, "keyword") \
+      else None
+  checks = evaluation.Checks()
+  clean = clean_pass(run)
+  soundness_checks(run, clean, checks)
+  eps0_check(run, clean, [a for suite in suites.values() for a in suite], checks)
+  robust = {name: [cascade(run, clean, suite, eps, refs=refs, keywords=keywords)
+                   for eps in eps_list] for name, suite in suites.items()}
+  targeted = {}
+  if target_caption is not None:
+    targeted = {name: [cascade(run, clean, suite, eps, target=target_caption)
+                       for eps in eps_list] for name, suite in suites.items()}
+  bar.close()
+  outside = sum(r.outside_ball for rs in (*robust.values(), *targeted.values()) for r in rs)
+  checks.ball_ok = outside == 0
+  if outside:
+    evaluation._warn(checks, f"{outside} adversarial images were outside the ball or [0, 1]; "  # pylint: disable=protected-access
+                     "they were not counted")
+  return CaptionResult(
+      num_examples=n, indices=indices.tolist(), seed=seed, batch_size=batch_size,
+      max_length=max_length, clean_captions=clean.captions,
+      clean=clean_scores(clean, refs, keywords),
+      suites={k: [dataclasses.asdict(a) for a in v] for k, v in suites.items()},
+      robust=robust, targeted=targeted, target_caption=target_caption, checks=checks,
+      seconds=time.time() - t0)
+
+
+# ----------------------------------------------------------------------------
+# Reports.
+# ----------------------------------------------------------------------------
+
+SUITE_LABELS = {"paper": "paper: BIM-10 on the training loss", "strong": "APGD-CE (token loss)",
+                "pgd": "PGD-CE (token loss)"}
+
+
+def _pct(x):
+  return "–" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(results_by_model):
+  """Markdown: per model and suite, clean quality and per eps the caption change
+  rate / keyword survival (%), then diversity and caption scores."""
+  results = {m: (r.to_dict() if hasattr(r, "to_dict") else r)
+             for m, r in results_by_model.items()}
+  eps_all = sorted({e["eps"] for r in results.values() for rs in r["robust"].values()
+                    for e in rs})
+  head = ["model", "attack", "keyword acc."] + [
+      f"ε={evaluation.format_eps(e)} changed / kept" for e in eps_all] + ["checks"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for model, r in results.items():
+    failed = [k for k in ("deterministic", "gradients_ok", "ball_ok", "eps0_ok")
+              if not r["checks"].get(k, True)]
+    for suite, rs in r["robust"].items():
+      by_eps = {e["eps"]: e for e in rs}
+      cells = [model, SUITE_LABELS.get(suite, suite), _pct(r["clean"].get("keyword_accuracy"))]
+      for e in eps_all:
+        x = by_eps.get(e)
+        cells.append("–" if x is None else
+                     f"{_pct(x['change_rate'])} / {_pct(x['keyword_survival'])}")
+      cells.append(", ".join(failed) or "ok")
+      lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "Clean generation: diversity (the paper's trade-off) and scores against the "
+            "references.", "",
+            "| model | distinct-1 | distinct-2 | vocabulary | mean length | BLEU-4 | CIDEr |",
+            "|---|---|---|---|---|---|---|"]
+  for model, r in results.items():
+    d, c = r["clean"]["diversity"], r["clean"]
+    fmt = lambda v, f="{:.3f}": "–" if v is None else f.format(v)
+    lines.append(f"| {model} | {fmt(d['distinct_1'])} | {fmt(d['distinct_2'])} | "
+                 f"{d['vocabulary_size']} | {fmt(d['mean_length'], '{:.2f}')} | "
+                 f"{fmt(c.get('bleu4'))} | {fmt(c.get('cider'))} |")
+  if any(r["targeted"] for r in results.values()):
+    lines += ["", f"Targeted success (%) toward "
+              f"\"{next(iter(results.values()))['target_caption']}\".", "",
+              "| model | attack | " + " | ".join(f"ε={evaluation.format_eps(e)}"
+                                                for e in eps_all) + " |",
+              "|" + "---|" * (2 + len(eps_all))]
+    for model, r in results.items():
+      for suite, rs in r["targeted"].items():
+        by_eps = {e["eps"]: e for e in rs}
+        lines.append(f"| {model} | {SUITE_LABELS.get(suite, suite)} | " + " | ".join(
+            _pct(by_eps[e]["targeted_success"]) if e in by_eps else "–" for e in eps_all)
+                     + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(results_by_model, path):
+  """PNG: keyword survival (%) against eps, one colour per model, a style per suite."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  results = {m: (r.to_dict() if hasattr(r, "to_dict") else r)
+             for m, r in results_by_model.items()}
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  styles = ["-", "--", ":", "-."]
+  for i, (model, r) in enumerate(results.items()):
+    for j, (suite, rs) in enumerate(r["robust"].items()):
+      pts = sorted((e["eps"], 1 - e["change_rate"]) for e in rs)
+      pts = [(0.0, 1.0)] + [p for p in pts if p[0] > 0]
+      ax.plot([e * 255 for e, _ in pts], [100 * v for _, v in pts], marker="o",
+              color=colours[i % len(colours)], linestyle=styles[j % len(styles)],
+              label=f"{model} ({SUITE_LABELS.get(suite, suite)})")
+  ax.set_xlabel("ε (× 1/255), L-inf")
+  ax.set_ylabel("captions unchanged (%)")
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
