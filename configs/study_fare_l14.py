@@ -11,9 +11,8 @@ not implement: this config keeps FARE's protocol (model, data, schedule, attack,
 budgets) and trains the study's supervised rows, so adv_ce is FARE's TeCoA^eps
 baseline and adv_prsl_0_4_b1e-1 its PRSL counterpart.
 
-FARE's fields are set inline below, to the values of configs/fare.py's `apply`
-(on the configs branch, not yet on this one); once it is here, `apply` replaces
-the block.
+FARE's fields are set by configs/fare.py's `apply`, the same function
+configs/imagenet_tpu_pod.py uses (tests/test_configs.py checks they agree).
 
 The argument picks the row (configs/study_common.py: ce; prsl_<start>_<end>_b<weight>
 over the windows 0:4, 0:6, 0:9, 4:9; prsl_0_4_b1e-3_g8; drsl_b1e-6, drsl_b1e-5;
@@ -52,6 +51,7 @@ PGD-CE:
 
 from configs import base
 from configs import common
+from configs import fare
 from configs import study_common
 
 VARIANTS = tuple(study_common.ROWS)
@@ -65,36 +65,7 @@ def get_config(arg=None):
   eps = 4 if "eps4" in flags else 2
   c.workdir = (f"runs/study_fare_l14/{row}_eps{eps}" if c.adversarial.enabled
                else f"runs/study_fare_l14/{row}")
-  # FARE's protocol: the values of configs/fare.py's apply(c, eps / 255).
-  c.model.path = "openai/clip-vit-large-patch14"
-  c.model.dtype = "bfloat16"  # compute dtype; params and attack gradients stay float32
-  c.model.remat = True  # ViT-L/14 at 224 px under PGD-10: memory over compute
-  c.data.name = "imagenet2012"
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.templates = "default"  # "This is a photo of a {}"
-  c.train_towers = "vision"
-  c.adversarial.eps = eps / 255
-  c.adversarial.steps = 10
-  c.adversarial.step_size = 1 / 255
-  c.adversarial.norm = "linf"
-  c.optimizer.name = "adamw"
-  c.optimizer.lr = 1e-5
-  c.optimizer.weight_decay = 1e-4
-  c.optimizer.warmup_steps = 1400
-  c.optimizer.schedule = "cosine"
-  c.batch_size = 128
-  c.total_steps = 20_000
-  c.eval.num_examples = 5000  # FARE's ImageNet subset
-  c.eval.batch_size = 128
-  c.eval.eps = (2 / 255, 4 / 255)
-  c.eval.norm = "linf"
-  # FARE's cascade and the paper's BIM-10 through the row's own loss; 0: each
-  # attack's default (APGD 100 steps per target, 9 targets; BIM 10).
-  c.eval.suites = ("apgd-ce,apgd-t", "paper")
-  c.eval.steps = 0
-  c.eval.queries = 0
-  c.eval.num_targets = 0
+  fare.apply(c, eps=eps / 255)  # FARE's protocol (configs/fare.py)
   # Not FARE's protocol: logging and checkpoints.
   c.log_every = 100
   c.eval_every = 2000
