@@ -132,6 +132,35 @@ def fingerprint(obj):
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _flat(d, prefix=""):
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def same_training(old, new):
+  """Whether two train specs (config dicts) train the same model.
+
+  A field the old spec lacks was added to configs/base.py since: it matches when
+  the new spec keeps base's default (the old run had that behaviour).
+  """
+  if old is None or new is None:
+    return old is None and new is None
+  old, new = _flat(portable(old)), _flat(portable(new))
+  default = _flat(json.loads(json.dumps(json.loads(base.base_config().to_json()), default=str)))
+  for key in set(old) | set(new):
+    if key not in old:
+      if key not in default or new[key] != default[key]:
+        return False
+    elif key not in new or old[key] != new[key]:
+      return False
+  return True
+
+
 def eps_key(e):
   return f"{e * 255:g}/255"
 
@@ -860,7 +889,7 @@ def main(argv=None):
       if os.path.exists(spec_path):
         with open(spec_path) as f:
           old = json.load(f)
-        if fingerprint(portable(old["train"])) != fingerprint(portable(spec["train"])):
+        if not same_training(old["train"], spec["train"]):
           raise SystemExit(f"{wd} holds a model trained with other settings "
                            "(study_spec.json differs); use a new --outdir")
         if fingerprint(old["eval"]) != fingerprint(spec["eval"]) and os.path.exists(cache):
