@@ -24,10 +24,7 @@ from prsl_jax import trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                if re.search(r"^def get_config", open(p).read(), re.M))
-# Owned by the PRSL study; they parse their arguments themselves until they move
-# to configs/common.py (then declare VARIANTS / FLAGS and leave this set).
-NOT_YET_COMMON = {"study_fare_l14", "study_tecoa_b32"}
-COMMON = [n for n in NAMES if n not in NOT_YET_COMMON]
+COMMON = NAMES
 # The classes a loss row ranges over, per dataset (contrastive: the global batch).
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet2012": 1000}
 
@@ -39,8 +36,6 @@ def _module(name):
 def _args(name):
   """Every argument of a config file: each variant alone and with each flag subset."""
   mod = _module(name)
-  if name in NOT_YET_COMMON:
-    return [None]
   variants = mod.VARIANTS or ("",)
   subsets = [c for r in range(len(mod.FLAGS) + 1) for c in itertools.combinations(mod.FLAGS, r)]
   return [",".join(p for p in (v, *s) if p) or None for v in variants for s in subsets]
@@ -67,10 +62,7 @@ def test_every_config_file_is_covered():
   assert {"default", "vitb32_cifar10", "imagenet_tpu_pod", "study_fare_l14"} <= set(NAMES)
   for name in NAMES:
     declared = hasattr(_module(name), "VARIANTS") and hasattr(_module(name), "FLAGS")
-    assert declared == (name not in NOT_YET_COMMON), (
-        f"configs/{name}.py: declare VARIANTS and FLAGS and parse with common.parse_arg, "
-        "then remove it from NOT_YET_COMMON" if name in NOT_YET_COMMON else
-        f"configs/{name}.py must declare VARIANTS and FLAGS (configs/common.py)")
+    assert declared, f"configs/{name}.py must declare VARIANTS and FLAGS (configs/common.py)"
 
 
 @pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" for n, a in CASES])
@@ -86,15 +78,7 @@ def test_config_builds_and_validates(name, arg):
   assert trainer.eval_suites(c, c.loss)
 
 
-_DEAD_FIELD = pytest.mark.xfail(
-    strict=True, reason="sets eval.attacks, a field base.py does not have (nothing reads "
-    "it; the suites are eval.suites); owned by the PRSL study, fixed when it moves to "
-    "configs/common.py and configs/fare.py")
-
-
-@pytest.mark.parametrize("name,arg", [
-    pytest.param(n, a, marks=[_DEAD_FIELD] if n in NOT_YET_COMMON else [], id=f"{n}:{a}")
-    for n, a in CASES])
+@pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" for n, a in CASES])
 def test_config_sets_only_fields_of_base(name, arg):
   """A field base.py lacks is read by nothing: a typo or a removed field."""
   c = _module(name).get_config(arg)
@@ -146,15 +130,10 @@ def test_imagenet_tpu_pod_is_fares_protocol(flag, eps):
   assert (want.adversarial.steps, want.adversarial.step_size) == (10, 1 / 255)
 
 
-@pytest.mark.xfail(strict=True, reason="configs/study_fare_l14.py does not call fare.apply "
-                   "yet: it sets the field eval.attacks, which base.py does not have, instead "
-                   "of eval.suites, and keeps base's eval.num_targets=3 and eval.steps=100 "
-                   "(BIM-100 instead of the paper's 10) and 1,000 ImageNet images (FARE: "
-                   "5,000). Remove this mark once it calls fare.apply.")
 @pytest.mark.parametrize("flag", ["", ",eps4"])
 def test_fare_study_agrees_with_imagenet_tpu_pod(flag):
   pod = _module("imagenet_tpu_pod").get_config("adv_prsl" + flag)
-  study = _module("study_fare_l14").get_config("adv_prsl" + flag)
+  study = _module("study_fare_l14").get_config("adv_prsl_0_4_b1e-1" + flag)
   differ = [f for f in fare.FIELDS if _get(pod, f) != _get(study, f)]
   assert not differ, f"FARE fields that differ: {differ}"
 
