@@ -23,6 +23,7 @@ from absl import logging
 import numpy as np
 
 from configs import digits_captioning
+from prsl_jax import compilation
 from prsl_jax import trainer
 
 SEEDS = (0, 1, 2)
@@ -121,6 +122,7 @@ def tables(summary, eps_keys):
 
 def main(argv=None):
   args = parse_args(argv)
+  compilation.set_cpu_flags()  # train.py's XLA:CPU settings (prsl_jax/compilation.py)
   os.makedirs(args.outdir, exist_ok=True)
   t0 = time.time()
   seeds = SEEDS[:1] if args.quick else SEEDS

@@ -72,6 +72,7 @@ from absl import logging
 from configs import base
 from configs import study_common
 from prsl_jax import attacks
+from prsl_jax import compilation
 from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
@@ -801,6 +802,9 @@ def parse_args(argv=None):
                       "(a smoke test of the whole pipeline)")
   parser.add_argument("--rows", default=None, help="comma-separated subset of rows")
   parser.add_argument("--seeds", default=None, help="comma-separated subset of seeds")
+  parser.add_argument("--report_only", action="store_true",
+                      help="write the tables from the runs already done in outdir (any "
+                      "seeds); train and evaluate nothing")
   parser.add_argument("--jax_cache", default=None,
                       help="persistent compilation cache (default <outdir>/jax_cache)")
   return parser.parse_args(argv)
@@ -808,6 +812,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  compilation.set_cpu_flags()  # train.py's XLA:CPU settings (prsl_jax/compilation.py)
   t_start, cpu_start = time.time(), cpu_seconds()
   load = LoadSampler()
   study = QUICK if args.quick else STUDY
@@ -886,6 +891,11 @@ def main(argv=None):
            "eval": eval_settings(study, suites)}, default=str))
       spec_path = os.path.join(wd, "study_spec.json")
       cache = os.path.join(wd, "eval.json")
+      if args.report_only:
+        if os.path.exists(cache):
+          with open(cache) as f:
+            results[(name, seed)] = json.load(f)
+        continue
       if os.path.exists(spec_path):
         with open(spec_path) as f:
           old = json.load(f)
