@@ -187,11 +187,12 @@ def run_config(config, loss_name):
   return c
 
 
-def _flat(config_dict, prefix=""):
+def flat_fields(config_dict, prefix=""):
+  """{"a": {"b": 1}} -> {"a.b": 1}: a config's fields by dotted name."""
   out = {}
   for key, value in config_dict.items():
     if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
+      out.update(flat_fields(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
@@ -199,8 +200,8 @@ def _flat(config_dict, prefix=""):
 
 def config_changes(stored: dict, config) -> list:
   """Fields that differ between a stored config.json and `config`, eval fields aside."""
-  new = _flat(json.loads(config.to_json_best_effort()))
-  old = _flat(stored)
+  new = flat_fields(json.loads(config.to_json_best_effort()))
+  old = flat_fields(stored)
   changed = []
   for key in sorted(set(new) | set(old)):
     if key.split(".")[0] in EVAL_FIELDS:

@@ -133,16 +133,6 @@ def fingerprint(obj):
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for key, value in d.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def same_training(old, new):
   """Whether two train specs (config dicts) train the same model.
 
@@ -151,8 +141,8 @@ def same_training(old, new):
   """
   if old is None or new is None:
     return old is None and new is None
-  old, new = _flat(portable(old)), _flat(portable(new))
-  default = _flat(json.loads(json.dumps(json.loads(base.base_config().to_json()), default=str)))
+  old, new = trainer.flat_fields(portable(old)), trainer.flat_fields(portable(new))
+  default = trainer.flat_fields(json.loads(json.dumps(json.loads(base.base_config().to_json()), default=str)))
   for key in set(old) | set(new):
     if key not in old:
       if key not in default or new[key] != default[key]:
