@@ -15,6 +15,7 @@ import difflib
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -168,8 +169,18 @@ def config_key_error(e: BaseException, argv, field_names=()) -> str:
   return f"bad --config: {text}"
 
 
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
 def run(main, argv):
   """Calls main(argv); turns user errors into one line on stderr and exit status 2."""
+  # Ctrl-C raises KeyboardInterrupt wherever the main thread is. With Python's
+  # default handler, asyncio.run (orbax saves and restores) installs its own,
+  # which only cancels its task: a Ctrl-C during a checkpoint save could be lost.
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _interrupt)
   try:
     main(argv)
   except KeyboardInterrupt:

@@ -515,3 +515,25 @@ def test_tfds_dataset_prepared_as_documented_is_read(tmp_path, monkeypatch):
   ns = {}
   exec(data.prepare_command(name, str(tmp_path / "tfds2")).split('"')[1], ns)  # pylint: disable=exec-used
   assert glob.glob(os.path.join(tmp_path, "tfds2", name, "1.0.0", "*.array_record*"))
+
+
+def test_ctrl_c_inside_asyncio_run_is_not_lost(tmp_path):
+  # orbax saves and restores in asyncio.run, whose own SIGINT handler only cancels
+  # its task: a coroutine that finishes anyway would swallow Python's default Ctrl-C.
+  code = textwrap.dedent("""
+      import asyncio, os, signal, sys, threading
+      from prsl_jax import cli
+      async def save():
+        try:
+          await asyncio.sleep(5)
+        except asyncio.CancelledError:
+          return "finished anyway"
+      def main(argv):
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        print(asyncio.run(save()))
+      cli.run(main, sys.argv)
+  """)
+  proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 130, (proc.stdout, proc.stderr[-2000:])
+  assert _lines(proc.stderr) == ["interrupted"] and "finished anyway" not in proc.stdout
