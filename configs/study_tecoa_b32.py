@@ -20,9 +20,10 @@ first (scripts/prsl_study.py: gradient_ratios) and override --config.loss.weight
 With 1000 classes the window 0:9 is not "every wrong class".
 
 Needs openai/clip-vit-base-patch32 (hub, or a local copy via --config.model.path)
-and imagenet2012 prepared for TFDS (manual download; `tfds build imagenet2012`).
+and imagenet2012 prepared for TFDS as ArrayRecord (manual download, then
+`python -c "from prsl_jax import data; data.prepare('imagenet2012')"`).
 One command per row (the run folder is <workdir>/<loss>, loss = ce, prsl, drsl or
-topk_variance):
+topk_variance, our ablation):
 
   python train.py --config configs/study_tecoa_b32.py:adv_prsl_0_4_b1e-1 \
       --config.data.data_dir=~/tensorflow_datasets

@@ -8,8 +8,8 @@ step. Evaluation: the paper's BIM-10 through each model's training loss, PGD-CE
 
 Variants: 'prsl' (default), 'ce', 'adv_prsl', 'adv_ce'; ',runlocal' shrinks
 everything for a quick check (configs/common.py). Needs the hub checkpoint (or a
-local copy via --config.model.path) and CIFAR-10 prepared for TFDS
-(`tfds build cifar10`).
+local copy via --config.model.path) and CIFAR-10 prepared for TFDS as ArrayRecord
+(`python -c "from prsl_jax import data; data.prepare('cifar10')"`; README "Data").
 
 PRSL's weight. The authors' b (1e-5 for ViT-GPT2, 1e-6 for BLIP-2) was tuned for
 groups of 8 captions x 128 token rows; its spread term sums over the rows, so

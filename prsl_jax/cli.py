@@ -88,10 +88,17 @@ def quiet_logs():
     warnings.formatwarning = _one_line_warning
 
 
+# Raised for bad input by prsl_jax's own checks, but also by a bug: their one
+# line says where the traceback is.
+_MAYBE_BUGS = (TypeError, KeyError)
+
+
 def one_line(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, KeyError):
     text = f"missing key {text}"
+  if isinstance(e, _MAYBE_BUGS) and not _debug():
+    text += " (--debug shows the traceback)"
   if len(text) > MAX_CHARS:
     text = text[:MAX_CHARS] + " ... (--debug for all of it)"
   return f"error: {text}"

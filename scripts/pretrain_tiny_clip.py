@@ -9,21 +9,18 @@ cross-entropy, on one device: deterministic from the seed on CPU, about two
 minutes on 2 cores. The script ends by loading the written folder and printing
 its zero-shot accuracy on the digits test split.
 
-  python scripts/pretrain_tiny_clip.py --out /tmp/tiny_clip              # 1500 steps
-  python scripts/pretrain_tiny_clip.py --out /tmp/tiny_clip --steps 20   # a smoke run
-  python scripts/pretrain_tiny_clip.py --out prsl_jax/assets/tiny_clip   # remake the asset
+  python -m scripts.pretrain_tiny_clip --out /tmp/tiny_clip              # 1500 steps
+  python -m scripts.pretrain_tiny_clip --out /tmp/tiny_clip --steps 20   # a smoke run
+  python -m scripts.pretrain_tiny_clip --out prsl_jax/assets/tiny_clip   # remake the asset
 """
 
 import os
 import shutil
-import sys
 import tempfile
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import numpy as np
 

@@ -1,7 +1,7 @@
 r"""Does the authors' PRSL make CLIP robust? The study, on the embedded digits benchmark.
 
-  python scripts/prsl_study.py                                 # the full study, runs/study
-  python scripts/prsl_study.py --quick --outdir /tmp/study_q   # a 1-2 minute smoke run
+  python -m scripts.prsl_study                                 # the full study, runs/study
+  python -m scripts.prsl_study --quick --outdir /tmp/study_q   # a 1-2 minute smoke run
 
 Fine-tunes the bundled tiny CLIP (prsl_jax.TINY_CLIP; vision tower, text frozen,
 global batch 32) on the digits with cross-entropy, the authors' PRSL
@@ -59,11 +59,6 @@ import threading
 import time
 import warnings
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -977,7 +972,7 @@ def write_reports(rows, results, seeds_of, study, outdir, seeds, t_start, cpu_st
   current = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t_start)),
              "wall_seconds": time.time() - t_start, "cpu_seconds": cpu_seconds() - cpu_start,
              "load_average": load.summary(), "runs_done": len(fresh),
-             "runs_cached": len(results) - len(fresh), "command": "python " + " ".join(sys.argv)}
+             "runs_cached": len(results) - len(fresh), "command": "python -m scripts.prsl_study " + " ".join(sys.argv[1:])}
   totals = {k: sum(r.get(k, 0) for r in results.values())
             for k in ("train_seconds", "train_cpu_seconds", "eval_seconds", "eval_cpu_seconds")}
   doc = {

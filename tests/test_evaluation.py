@@ -19,6 +19,8 @@ import pytest
 from prsl_jax import evaluation
 from prsl_jax import reports
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 N, S, C = 32, 6, 10
 FAST = dict(steps=5, square_queries=40, batch_size=16)
 
@@ -274,8 +276,7 @@ _SHARDED = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=process_id)
     import numpy as np
-    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
-    import test_evaluation as t
+    from tests import test_evaluation as t  # PYTHONPATH: the repository root
     from prsl_jax import evaluation
     params = t._mlp_params()
     source, idx = t._problem(t.mlp, params, n=30)  # 30: the last batch is padded
@@ -304,7 +305,7 @@ def test_two_processes_four_devices_match_one_device(tmp_path):
   script = tmp_path / "sharded.py"
   script.write_text(_SHARDED)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
   procs = [subprocess.Popen([sys.executable, str(script), __file__, str(i), port], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -417,8 +418,7 @@ def test_compilations_do_not_grow_with_budgets_and_eps0_reuses_the_attacks(lin):
 _CACHE_RUN = textwrap.dedent("""
     import json, sys
     from prsl_jax import compilation, evaluation
-    sys.path.insert(0, sys.argv[1])
-    import test_evaluation as t
+    from tests import test_evaluation as t  # PYTHONPATH: the repository root
     if sys.argv[2] == "on":
       compilation.enable_cache(sys.argv[3])
     params = t._linear_params()
@@ -436,7 +436,7 @@ def test_persistent_cache_serves_a_second_process_and_can_be_off(tmp_path):
   def run(mode):
     proc = subprocess.run([sys.executable, "-c", _CACHE_RUN, os.path.dirname(__file__), mode,
                            str(cache)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1])
   first = run("on")

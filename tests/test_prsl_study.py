@@ -28,7 +28,7 @@ def _run(outdir):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   proc = subprocess.run(
-      [sys.executable, os.path.join("scripts", "prsl_study.py"), "--quick", "--outdir", outdir,
+      [sys.executable, "-m", "scripts.prsl_study", "--quick", "--outdir", outdir,
        "--rows", ",".join(ROWS), "--jax_cache", CACHE],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

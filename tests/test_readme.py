@@ -21,5 +21,10 @@ def test_readme_has_examples():
 def test_readme_example_runs(index, tmp_path, monkeypatch):
   code = _blocks()[index].replace("/tmp/my_clip", str(tmp_path / "my_clip"))
   monkeypatch.chdir(ROOT)
-  monkeypatch.syspath_prepend(ROOT)
   exec(compile(code, f"README block {index}", "exec"), {"__name__": "readme"})  # pylint: disable=exec-used
+
+
+def test_readme_has_no_unfilled_placeholders():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  assert "{{" not in text and "}}" not in text

@@ -300,7 +300,6 @@ _FAILING_SAVE_DRIVER = textwrap.dedent("""
       return real(path, *args, **kwargs)
     os.makedirs = makedirs
     sys.argv = [sys.argv[1]] + sys.argv[2:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python train.py`
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
 
@@ -326,7 +325,6 @@ def test_failed_checkpoint_save_ends_the_process_promptly(tmp_path):
 # train.py with each train step slowed down, so that Ctrl-C lands mid-run.
 _SLOW_DRIVER = textwrap.dedent("""
     import os, runpy, sys, time
-    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
     from prsl_jax import training
     make = training.make_train_step
     def slow_make(*args, **kwargs):
@@ -337,7 +335,6 @@ _SLOW_DRIVER = textwrap.dedent("""
       return slow
     training.make_train_step = slow_make
     sys.argv = [sys.argv[1]] + sys.argv[2:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python train.py`
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
 
