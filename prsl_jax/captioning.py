@@ -143,8 +143,40 @@ def _clean_batch(params, x, *, model, max_length, mesh):
   return _sharded(run, mesh, (P(), P(DATA)), params, x)
 
 
+def per_caption_loss(loss):
+  """A model's training loss as an attack objective on captions, one group per caption.
+
+  The authors attack one image at a time (karlieswift/Mattack,
+  vitgpt2/adv_vitgpt2_coco.py: a batch of one, the model's loss over that
+  caption's tokens), so a batch-coupled loss such as PRSL takes each caption's
+  token rows as its own group here, whatever the training group was: each image's
+  step follows its own caption's loss, whichever captions share its batch.
+
+  Args:
+    loss: (name, ((arg, value), ...)) as in evaluation.Attack.loss.
+  Returns:
+    fn(token logits (B, T, V), labels (B, T)) -> scalar, the sum over the captions
+    that have a valid token (all-padding rows of a padded batch add 0).
+  """
+  name, kwargs = loss
+  kwargs = dict(kwargs)
+  if "group_size" in kwargs:
+    kwargs["group_size"] = None  # the caption's own rows
+  fn = losses.get_loss(name, **kwargs)
+
+  def objective(logits, labels):
+    empty = jnp.all(labels == IGNORE, axis=-1)
+    # An empty group's loss is NaN, and NaN leaks into gradients through where:
+    # give empty captions one dummy valid token, then drop their terms.
+    safe = labels.at[:, 0].set(jnp.where(empty, 0, labels[:, 0]))
+    per = jax.vmap(fn)(logits, safe)
+    return jnp.sum(jnp.where(empty, 0.0, per))
+  return objective
+
+
 def _attack(a, fn, x, y, keys, eps, axis_name, targeted):
-  objective = a.objective(axis_name)
+  del axis_name  # the captions' objectives are per caption: no cross-device group
+  objective = "ce" if a.loss is None else per_caption_loss(a.loss)
   if a.name == "bim":
     return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=objective, targeted=targeted)
   if a.name == "fgsm":

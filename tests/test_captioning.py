@@ -196,3 +196,23 @@ def test_cli_end_to_end_on_the_bundled_captioner(tmp_path):
   assert start["kind"] == "captioner" and len(start["clean_captions"]) == 8
   assert tuned["robust"]["pgd"][0]["eps"] == pytest.approx(2 / 255)
   assert "pgd" in tuned["targeted"]
+
+
+def test_paper_objective_on_captions_groups_each_caption_alone():
+  # The authors attack one image at a time: PRSL's group is one caption's tokens,
+  # whatever the training group; an all-padding caption (a padded batch) adds
+  # nothing and leaves every gradient finite.
+  from prsl_jax import losses  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  z = jnp.asarray(rng.normal(size=(3, 5, 13)) * 3, jnp.float32)
+  y = rng.integers(0, 13, (3, 5)).astype(np.int32)
+  y[0, 3:] = -100
+  y[2, :] = -100  # a padding caption
+  kw = dict(start=0, end=4, weight=0.3, ce_weight=1.0)
+  objective = captioning.per_caption_loss(("prsl", tuple(sorted(dict(kw, group_size=96).items()))))
+  want = sum(float(losses.prsl_loss(z[i], y[i], **kw)) for i in (0, 1))
+  np.testing.assert_allclose(float(objective(z, jnp.asarray(y))), want, rtol=1e-5)
+  grad = np.asarray(jax.grad(objective)(z, jnp.asarray(y)))
+  assert np.all(np.isfinite(grad)) and not np.any(grad[2])
+  # Not the batch as one group: the rows of other captions change caption 0's term.
+  assert abs(float(losses.prsl_loss(z[:2], y[:2], **kw)) - want) > 1e-3

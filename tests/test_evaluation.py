@@ -445,3 +445,48 @@ def test_persistent_cache_serves_a_second_process_and_can_be_off(tmp_path):
   assert second["cache_hits"] == second["compiles"] == first["compiles"]
   off = run("off")
   assert off["cache_hits"] == 0 and off["compiles"] == first["compiles"]
+
+
+def test_paper_suite_is_a_sign_step_along_the_training_loss_on_the_points_still_robust():
+  # The paper's protocol through evaluate(): BIM through the model's own training
+  # loss (here the authors' PRSL), labels = the clean predictions, so the batch's
+  # PRSL group is the points still robust (clean mistakes are left out). On a
+  # linear model one step of size eps is x + eps sign(dL/dx), dL/dz by hand.
+  start, end, a_w, b_w, eps = 0, 3, 1.0, 0.5, 0.03
+  params = _linear_params()
+  source, idx = _problem(linear, params)
+  x, y = source.images.astype(np.float64), source.labels
+  w = np.asarray(params["w"], np.float64)
+  z = x.reshape(N, -1) @ w
+  ok = z.argmax(-1) == y
+
+  def robust_after_hand_step(b):
+    zz, yy = z[ok], y[ok]
+    n = len(yy)
+    p = np.exp(zz - zz.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dz = a_w * (p - np.eye(C)[yy]) / n
+    if b:
+      wins = [sorted((j for j in range(C) if j != yy[i]), key=lambda j: -zz[i, j])[start:end]
+              for i in range(n)]
+      m = np.array([zz[i, win].mean() for i, win in enumerate(wins)])
+      sm = np.exp(m - m.max())
+      sm /= sm.sum()
+      for i, win in enumerate(wins):
+        dz[i, win] += b * (n * sm[i] - 1) / (end - start)
+    adv = np.clip(x[ok] + eps * np.sign((dz @ w.T).reshape(-1, S, S, 3)), 0, 1)
+    robust = np.zeros(N, bool)
+    robust[ok] = (adv.reshape(n, -1) @ w).argmax(-1) == yy
+    return robust
+
+  want = robust_after_hand_step(b_w)
+  assert 0 < want.sum() < ok.sum()
+  assert (want != robust_after_hand_step(0.0)).sum() >= 3  # PRSL's step is not CE's
+  suite = evaluation.make_suite(
+      "paper", steps=1, train_loss=("prsl", dict(start=start, end=end, weight=b_w,
+                                                 ce_weight=a_w)))
+  assert [a.name for a in suite] == ["bim"] and suite[0].loss is not None
+  r = evaluation.evaluate(linear, params, source, idx, eps_list=[eps], suites={"paper": suite},
+                          batch_size=N, progress_bar=False)
+  got = np.array([m for m in r.robust["paper"][0].robust_mask], bool)
+  np.testing.assert_array_equal(got, want)
