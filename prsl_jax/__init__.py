@@ -3,7 +3,10 @@
 import os
 
 from prsl_jax import losses
-from prsl_jax.models.convert import Pretrained, load_pretrained, save_pretrained
+
+# Loaded on first use, so `from prsl_jax import losses, attacks` stays free of the
+# models and transformers (a researcher's jitted code needs arrays only).
+_FROM_CONVERT = ("Pretrained", "load_pretrained", "save_pretrained")
 
 __version__ = "0.2.0"
 
@@ -14,3 +17,14 @@ TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "
 # scripts/pretrain_tiny_captioner.py): the captioning default's starting model.
 TINY_CAPTIONER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                               "tiny_captioner")
+
+
+def __getattr__(name):
+  if name in _FROM_CONVERT:
+    from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
+    return getattr(convert, name)
+  raise AttributeError(f"module 'prsl_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_FROM_CONVERT))

@@ -1,0 +1,70 @@
+"""The layering holds: the library never imports the CLIs, configs, scripts or torch,
+and losses and attacks know only arrays and logits functions."""
+
+import ast
+import glob
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBRARY = sorted(glob.glob(os.path.join(ROOT, "prsl_jax", "**", "*.py"), recursive=True))
+NEVER = ("train", "evaluate", "configs", "scripts", "bench", "tests", "torch")
+# What losses and attacks may import from prsl_jax: each other, nothing else.
+PURE = ("prsl_jax/losses.py", "prsl_jax/attacks/")
+
+
+def _imports(path):
+  """Every module a file imports (absolute names), at any depth of the file."""
+  out = set()
+  for node in ast.walk(ast.parse(open(path).read(), path)):
+    if isinstance(node, ast.Import):
+      out.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      out.add(node.module)
+      out.update(f"{node.module}.{a.name}" for a in node.names)
+  return out
+
+
+def _function_imports(path, function):
+  tree = ast.parse(open(path).read(), path)
+  node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+  return {a.name for n in ast.walk(node) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_library_never_imports_the_clis_configs_scripts_or_torch():
+  assert len(LIBRARY) > 20
+  bad = {os.path.relpath(p, ROOT).replace(os.sep, "/"):
+         sorted(m for m in _imports(p) if m.split(".")[0] in NEVER) for p in LIBRARY}
+  # The one exception: reading a pickle checkpoint needs torch, imported inside
+  # the function that runs only when the user opts in (allow_pickle=True).
+  convert = os.path.join(ROOT, "prsl_jax", "models", "convert.py")
+  assert bad.pop("prsl_jax/models/convert.py") == ["torch"]
+  assert _function_imports(convert, "_read_pickles") == {"torch"}
+  assert not {p: m for p, m in bad.items() if m}
+
+
+def test_losses_and_attacks_import_only_each_other_from_prsl_jax():
+  for path in LIBRARY:
+    rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+    if not rel.startswith(PURE):
+      continue
+    ours = {m for m in _imports(path) if m.split(".")[0] == "prsl_jax"}
+    allowed = {m for m in ours if m in ("prsl_jax", "prsl_jax.losses")
+               or m.startswith("prsl_jax.attacks")}
+    assert ours == allowed, (rel, sorted(ours - allowed))
+
+
+def test_importing_losses_and_attacks_loads_no_model_or_transformers():
+  code = ("import sys; import prsl_jax; from prsl_jax import attacks, losses; "
+          "print(sorted(m for m in sys.modules if m.startswith(('prsl_jax.models', "
+          "'transformers', 'torch', 'flax', 'prsl_jax.trainer', 'prsl_jax.evaluation'))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", out.stdout
+  # The lazy re-exports still work.
+  code = "import prsl_jax; print(prsl_jax.load_pretrained.__module__, 'Pretrained' in dir(prsl_jax))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.stdout.split() == ["prsl_jax.models.convert", "True"], out.stderr[-2000:]
