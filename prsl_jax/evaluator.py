@@ -286,8 +286,8 @@ def model_names(specs):
 
 def _write(outdir, record, title, results, final, captioner=False):
   """results.json and results.md, each replaced atomically."""
-  report = captioning if captioner else reports
-  table = report.format_table(results) if results else ""
+  format_table = reports.format_caption_table if captioner else reports.format_table
+  table = format_table(results) if results else ""
   for name, text in ((RESULTS, json.dumps(record, indent=1, default=str)),
                      ("results.md", f"{title}\n\n{table}")):
     tmp = os.path.join(outdir, f".{name}.tmp")
@@ -295,7 +295,8 @@ def _write(outdir, record, title, results, final, captioner=False):
       f.write(text)
     os.replace(tmp, os.path.join(outdir, name))
   if final and results:
-    report.plot(results, os.path.join(outdir, "robustness.png"))
+    plot = reports.plot_captions if captioner else reports.plot
+    plot(results, os.path.join(outdir, "robustness.png"))
   return table
 
 

@@ -1,4 +1,5 @@
-"""Tables and plots of evaluation results (evaluation.Result or its to_dict())."""
+"""Tables and plots of evaluation results: classifiers (evaluation.Result) and
+captioners (captioning.CaptionResult), or their to_dict()."""
 
 from prsl_jax.evaluation import format_eps
 
@@ -94,3 +95,87 @@ def plot(results_by_model, path):
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+# Captioners.
+
+CAPTION_SUITE_LABELS = {"paper": "paper: BIM-10 on the training loss", "strong": "APGD-CE (token loss)",
+                "pgd": "PGD-CE (token loss)"}
+
+
+
+def format_caption_table(results_by_model):
+  """Markdown: per model and suite, clean quality and per eps the caption change
+  rate / keyword survival (%), then diversity and caption scores."""
+  results = {m: (r.to_dict() if hasattr(r, "to_dict") else r)
+             for m, r in results_by_model.items()}
+  eps_all = sorted({e["eps"] for r in results.values() for rs in r["robust"].values()
+                    for e in rs})
+  head = ["model", "attack", "keyword acc."] + [
+      f"ε={format_eps(e)} changed / kept" for e in eps_all] + ["checks"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for model, r in results.items():
+    failed = [k for k in ("deterministic", "gradients_ok", "ball_ok", "eps0_ok")
+              if not r["checks"].get(k, True)]
+    for suite, rs in r["robust"].items():
+      by_eps = {e["eps"]: e for e in rs}
+      cells = [model, CAPTION_SUITE_LABELS.get(suite, suite),
+               _pct(r["clean"].get("keyword_accuracy"))]
+      for e in eps_all:
+        x = by_eps.get(e)
+        cells.append("–" if x is None else
+                     f"{_pct(x['change_rate'])} / {_pct(x['keyword_survival'])}")
+      cells.append(", ".join(failed) or "ok")
+      lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "Clean generation: diversity (the paper's trade-off) and scores against the "
+            "references.", "",
+            "| model | distinct-1 | distinct-2 | vocabulary | mean length | BLEU-4 | CIDEr |",
+            "|---|---|---|---|---|---|---|"]
+  for model, r in results.items():
+    d, c = r["clean"]["diversity"], r["clean"]
+    fmt = lambda v, f="{:.3f}": "–" if v is None else f.format(v)
+    lines.append(f"| {model} | {fmt(d['distinct_1'])} | {fmt(d['distinct_2'])} | "
+                 f"{d['vocabulary_size']} | {fmt(d['mean_length'], '{:.2f}')} | "
+                 f"{fmt(c.get('bleu4'))} | {fmt(c.get('cider'))} |")
+  if any(r["targeted"] for r in results.values()):
+    lines += ["", f"Targeted success (%) toward "
+              f"\"{next(iter(results.values()))['target_caption']}\".", "",
+              "| model | attack | " + " | ".join(f"ε={format_eps(e)}"
+                                                for e in eps_all) + " |",
+              "|" + "---|" * (2 + len(eps_all))]
+    for model, r in results.items():
+      for suite, rs in r["targeted"].items():
+        by_eps = {e["eps"]: e for e in rs}
+        lines.append(f"| {model} | {CAPTION_SUITE_LABELS.get(suite, suite)} | " + " | ".join(
+            _pct(by_eps[e]["targeted_success"]) if e in by_eps else "–" for e in eps_all)
+                     + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_captions(results_by_model, path):
+  """PNG: keyword survival (%) against eps, one colour per model, a style per suite."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  results = {m: (r.to_dict() if hasattr(r, "to_dict") else r)
+             for m, r in results_by_model.items()}
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  styles = ["-", "--", ":", "-."]
+  for i, (model, r) in enumerate(results.items()):
+    for j, (suite, rs) in enumerate(r["robust"].items()):
+      pts = sorted((e["eps"], 1 - e["change_rate"]) for e in rs)
+      pts = [(0.0, 1.0)] + [p for p in pts if p[0] > 0]
+      ax.plot([e * 255 for e, _ in pts], [100 * v for _, v in pts], marker="o",
+              color=colours[i % len(colours)], linestyle=styles[j % len(styles)],
+              label=f"{model} ({CAPTION_SUITE_LABELS.get(suite, suite)})")
+  ax.set_xlabel("ε (× 1/255), L-inf")
+  ax.set_ylabel("captions unchanged (%)")
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+

@@ -568,11 +568,11 @@ def report(config, workdir, results, *, indices, extra=None, complete=True):
   plot waits for the end; each file is replaced atomically.
   """
   captions = config.objective == "captioning"
-  table = (captioning.format_table if captions else reports.format_table)(results)
+  table = (reports.format_caption_table if captions else reports.format_table)(results)
   if jax.process_index() != 0:
     return table
   if complete:
-    (captioning.plot if captions else reports.plot)(results,
+    (reports.plot_captions if captions else reports.plot)(results,
                                                     os.path.join(workdir, "robustness.png"))
   record = {"kind": "train", "config": json.loads(config.to_json_best_effort()),
             "workdir": workdir, "complete": complete,

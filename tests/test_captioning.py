@@ -18,6 +18,7 @@ from prsl_jax import attacks
 from prsl_jax import captioning
 from prsl_jax import data
 from prsl_jax import losses
+from prsl_jax import reports
 from prsl_jax import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +129,7 @@ def test_caption_evaluation_checks_and_metrics(tiny):
     assert r.targeted[suite][0].targeted_success == 0
   d = r.clean["diversity"]
   assert 0 < d["distinct_1"] <= 1 and d["vocabulary_size"] >= 10
-  table = captioning.format_table({"tiny": r})
+  table = reports.format_caption_table({"tiny": r})
   assert "keyword acc." in table and "Targeted success" in table
   with pytest.raises(ValueError, match="attack classifiers"):
     captioning.make_suite("standard")
