@@ -38,7 +38,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prsl_jax import attacks
@@ -276,10 +275,7 @@ def _batches(source, indices, positions, batch_size, mesh, extra=None):
             "valid": np.arange(batch_size) < len(pos)}
     for name, arr in (extra or {}).items():
       host[name] = np.asarray(arr)[rows]
-    if mesh is not None:
-      dev = sharding.to_global(sharding.process_rows(host), mesh)
-    else:
-      dev = jax.tree.map(jnp.asarray, host)
+    dev = sharding.put_eval_batch(host, mesh)
     yield dev, host["valid"], rows
 
 
@@ -499,7 +495,7 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
     if batch_size % mesh.shape[DATA]:
       raise ValueError(f"batch_size={batch_size} must be divisible by the number of devices "
                        f"({mesh.shape[DATA]})")
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+    params = sharding.replicate(params, mesh, copy=False)
   n = len(indices)
   bar = progress.bar(total=-(-n // batch_size), desc="clean captions", enabled=progress_bar)
   run = _Run(model, params, tokenizer, source, indices, batch_size, max_length, seed, mesh,

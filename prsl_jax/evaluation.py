@@ -51,7 +51,6 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prsl_jax import attacks
@@ -386,10 +385,7 @@ def _batches(source, indices, positions, batch_size, mesh):
     rows = np.concatenate([pos, np.repeat(pos[-1:], batch_size - len(pos))])
     host = {"image": batch["image"], "label": batch["label"],
             "id": np.asarray(indices)[rows].astype(np.int32), "mask": batch["mask"]}
-    if mesh is not None:
-      dev = sharding.to_global(sharding.process_rows(host), mesh)
-    else:
-      dev = jax.tree.map(jnp.asarray, host)
+    dev = sharding.put_eval_batch(host, mesh)
     yield _Batch(dev["image"], dev["label"], dev["id"], dev["mask"], batch["label"],
                  batch["mask"], rows)
 
@@ -691,7 +687,7 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
       raise ValueError(f"batch_size={batch_size} must be divisible by the number of "
                        f"devices on the mesh's '{DATA}' axis ({num_devices})")
     # Replicated on every device (a multi-host run needs global arrays).
-    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    variables = sharding.replicate(variables, mesh, copy=False)
   n = len(indices)
   checks = Checks()
 

@@ -5,7 +5,10 @@ Params and optimizer state are replicated (P()); batches are split over 'data'
 gradients with lax.pmean.
 """
 
+from typing import Optional
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -39,12 +42,14 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA,))
 
 
-def replicate(tree, mesh: Mesh):
-  """A copy of a pytree of host or device arrays on every device of the mesh.
+def replicate(tree, mesh: Mesh, *, copy: bool = True):
+  """A pytree of host or device arrays on every device of the mesh.
 
-  Always a copy (may_alias=False): the train state is donated to the step, and
-  without the copy a one-device run would delete the caller's arrays (e.g. the
-  pretrained params that the next run starts from).
+  copy=True (training) always copies (may_alias=False): the train state is donated
+  to the step, and without the copy a one-device run would delete the caller's
+  arrays (e.g. the pretrained params that the next run starts from). Evaluation
+  donates nothing and passes copy=False, so arrays already in place are reused
+  instead of doubling the params in memory.
   """
   sharding = NamedSharding(mesh, P())
   def put(x):
@@ -53,7 +58,7 @@ def replicate(tree, mesh: Mesh):
       # sharding: replicate the key's data and wrap it again.
       return jax.random.wrap_key_data(put(jax.random.key_data(x)),
                                       impl=jax.random.key_impl(x))
-    return jax.device_put(x, sharding, may_alias=False)
+    return jax.device_put(x, sharding, may_alias=False if copy else None)
   return jax.tree.map(put, tree)
 
 
@@ -89,6 +94,17 @@ def process_rows(global_batch):
     rows = x.shape[0] // count
     return x[index * rows:(index + 1) * rows]
   return jax.tree.map(take, global_batch)
+
+
+def put_eval_batch(global_batch, mesh: Optional[Mesh]):
+  """A full batch read on every process -> device arrays for an eval step.
+
+  With a mesh: this process's rows as global arrays split over 'data' (the path
+  training takes); without one: plain arrays on the default device.
+  """
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, global_batch)
+  return to_global(process_rows(global_batch), mesh)
 
 
 def check_global_batch(global_batch_size: int, mesh: Mesh):

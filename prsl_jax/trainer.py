@@ -386,7 +386,7 @@ def _clean_accuracy_fn(config, s: Setup, model):
   """fn(params) -> clean zero-shot accuracy on the seeded eval subset (host float)."""
   indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
                               config.eval.seed)
-  batches = [sharding.to_global(sharding.process_rows(b), s.mesh)
+  batches = [sharding.put_eval_batch(b, s.mesh)
              for b in data.eval_batches(s.eval_source, indices, config.eval.batch_size)]
   count = training.make_eval_step(s.mesh, model=model, objective=config.objective)
 
