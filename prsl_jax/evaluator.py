@@ -245,7 +245,10 @@ def preflight(settings):
   parse_suites(s["suite"], s["norm"], kind=kind, steps=s["steps"],
                queries=s["square_queries"], num_targets=s["num_targets"])
   data.check_available(s["dataset"], s["split"], data_dir=s["data_dir"])
-  os.makedirs(outdir, exist_ok=True)
+  if s["batch_size"] % jax.device_count():
+    raise ValueError(f"--batch_size={s['batch_size']} must be divisible by the number of "
+                     f"devices ({jax.device_count()})")
+  os.makedirs(outdir, exist_ok=True)  # last: a refused run leaves nothing behind
   return dict(settings=s, specs=specs, ckpts=ckpts, eps=eps, outdir=outdir, kind=kind)
 
 
@@ -306,9 +309,6 @@ def run(settings, *, argv=None):
   p = preflight(settings)
   s, eps, outdir = p["settings"], p["eps"], p["outdir"]
   mesh = sharding.make_mesh()
-  if s["batch_size"] % mesh.devices.size:
-    raise ValueError(f"--batch_size={s['batch_size']} must be divisible by the number of "
-                     f"devices ({mesh.devices.size})")
   templates = zeroshot.IMAGENET_TEMPLATES if s["templates"] == "imagenet" else None
   num = s["num_examples"] or None
   argv = list(sys.argv if argv is None else argv)
