@@ -310,7 +310,7 @@ def test_failed_checkpoint_save_ends_the_process_promptly(tmp_path):
   workdir, failed_at = tmp_path / "run", tmp_path / "failed_at"
   proc = subprocess.run(
       [sys.executable, str(driver), TRAIN, f"--workdir={workdir}", *SMALL],
-      cwd=str(tmp_path), env=_env(FAILED_AT=str(failed_at)), capture_output=True, text=True,
+      cwd=str(tmp_path), env=_env(FAILED_AT=str(failed_at), PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=600)  # a hang lasts orbax's 300 s coordination timeout, then some
   ended = time.time()
   assert failed_at.exists(), proc.stderr[-3000:]
@@ -347,7 +347,10 @@ def _metrics_steps(run_dir):
 def _train(workdir, *args, driver=None, timeout=600):
   cmd = [sys.executable] + ([str(driver)] if driver else []) + [TRAIN, f"--workdir={workdir}",
                                                                *SMALL, *args]
-  return subprocess.run(cmd, cwd=os.path.dirname(str(workdir)), env=_env(),
+  # A driver runs train.py with runpy, which (unlike `python train.py`) does not put
+  # the script's folder first on sys.path: PYTHONPATH does.
+  env = _env(PYTHONPATH=ROOT) if driver else _env()
+  return subprocess.run(cmd, cwd=os.path.dirname(str(workdir)), env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -360,7 +363,7 @@ def test_interrupt_resume_and_corrupt_checkpoint_keep_a_true_record(tmp_path):
 
   # 1. Ctrl-C mid-run: one line, exit 130, the save in flight completed, no tmp folder.
   proc = subprocess.Popen([sys.executable, str(driver), TRAIN, f"--workdir={workdir}", *SMALL],
-                          cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
+                          cwd=str(tmp_path), env=_env(PYTHONPATH=ROOT), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 400
   while time.time() < deadline and proc.poll() is None:
