@@ -63,9 +63,6 @@ def format_table(results_by_model):
 
 def plot(results_by_model, path):
   """PNG of robust accuracy (%) against eps: one colour per model, one line style per suite."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   results = {m: _as_dict(r) for m, r in results_by_model.items()}
   all_eps = [r["eps"] for res in results.values() for rs in res["robust"].values()
              for r in rs]
@@ -73,10 +70,8 @@ def plot(results_by_model, path):
   # In 1/255 units when every budget is a multiple of it (the usual L-inf budgets).
   in_255 = all(abs(e * 255 - round(e * 255)) < 1e-6 for e in all_eps)
   unit = 255.0 if in_255 else 1.0
-  styles = ["-", "--", ":", "-."]
   suites = list(dict.fromkeys(s for res in results.values() for s in res["robust"]))
-  fig, ax = plt.subplots(figsize=(6, 4.2))
-  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  plt, fig, ax, colours = _figure()
   for i, (model, res) in enumerate(results.items()):
     for suite, rs in res["robust"].items():
       pts = sorted((r["eps"], r["robust_accuracy"]) for r in rs)
@@ -85,9 +80,25 @@ def plot(results_by_model, path):
       label = model if len(suites) == 1 else f"{model} ({SUITE_LABELS.get(suite, suite)})"
       ax.plot([e * unit for e, _ in pts], [100 * a for _, a in pts], marker="o",
               color=colours[i % len(colours)],
-              linestyle=styles[suites.index(suite) % len(styles)], label=label)
+              linestyle=_STYLES[suites.index(suite) % len(_STYLES)], label=label)
   ax.set_xlabel(("ε (× 1/255)" if in_255 else "ε") + f", {'/'.join(sorted(norms))}")
-  ax.set_ylabel("robust accuracy (%)")
+  return _save(plt, fig, ax, "robust accuracy (%)", path)
+
+
+_STYLES = ["-", "--", ":", "-."]
+
+
+def _figure():
+  """(pyplot, figure, axes, colour cycle) for a headless accuracy-vs-eps plot."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  return plt, fig, ax, plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _save(plt, fig, ax, ylabel, path):
+  ax.set_ylabel(ylabel)
   ax.set_ylim(0, 100)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
@@ -99,8 +110,8 @@ def plot(results_by_model, path):
 
 # Captioners.
 
-CAPTION_SUITE_LABELS = {"paper": "paper: BIM-10 on the training loss", "strong": "APGD-CE (token loss)",
-                "pgd": "PGD-CE (token loss)"}
+CAPTION_SUITE_LABELS = {"paper": "paper: BIM-10 on the training loss",
+                        "strong": "APGD-CE (token loss)", "pgd": "PGD-CE (token loss)"}
 
 
 
@@ -153,29 +164,15 @@ def format_caption_table(results_by_model):
 
 
 def plot_captions(results_by_model, path):
-  """PNG: keyword survival (%) against eps, one colour per model, a style per suite."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  results = {m: (r.to_dict() if hasattr(r, "to_dict") else r)
-             for m, r in results_by_model.items()}
-  fig, ax = plt.subplots(figsize=(6, 4.2))
-  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  styles = ["-", "--", ":", "-."]
+  """PNG: captions unchanged (%) against eps, one colour per model, a style per suite."""
+  results = {m: _as_dict(r) for m, r in results_by_model.items()}
+  plt, fig, ax, colours = _figure()
   for i, (model, r) in enumerate(results.items()):
     for j, (suite, rs) in enumerate(r["robust"].items()):
       pts = sorted((e["eps"], 1 - e["change_rate"]) for e in rs)
       pts = [(0.0, 1.0)] + [p for p in pts if p[0] > 0]
       ax.plot([e * 255 for e, _ in pts], [100 * v for _, v in pts], marker="o",
-              color=colours[i % len(colours)], linestyle=styles[j % len(styles)],
+              color=colours[i % len(colours)], linestyle=_STYLES[j % len(_STYLES)],
               label=f"{model} ({CAPTION_SUITE_LABELS.get(suite, suite)})")
   ax.set_xlabel("ε (× 1/255), L-inf")
-  ax.set_ylabel("captions unchanged (%)")
-  ax.set_ylim(0, 100)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
+  return _save(plt, fig, ax, "captions unchanged (%)", path)
