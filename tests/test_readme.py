@@ -24,7 +24,8 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
   exec(compile(code, f"README block {index}", "exec"), {"__name__": "readme"})  # pylint: disable=exec-used
 
 
-def test_readme_has_no_unfilled_placeholders():
-  with open(os.path.join(ROOT, "README.md")) as f:
+@pytest.mark.parametrize("name", ["README.md", "RESULTS.md"])
+def test_documents_have_no_unfilled_placeholders(name):
+  with open(os.path.join(ROOT, name)) as f:
     text = f.read()
-  assert "{{" not in text and "}}" not in text
+  assert "{{" not in text and "}}" not in text and "PLACEHOLDER" not in text
