@@ -48,6 +48,7 @@ repo root is written from a full run.
 
 import argparse
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -450,7 +451,7 @@ def outcome(r):
   robust = {suite: {e: {k: v for k, v in rec.items() if k != "seconds"}
                     for e, rec in by_eps.items()} for suite, by_eps in r["eval"]["robust"].items()}
   skip = ("seed", "load_average", "load_average_start", "train_seconds", "train_cpu_seconds",
-          "eval_seconds", "eval_cpu_seconds", "eval")
+          "eval_seconds", "eval_cpu_seconds", "eval", "copied_from")
   return {"robust": robust, "clean_accuracy": r["eval"]["clean_accuracy"],
           **{k: v for k, v in r.items() if k not in skip}}
 
@@ -795,6 +796,32 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
+def _start_record(outdir, eval_spec, seed):
+  """The start model's evaluation for `seed`, copied once two seeds evaluated it alike.
+
+  The starting weights and the evaluation seed are the same for every training
+  seed. Two independent evaluations with the same settings (the reproducibility
+  check, study.json -> start_identical_across_seeds) are always run; a further
+  seed reuses the first of them. None when fewer than two exist or they differ.
+  """
+  found = []
+  for other in sorted(glob.glob(os.path.join(outdir, "runs", "start", "seed*", "eval.json"))):
+    spec_path = os.path.join(os.path.dirname(other), "study_spec.json")
+    if not os.path.exists(spec_path):
+      continue
+    with open(spec_path) as f:
+      if fingerprint(json.load(f)["eval"]) != fingerprint(eval_spec):
+        continue
+    with open(other) as f:
+      record = json.load(f)
+    if "copied_from" not in record:
+      found.append((other, record))
+  if len(found) < 2 or any(outcome(r) != outcome(found[0][1]) for _, r in found):
+    return None
+  path, record = found[0]
+  return dict(record, seed=seed, copied_from=os.path.relpath(path, outdir))
+
+
 def main(argv=None):
   args = parse_args(argv)
   compilation.set_cpu_flags()  # train.py's XLA:CPU settings (prsl_jax/compilation.py)
@@ -891,6 +918,15 @@ def main(argv=None):
           print(f"[{name} seed {seed}] evaluation settings changed: evaluating again",
                 flush=True)
           os.remove(cache)
+      if name == "start" and not os.path.exists(cache):
+        # The starting weights and the evaluation seed are the same for every
+        # training seed: its evaluation under another seed is this one.
+        done = _start_record(outdir, spec["eval"], seed)
+        if done is not None:
+          with open(spec_path, "w") as f:
+            json.dump(spec, f, indent=2)
+          with open(cache, "w") as f:
+            json.dump(done, f, indent=1)
       if os.path.exists(cache):
         with open(cache) as f:
           results[(name, seed)] = json.load(f)
