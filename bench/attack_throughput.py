@@ -60,6 +60,9 @@ def parse_args(argv=None):
                  help="bf16 and torchattacks run only at the first batch size unless "
                       "their batch sizes are listed here too (comma-separated)")
   p.add_argument("--torch_threads", type=int, default=0, help="0 = the number of cores")
+  p.add_argument("--max_load", type=float, default=common.QUIET_LOAD,
+                 help="wait (up to 4 min) for a load average below this before timing; "
+                      "ratios are withheld when it was not reached")
   p.add_argument("--quick", action="store_true",
                  help="small ViT (64 px, patch 16, width 128, 2 layers) for smoke tests")
   return p.parse_args(argv)
@@ -177,6 +180,7 @@ def main(argv=None):
   extra = set(_ints(args.extra_batch_sizes)) | {batch_sizes[0]}
   t_start = time.perf_counter()
   notes = []
+  loads = []  # the load average before each batch size's timed calls
 
   clip = common.make_clip(args.quick)
   vision = common.QUICK_VISION if args.quick else common.VITB32_VISION
@@ -271,6 +275,7 @@ def main(argv=None):
     # By default no warmup call: one ViT-B/32 PGD-10 call is tens of seconds on a
     # CPU, JAX's compilation is already done (AOT above) and torch has no
     # compile step; the first-call overheads (<0.5 s) are small beside that.
+    loads.append(common.wait_for_quiet(args.max_load))
     timed = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
     for name, t in timed.items():
       row = {"framework": name, "batch_size": b, **t,
@@ -301,6 +306,8 @@ def main(argv=None):
       if ("jax_bf16", b) in by:
         ratios[f"jax_bf16/jax@{b}"] = round(by[("jax_bf16", b)]["images_per_s"] / r["images_per_s"], 3)
 
+  ratios, load_note = common.gate_on_load(ratios, loads, args.max_load)
+  notes.append(load_note)
   common.emit("attack_throughput", {
       "model": "quick" if args.quick else "ViT-B/32 vision tower (224 px, patch 32, width 768, "
                                           "12 layers, 12 heads, projection 512), random weights",
@@ -313,6 +320,7 @@ def main(argv=None):
       "matmul_peak_runs": peaks,
       "results": results,
       "ratios": ratios,
+      "load_before_timed_calls": loads,
       "mfu": mfu,
       "notes": notes,
       "wall_s": round(time.perf_counter() - t_start, 1),

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUIET_LOAD = 1.0
+QUIET_LOAD = common.QUIET_LOAD
 
 
 def parse_args(argv=None):

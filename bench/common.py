@@ -167,6 +167,22 @@ def wait_for_quiet(max_load=1.0, timeout_s=240):
   return os.getloadavg()[0]
 
 
+# Ratios are reported only when the 1-minute load average was below this before
+# every timed call: with other jobs on the machine torch's OpenMP threads stall
+# at every barrier and a ratio measures the load, not the frameworks.
+QUIET_LOAD = 1.0
+
+
+def gate_on_load(ratios, loads, max_load=QUIET_LOAD):
+  """(ratios or None, note): ratios withheld when any load in `loads` was >= max_load."""
+  worst = max(loads) if loads else float("nan")
+  if not loads or worst >= max_load:
+    return None, (f"ratios not reported: the load average before a timed call was up to "
+                  f"{worst:.2f} (>= {max_load}); rerun on a quiet machine. Under load: "
+                  f"{ratios}")
+  return ratios, f"load average before the timed calls at most {worst:.2f} (< {max_load})"
+
+
 def block(x):
   """Waits for every array in the pytree x (jax or torch) to be computed."""
   return jax.block_until_ready(x)

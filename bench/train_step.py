@@ -51,6 +51,9 @@ def parse_args(argv=None):
   p.add_argument("--remat", action="store_true", help="rematerialise our encoder layers")
   p.add_argument("--frameworks", default="jax,torch")
   p.add_argument("--torch_threads", type=int, default=0, help="0 = the number of cores")
+  p.add_argument("--max_load", type=float, default=common.QUIET_LOAD,
+                 help="wait (up to 4 min) for a load average below this before timing; "
+                      "the ratio is withheld when it was not reached")
   p.add_argument("--quick", action="store_true", help="small ViT for smoke tests")
   return p.parse_args(argv)
 
@@ -183,6 +186,7 @@ def main(argv=None):
     xt, yt = common.nchw(x), torch.from_numpy(y).long()
     fns["torch"] = functools.partial(step, xt, yt)
 
+  load = common.wait_for_quiet(args.max_load)
   timed = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
   results = {name: {**t, "steps_per_s": 1.0 / t["median_s"], "steps_per_s_best": 1.0 / t["min_s"],
                     "images_per_s": args.batch_size / t["median_s"]}
@@ -190,6 +194,7 @@ def main(argv=None):
   ratio = None
   if "jax" in results and "torch" in results:
     ratio = round(results["jax"]["steps_per_s"] / results["torch"]["steps_per_s"], 3)
+  ratio, load_note = common.gate_on_load(ratio, [load], args.max_load)
 
   common.emit("train_step", {
       "model": "quick" if args.quick else "ViT-B/32 vision tower, random weights",
@@ -197,7 +202,8 @@ def main(argv=None):
                f"({_loss_args(args)}) + AdamW, grad clip 1.0, vision tower trained"),
       "batch_size": args.batch_size, "num_classes": args.num_classes,
       "dtype": args.dtype, "remat": args.remat, "torch_threads": torch_threads,
-      "results": results, "ratio_jax_over_torch": ratio, **extra,
+      "results": results, "ratio_jax_over_torch": ratio, "load_before": load,
+      "load_note": load_note, **extra,
       "wall_s": round(time.perf_counter() - t_start, 1),
   })
 
