@@ -34,6 +34,25 @@ DIGIT_CAPTIONS = (
 _DIGITS_TEST_FRACTION = 0.2
 
 
+def load_digits():
+  """scikit-learn's digits: (images (1797, 8, 8) float64 in 0..16, labels (1797,) int).
+
+  Reads the CSV that scikit-learn ships (what sklearn.datasets.load_digits
+  parses) without importing scikit-learn, whose import (with SciPy) costs about
+  3 s of every run's start-up; falls back to load_digits if the file moved.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("sklearn")
+  path = None if spec is None or spec.origin is None else os.path.join(
+      os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+  if path is None or not os.path.isfile(path):
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    digits = datasets.load_digits()
+    return digits.images, digits.target
+  data = np.loadtxt(path, delimiter=",")
+  return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 class DigitsSource:
   """scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels) as RGB images.
 
@@ -42,17 +61,16 @@ class DigitsSource:
   """
 
   def __init__(self, split: str, image_size: int):
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
     if split not in ("train", "test"):
       raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
     if image_size < 8:
       raise ValueError(f"image_size must be >= 8 for the digits, got {image_size}")
-    digits = load_digits()
-    order = np.random.RandomState(0).permutation(len(digits.target))
+    images, target = load_digits()
+    order = np.random.RandomState(0).permutation(len(target))
     n_test = int(round(_DIGITS_TEST_FRACTION * len(order)))
     idx = order[n_test:] if split == "train" else order[:n_test]
-    self._images = (digits.images[idx] / 16.0).astype(np.float32)  # (N, 8, 8)
-    self._labels = digits.target[idx].astype(np.int32)
+    self._images = (images[idx] / 16.0).astype(np.float32)  # (N, 8, 8)
+    self._labels = target[idx].astype(np.int32)
     self.image_size = image_size
 
   def __len__(self):
