@@ -417,6 +417,37 @@ def _trim_metrics(path, last_step):
     os.replace(tmp, path)
 
 
+# (tx, jitted step) of the last few training setups of this process, so that a
+# second train() of one setup (another seed, a resume, the study's next seed)
+# reuses the traced and compiled step instead of building it again. Holds no
+# params: they are arguments of the step.
+_STEPS: dict = {}
+_MAX_STEPS = 8
+
+
+def optimizer_and_step(config, mesh, model, params):
+  """(optax tx, training.make_train_step(...)) for config on mesh, built once a setup.
+
+  The key is everything the step depends on: the mesh, the static model, the
+  objective, the loss, adversarial and optimizer configs, the schedule length,
+  and the params' top-level keys with the trainable ones. The seed is not in it.
+  """
+  trainable = training.trainable_keys(model, config.train_towers)
+  adversarial = config.adversarial if config.adversarial.enabled else None
+  key = (mesh, model, config.objective, config.loss.to_json(),
+         None if adversarial is None else adversarial.to_json(), config.optimizer.to_json(),
+         int(config.total_steps), tuple(params), tuple(trainable))
+  if key not in _STEPS:
+    tx = training.make_optimizer(config.optimizer, config.total_steps, params, trainable)
+    step_fn = training.make_train_step(mesh, model=model, objective=config.objective,
+                                       loss_fn=batch_loss_fn(config.loss),
+                                       adversarial=adversarial, tx=tx)
+    if len(_STEPS) >= _MAX_STEPS:
+      _STEPS.pop(next(iter(_STEPS)))
+    _STEPS[key] = (tx, step_fn)
+  return _STEPS[key]
+
+
 def train(config, workdir, s: Setup, *, desc="train", info=None):
   """Fine-tunes the pretrained params with config; resumes from workdir.
 
@@ -445,13 +476,8 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
       **_text_fields(config, model, tokenizer))
 
   # Model, optimizer and state, replicated over the mesh.
-  tx = training.make_optimizer(config.optimizer, config.total_steps, params,
-                               training.trainable_keys(model, config.train_towers))
+  tx, step_fn = optimizer_and_step(config, s.mesh, model, params)
   state = sharding.replicate(training.init_state(params, tx, config.seed), s.mesh)
-  adversarial = config.adversarial if config.adversarial.enabled else None
-  step_fn = training.make_train_step(s.mesh, model=model, objective=config.objective,
-                                     loss_fn=batch_loss_fn(config.loss),
-                                     adversarial=adversarial, tx=tx)
 
   # Resume: state and data position from the newest readable checkpoint.
   mgr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)

@@ -35,6 +35,10 @@ def _run_in_process(workdir, **overrides):
   return _flat(trainer.train(config, workdir, trainer.setup(config))[0])
 
 
+def _flags(overrides):
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
 def _worker(workdir, out, *args, devices=1, check=True, timeout=600):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
@@ -52,7 +56,7 @@ def _assert_close(a, b, rtol, atol):
     np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
   """One device, in process: the run every other topology must reproduce."""
   workdir = str(tmp_path_factory.mktemp("ref"))
@@ -81,6 +85,22 @@ def test_same_seed_is_bit_identical_and_training_moves_params(reference, tmp_pat
   assert any(not np.array_equal(other[k], params[k]) for k in params)
 
 
+@pytest.mark.heavy
+def test_a_second_seed_reuses_the_compiled_step(reference, tmp_path):
+  from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
+  config = small_config.get_config()
+  setup = trainer.setup(config)
+  model, params, _ = setup.pretrained
+  step = trainer.optimizer_and_step(config, setup.mesh, model, params)[1]
+  other_seed = _config(seed=3)
+  assert trainer.optimizer_and_step(other_seed, setup.mesh, model, params)[1] is step
+  assert trainer.optimizer_and_step(_config(**{"loss.weight": 0.5}), setup.mesh, model,
+                                    params)[1] is not step
+  with compilation.Timer() as t:  # the reference trained this setup: nothing new to build
+    trainer.train(other_seed, str(tmp_path), setup)
+  assert t.compiles == 0, t.as_dict()
+
+
 def test_eight_devices_match_one(reference, tmp_path):
   _, params = reference
   out = str(tmp_path / "p.npz")
@@ -89,26 +109,27 @@ def test_eight_devices_match_one(reference, tmp_path):
   _assert_close(dict(np.load(out)), params, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.heavy
 def test_adversarial_eight_devices_match_one(tmp_path):
   # Random starts use per-example keys (fold_in of the global row), so the attack
   # draws the same noise however the batch is split. Measured: 7e-6 apart after 2
   # steps; per-shard keys instead give 2e-3.
-  args = ["--config.adversarial.enabled=True", "--config.total_steps=2"]
-  _worker(str(tmp_path / "w8"), str(tmp_path / "p8.npz"), *args, devices=8)
-  _worker(str(tmp_path / "w1"), str(tmp_path / "p1.npz"), *args, devices=1)
-  _assert_close(dict(np.load(tmp_path / "p8.npz")), dict(np.load(tmp_path / "p1.npz")),
-                rtol=0, atol=5e-5)
+  args = {"adversarial.enabled": True, "total_steps": 2}
+  _worker(str(tmp_path / "w8"), str(tmp_path / "p8.npz"), *_flags(args), devices=8)
+  one = _run_in_process(str(tmp_path / "w1"), **args)  # one device
+  _assert_close(dict(np.load(tmp_path / "p8.npz")), one, rtol=0, atol=5e-5)
 
 
+@pytest.mark.heavy
 def test_contrastive_eight_devices_match_one(tmp_path):
   # The negatives are gathered from all devices: the loss must not depend on the split.
-  args = ["--config.objective=contrastive", "--config.total_steps=3", "--config.loss.end=4"]
-  _worker(str(tmp_path / "w8"), str(tmp_path / "p8.npz"), *args, devices=8)
-  _worker(str(tmp_path / "w1"), str(tmp_path / "p1.npz"), *args, devices=1)
-  _assert_close(dict(np.load(tmp_path / "p8.npz")), dict(np.load(tmp_path / "p1.npz")),
-                rtol=1e-5, atol=2e-6)
+  args = {"objective": "contrastive", "total_steps": 3, "loss.end": 4}
+  _worker(str(tmp_path / "w8"), str(tmp_path / "p8.npz"), *_flags(args), devices=8)
+  one = _run_in_process(str(tmp_path / "w1"), **args)  # one device
+  _assert_close(dict(np.load(tmp_path / "p8.npz")), one, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.heavy
 def test_two_processes_match_one(reference, tmp_path):
   import portpicker  # pylint: disable=g-import-not-at-top
   _, params = reference
@@ -127,6 +148,7 @@ def test_two_processes_match_one(reference, tmp_path):
   _assert_close(dict(np.load(tmp_path / "p.npz")), params, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.heavy
 def test_killed_run_resumes_to_the_same_params(reference, tmp_path):
   _, params = reference
   workdir, out = str(tmp_path / "w"), str(tmp_path / "p.npz")
@@ -220,6 +242,7 @@ def test_unknown_config_key_stops_train_py_before_compute(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.heavy
 def test_train_py_end_to_end_prints_table_and_exports(tmp_path):
   # Two losses from one start: also guards against donating the caller's params.
   proc = subprocess.run(
