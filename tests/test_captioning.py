@@ -19,18 +19,20 @@ from prsl_jax import captioning
 from prsl_jax import data
 from prsl_jax import losses
 from prsl_jax import reports
+from prsl_jax import trainer
 from prsl_jax import training
+from tests import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = prsl_jax.TINY_CAPTIONER
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny():
   return prsl_jax.load_pretrained(TINY)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def batch(tiny):
   """8 digits, their captions as labels (padding ignored) and teacher-forcing inputs."""
   model, _, tokenizer = tiny
@@ -66,6 +68,7 @@ def test_token_prsl_through_the_model_equals_the_flattened_loss(tiny, batch):
   np.testing.assert_allclose(other, token, rtol=1e-6)
 
 
+@pytest.mark.heavy
 def test_attacks_on_captions_stay_in_the_ball_and_move_the_token_loss(tiny, batch):
   model, params, _ = tiny
   from prsl_jax.models import generation  # pylint: disable=g-import-not-at-top
@@ -109,6 +112,7 @@ def test_attacks_on_captions_stay_in_the_ball_and_move_the_token_loss(tiny, batc
   assert np.all(np.asarray(after) < np.asarray(before))
 
 
+@pytest.mark.heavy
 def test_caption_evaluation_checks_and_metrics(tiny):
   model, params, tokenizer = tiny
   source, _ = data.load("digits", "test", image_size=model.image_size)
@@ -119,6 +123,8 @@ def test_caption_evaluation_checks_and_metrics(tiny):
                           target_caption="a handwritten seven", progress_bar=False)
   assert r.checks.passed, r.checks
   assert r.checks.eps0_ok and set(r.checks.eps0) == {"bim", "apgd-ce"}
+  assert r.timing["compiles"] > 0 and r.timing["attack_seconds"] > 0  # compile vs attack
+  assert r.timing["compile_seconds"] + r.timing["attack_seconds"] <= r.seconds
   assert r.clean["keyword_accuracy"] >= 0.75  # the bundled captioner names the digits
   for suite in ("paper", "strong"):
     at0, big = r.robust[suite]
@@ -135,12 +141,15 @@ def test_caption_evaluation_checks_and_metrics(tiny):
     captioning.make_suite("standard")
 
 
+# The trainer tests' small config (tests/small_config.py) on the bundled captioner.
+CAPTION_CONFIG = {"model.path": TINY, "objective": "captioning", "data.caption_length": 12,
+                  "eval.suites": ("paper",), "loss.weight": 0.05, "optimizer.lr": 0.2}
+
+
 def _worker(workdir, out, *args, devices=1, check=True):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  caption = [f"--config.model.path={TINY}", "--config.objective=captioning",
-             "--config.data.caption_length=12", "--config.eval.suites=('paper',)",
-             "--config.loss.weight=0.05", "--config.optimizer.lr=0.2"]
+  caption = [f"--config.{k}={v}" for k, v in CAPTION_CONFIG.items()]
   proc = subprocess.run([sys.executable, "-m", "tests.train_worker", f"--workdir={workdir}",
                          f"--out={out}", *caption, *args], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
@@ -149,10 +158,15 @@ def _worker(workdir, out, *args, devices=1, check=True):
   return proc
 
 
+@pytest.mark.heavy
 def test_captioning_step_on_eight_devices_equals_one_and_a_killed_run_resumes(tmp_path):
-  _worker(tmp_path / "w1", tmp_path / "p1.npz")
+  config = small_config.get_config()
+  config.update_from_flattened_dict(CAPTION_CONFIG)
+  trained, _ = trainer.train(config, str(tmp_path / "w1"), trainer.setup(config))  # one device
+  one = {jax.tree_util.keystr(p): np.asarray(x)
+         for p, x in jax.tree_util.tree_flatten_with_path(trained)[0]}
   _worker(tmp_path / "w8", tmp_path / "p8.npz", devices=8)
-  one, eight = dict(np.load(tmp_path / "p1.npz")), dict(np.load(tmp_path / "p8.npz"))
+  eight = dict(np.load(tmp_path / "p8.npz"))
   start = prsl_jax.load_pretrained(TINY).params
   moved = max(float(np.abs(one[k] - v).max()) for k, v in
               {jax.tree_util.keystr(p): np.asarray(x)
@@ -168,6 +182,7 @@ def test_captioning_step_on_eight_devices_equals_one_and_a_killed_run_resumes(tm
     np.testing.assert_array_equal(resumed[k], one[k], err_msg=k)
 
 
+@pytest.mark.heavy
 def test_cli_end_to_end_on_the_bundled_captioner(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   run = subprocess.run(
