@@ -164,3 +164,26 @@ def _private_compilation_cache(tmp_path_factory):
     os.environ.pop("PRSL_JAX_CACHE", None)
   else:
     os.environ["PRSL_JAX_CACHE"] = old
+
+
+# Parallel runs (pytest-xdist, `-n auto`): a file's tests share compiled functions
+# and module fixtures, so each file runs on one worker (one xdist group); a test
+# marked `heavy` (whole processes: CLIs, 8 simulated devices, kills) is a group of
+# its own, scheduled first, so the longest work starts while the short files fill
+# the other workers. An explicit xdist_group mark (e.g. a module whose tests share
+# one costly fixture) is kept and scheduled with the heavy ones.
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "heavy: runs whole processes (tens of seconds); scheduled alone and first")
+
+
+def pytest_collection_modifyitems(config, items):
+  def explicit(item):
+    return item.get_closest_marker("xdist_group") is not None
+  for item in items:
+    if explicit(item):
+      continue
+    group = item.nodeid if item.get_closest_marker("heavy") else item.module.__name__
+    item.add_marker(pytest.mark.xdist_group(group))
+  # Stable: files keep their order, heavy work moves to the front.
+  items.sort(key=lambda item: not (explicit(item) or item.get_closest_marker("heavy")))

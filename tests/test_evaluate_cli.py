@@ -75,7 +75,7 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cli_runs(tiny_ckpt, tiny_clip, tmp_path_factory):
   """Two evaluate.py calls: digits with two checkpoints, mock CIFAR-10."""
   tmp = tmp_path_factory.mktemp("cli")

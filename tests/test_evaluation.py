@@ -295,6 +295,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy
 def test_two_processes_four_devices_match_one_device(tmp_path):
   # Two processes on localhost with 2 CPU devices each: the multi-host path
   # (global arrays from every process's copy of the batch, gathered outputs).
@@ -357,6 +358,7 @@ def _compiled():
   return [f._cache_size() for f in fns]  # pylint: disable=protected-access
 
 
+@pytest.mark.heavy
 def test_checkpoints_of_one_config_share_compilations_and_are_not_pinned(tiny_ckpt,
                                                                           tiny_clip):
   import gc  # pylint: disable=g-import-not-at-top
@@ -430,6 +432,7 @@ _CACHE_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy
 def test_persistent_cache_serves_a_second_process_and_can_be_off(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   cache = tmp_path / "cache"

@@ -22,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(tempfile.gettempdir(), "prsl_jax_test_study_jax_cache")
 ROWS = ("start", "ce", "prsl_0_4_b1e-3")
 SEEDS = (0, 1)
+# One worker runs the whole file: its tests read one costly study (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("prsl_study")
 
 
 def _run(outdir):
@@ -41,7 +43,7 @@ def _snapshot(outdir):
   return {p: os.stat(p).st_mtime_ns for p in files if os.path.isfile(p)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def study(tmp_path_factory):
   outdir = str(tmp_path_factory.mktemp("study"))
   out1, doc1 = _run(outdir)

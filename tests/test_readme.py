@@ -29,3 +29,11 @@ def test_documents_have_no_unfilled_placeholders(name):
   with open(os.path.join(ROOT, name)) as f:
     text = f.read()
   assert "{{" not in text and "}}" not in text and "PLACEHOLDER" not in text
+
+
+def test_ci_runs_the_readme_test_command():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    command = re.search(r"^pip install -r requirements-test.txt && (python -m pytest [^#\n]*?)\s*#",
+                        f.read(), re.M).group(1)
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    assert f"requirements-test.txt && {command}\n" in f.read()

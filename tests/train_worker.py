@@ -18,6 +18,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from prsl_jax import checkpoints
+from prsl_jax import compilation
 from prsl_jax import sharding
 from prsl_jax import trainer
 
@@ -36,6 +37,8 @@ def main(argv):
   del argv
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
+  if os.environ.get("PRSL_JAX_CACHE"):  # the test session's cache (tests/conftest.py)
+    compilation.enable_cache()
   config = _CONFIG.value
   if _KILL.value:
     save = checkpoints.save
