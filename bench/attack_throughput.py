@@ -60,6 +60,8 @@ def parse_args(argv=None):
                  help="bf16 and torchattacks run only at the first batch size unless "
                       "their batch sizes are listed here too (comma-separated)")
   p.add_argument("--torch_threads", type=int, default=0, help="0 = the number of cores")
+  p.add_argument("--no_random_start", action="store_true",
+                 help="start every attack at the clean image (the issue 14 setting)")
   p.add_argument("--max_load", type=float, default=common.QUIET_LOAD,
                  help="wait (up to 4 min) for a load average below this before timing; "
                       "ratios are withheld when it was not reached")
@@ -72,14 +74,14 @@ def _ints(s):
   return [int(v) for v in s.split(",") if v.strip()]
 
 
-def jax_attack(classify, steps, eps):
+def jax_attack(classify, steps, eps, random_start=True):
   """Jitted (variables, images, labels, key) -> adversarial images (PGD-`steps`, L-inf, CE).
 
   classify: a value-hashable model under attack (common.classifier), static.
   """
   def run(variables, images, labels, key):
     return attacks.pgd(classify.bind(variables), images, labels, key=key, eps=eps,
-                       steps=steps)
+                       steps=steps, random_start=random_start)
   return jax.jit(run)
 
 
@@ -252,12 +254,13 @@ def main(argv=None):
     if "jax" in frameworks:
       t0 = time.perf_counter()
       # AOT: compile once for this shape, outside the timed calls.
-      exe = jax_attack(classify, args.steps, args.eps).lower(variables, x, y, key).compile()
+      exe = jax_attack(classify, args.steps, args.eps, random_start=not args.no_random_start).lower(variables, x, y, key).compile()
       compile_s["jax"] = time.perf_counter() - t0
       fns["jax"] = functools.partial(exe, variables, x, y, key)
     if "jax_bf16" in frameworks and b in extra:
       t0 = time.perf_counter()
-      exe16 = jax_attack(classify_bf16, args.steps, args.eps).lower(
+      exe16 = jax_attack(classify_bf16, args.steps, args.eps,
+                         random_start=not args.no_random_start).lower(
           variables, x, y, key).compile()
       compile_s["jax_bf16"] = time.perf_counter() - t0
       fns["jax_bf16"] = functools.partial(exe16, variables, x, y, key)
@@ -267,10 +270,11 @@ def main(argv=None):
       gen = torch.Generator().manual_seed(b)
       if "torch" in frameworks:
         fns["torch"] = functools.partial(common.torch_pgd, zs, xt, yt, eps=args.eps,
-                                         steps=args.steps, generator=gen)
+                                         steps=args.steps, generator=gen,
+                                         random_start=not args.no_random_start)
       if "torchattacks" in frameworks and b in extra:
         atk = torchattacks.PGD(ta_model, eps=args.eps, alpha=2.5 * args.eps / args.steps,
-                               steps=args.steps, random_start=True)
+                               steps=args.steps, random_start=not args.no_random_start)
         fns["torchattacks"] = functools.partial(atk, xt, yt)
     # By default no warmup call: one ViT-B/32 PGD-10 call is tens of seconds on a
     # CPU, JAX's compilation is already done (AOT above) and torch has no
@@ -311,7 +315,8 @@ def main(argv=None):
   common.emit("attack_throughput", {
       "model": "quick" if args.quick else "ViT-B/32 vision tower (224 px, patch 32, width 768, "
                                           "12 layers, 12 heads, projection 512), random weights",
-      "attack": f"PGD-{args.steps} L-inf eps={args.eps:.5f} CE, random start, {args.num_classes} classes",
+      "attack": f"PGD-{args.steps} L-inf eps={args.eps:.5f} CE, "
+                f"{'no' if args.no_random_start else 'random'} start, {args.num_classes} classes",
       "torch_threads": torch_threads,
       "sanity": sanity,
       "flops_per_image": per_image,

@@ -26,7 +26,9 @@ from prsl_jax import compilation  # pylint: disable=g-import-not-at-top,wrong-im
 
 # The XLA:CPU settings train.py and evaluate.py use (prsl_jax/compilation.py),
 # set before JAX starts its backend, so the benchmarks measure what users run.
-compilation.set_cpu_flags()
+# bench/xla_settings.py sets $PRSL_JAX_BENCH_RAW_FLAGS to time other settings.
+if not os.environ.get("PRSL_JAX_BENCH_RAW_FLAGS"):
+  compilation.set_cpu_flags()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
@@ -371,10 +373,11 @@ def nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
-def torch_pgd(logits_fn, x0, labels, *, eps, steps, step_size=None, generator=None):
+def torch_pgd(logits_fn, x0, labels, *, eps, steps, step_size=None, generator=None,
+              random_start=True):
   """L-inf PGD in PyTorch with prsl_jax.attacks.pgd's semantics (CE objective).
 
-  Uniform random start, `steps` signed-gradient steps with projection onto the
+  Uniform random start (or the clean image), `steps` signed-gradient steps with projection onto the
   eps-ball and [0, 1], the per-example best iterate (misclassified first, then the
   highest loss) over every scored point, and a last forward pass to score the
   final point: the same work as ours, step for step.
@@ -383,8 +386,11 @@ def torch_pgd(logits_fn, x0, labels, *, eps, steps, step_size=None, generator=No
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   step_size = 2.5 * eps / steps if step_size is None else step_size
   b = x0.shape[0]
-  u = torch.rand(x0.shape, generator=generator) * 2 - 1
-  x = torch.clamp(torch.clamp(x0 + eps * u, x0 - eps, x0 + eps), 0, 1)
+  if random_start:
+    u = torch.rand(x0.shape, generator=generator) * 2 - 1
+    x = torch.clamp(torch.clamp(x0 + eps * u, x0 - eps, x0 + eps), 0, 1)
+  else:
+    x = x0.clone()
   best_x = x0.clone()
   best_s = torch.zeros(b, dtype=torch.int32)
   best_o = torch.full((b,), -float("inf"))
