@@ -178,12 +178,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-  def explicit(item):
-    return item.get_closest_marker("xdist_group") is not None
+  first = {item.nodeid for item in items
+           if item.get_closest_marker("xdist_group") or item.get_closest_marker("heavy")}
   for item in items:
-    if explicit(item):
+    if item.get_closest_marker("xdist_group"):
       continue
     group = item.nodeid if item.get_closest_marker("heavy") else item.module.__name__
     item.add_marker(pytest.mark.xdist_group(group))
   # Stable: files keep their order, heavy work moves to the front.
-  items.sort(key=lambda item: not (explicit(item) or item.get_closest_marker("heavy")))
+  items.sort(key=lambda item: item.nodeid not in first)
