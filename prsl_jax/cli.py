@@ -78,8 +78,19 @@ def _one_line_warning(message, category, filename, lineno, line=None):
   return f"warning: {' '.join(str(message).split())} ({category.__name__})\n"
 
 
+def quiet_transformers():
+  """Drops transformers' advisory line "PyTorch was not found..." (printed when it
+  is imported without torch, as in an install from requirements.txt): prsl_jax
+  never needs torch, and a user error stays one line. Call before its import."""
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def quiet_logs():
-  """orbax and TFDS log every step at INFO; keep the console to progress and tables."""
+  """orbax and TFDS log every step at INFO; keep the console to progress and tables.
+
+  Also `quiet_transformers`.
+  """
+  quiet_transformers()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
     if not _debug():

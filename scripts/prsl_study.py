@@ -68,6 +68,7 @@ from absl import logging
 from configs import base
 from configs import study_common
 from prsl_jax import attacks
+from prsl_jax import cli
 from prsl_jax import compilation
 from prsl_jax import data
 from prsl_jax import evaluation
@@ -825,6 +826,7 @@ def _start_record(outdir, eval_spec, seed):
 def main(argv=None):
   args = parse_args(argv)
   compilation.set_cpu_flags()  # train.py's XLA:CPU settings (prsl_jax/compilation.py)
+  cli.quiet_transformers()  # no "PyTorch was not found" line on an install without torch
   t_start, cpu_start = time.time(), cpu_seconds()
   load = LoadSampler()
   study = QUICK if args.quick else STUDY

@@ -14,8 +14,14 @@ import os
 import numpy as np
 import pytest
 
-from prsl_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from prsl_jax.models.tokenizer import build_word_tokenizer
+from tests import processes
+
+# This session's XLA flags, before JAX starts its backend (subprocesses inherit
+# them, or get them from processes.env).
+os.environ["XLA_FLAGS"] = processes.xla_flags()
+
+from prsl_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prsl_jax.models.tokenizer import build_word_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WORDS = ("this is a photo of a zero one two three four five six seven eight nine "
          "cat dog")
@@ -167,23 +173,42 @@ def _private_compilation_cache(tmp_path_factory):
 
 
 # Parallel runs (pytest-xdist, `-n auto`): a file's tests share compiled functions
-# and module fixtures, so each file runs on one worker (one xdist group); a test
-# marked `heavy` (whole processes: CLIs, 8 simulated devices, kills) is a group of
-# its own, scheduled first, so the longest work starts while the short files fill
-# the other workers. An explicit xdist_group mark (e.g. a module whose tests share
-# one costly fixture) is kept and scheduled with the heavy ones.
+# and module fixtures, so each file runs on one worker (one xdist group). A test
+# marked `heavy(seconds)` (whole processes: CLIs, 8 simulated devices, kills) is
+# a group of its own, or stays in its file's group with `alone=False` (it uses
+# the file's costly fixture). Groups go out longest first by their heavy
+# seconds (rough figures measured on 2 busy cores), so the longest work starts
+# while the short files fill the other workers. An explicit xdist_group mark
+# (e.g. a module whose tests share one study) is kept.
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "heavy: runs whole processes (tens of seconds); scheduled alone and first")
+      "markers", "heavy(seconds, alone=True): takes about `seconds` (whole processes); "
+      "a group of its own unless alone=False; scheduled longest first")
 
 
+def _heavy_seconds(item):
+  mark = item.get_closest_marker("heavy")
+  return float(mark.args[0]) if mark is not None and mark.args else 0.0
+
+
+# tryfirst: xdist's own hook reads the xdist_group marks into the test ids, so
+# they must be there before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-  first = {item.nodeid for item in items
-           if item.get_closest_marker("xdist_group") or item.get_closest_marker("heavy")}
+  group_seconds = {}
   for item in items:
     if item.get_closest_marker("xdist_group"):
-      continue
-    group = item.nodeid if item.get_closest_marker("heavy") else item.module.__name__
-    item.add_marker(pytest.mark.xdist_group(group))
-  # Stable: files keep their order, heavy work moves to the front.
-  items.sort(key=lambda item: item.nodeid not in first)
+      group = item.get_closest_marker("xdist_group").args[0]
+    elif item.get_closest_marker("heavy") and item.get_closest_marker("heavy").kwargs.get(
+        "alone", True):
+      group = item.nodeid
+    else:
+      group = item.module.__name__
+    group_seconds[group] = group_seconds.get(group, 0.0) + _heavy_seconds(item)
+    if not item.get_closest_marker("xdist_group"):
+      item.add_marker(pytest.mark.xdist_group(group))
+  def order(item):
+    group = item.get_closest_marker("xdist_group").args[0]
+    return -group_seconds[group]
+  # Stable: groups without heavy seconds keep the files' order, after the heavy.
+  items.sort(key=order)

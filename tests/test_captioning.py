@@ -21,6 +21,7 @@ from prsl_jax import losses
 from prsl_jax import reports
 from prsl_jax import trainer
 from prsl_jax import training
+from tests import processes
 from tests import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +69,7 @@ def test_token_prsl_through_the_model_equals_the_flattened_loss(tiny, batch):
   np.testing.assert_allclose(other, token, rtol=1e-6)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(55)
 def test_attacks_on_captions_stay_in_the_ball_and_move_the_token_loss(tiny, batch):
   model, params, _ = tiny
   from prsl_jax.models import generation  # pylint: disable=g-import-not-at-top
@@ -112,7 +113,7 @@ def test_attacks_on_captions_stay_in_the_ball_and_move_the_token_loss(tiny, batc
   assert np.all(np.asarray(after) < np.asarray(before))
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(70)
 def test_caption_evaluation_checks_and_metrics(tiny):
   model, params, tokenizer = tiny
   source, _ = data.load("digits", "test", image_size=model.image_size)
@@ -147,8 +148,7 @@ CAPTION_CONFIG = {"model.path": TINY, "objective": "captioning", "data.caption_l
 
 
 def _worker(workdir, out, *args, devices=1, check=True):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = processes.env(devices)
   caption = [f"--config.{k}={v}" for k, v in CAPTION_CONFIG.items()]
   proc = subprocess.run([sys.executable, "-m", "tests.train_worker", f"--workdir={workdir}",
                          f"--out={out}", *caption, *args], env=env, cwd=ROOT,
@@ -158,7 +158,7 @@ def _worker(workdir, out, *args, devices=1, check=True):
   return proc
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(120)
 def test_captioning_step_on_eight_devices_equals_one_and_a_killed_run_resumes(tmp_path):
   config = small_config.get_config()
   config.update_from_flattened_dict(CAPTION_CONFIG)
@@ -182,9 +182,9 @@ def test_captioning_step_on_eight_devices_equals_one_and_a_killed_run_resumes(tm
     np.testing.assert_array_equal(resumed[k], one[k], err_msg=k)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(165)
 def test_cli_end_to_end_on_the_bundled_captioner(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = processes.env()
   run = subprocess.run(
       [sys.executable, os.path.join(ROOT, "train.py"), "--config",
        os.path.join(ROOT, "configs", "digits_captioning.py"), f"--workdir={tmp_path / 'run'}",

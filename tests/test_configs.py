@@ -221,7 +221,7 @@ class PrslTestCoco(tfds.core.GeneratorBasedBuilder):
 '''
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(80)
 def test_coco_vitgpt2_runlocal_trains_and_evaluates_on_coco_shaped_tfds(tmp_path, monkeypatch):
   # The authors' ViT-GPT2 recipe (configs/coco_vitgpt2.py) end to end on tiny
   # shapes: PRSL over token rows in groups of 8 captions, a TFDS dataset with

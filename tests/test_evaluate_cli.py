@@ -16,13 +16,15 @@ import jax
 import numpy as np
 import pytest
 
+from tests import processes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATE = os.path.join(REPO, "evaluate.py")
 TINY = ["--batch-size", "8", "--steps", "2", "--square-queries", "10"]
 
 
 def _run(argv, *, driver=None, timeout=500):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  env = processes.env()
   cmd = [sys.executable] + ([driver] if driver else [EVALUATE]) + argv
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
@@ -106,6 +108,7 @@ def _outputs(outdir):
     return json.load(f), md
 
 
+@pytest.mark.heavy(50, alone=False)  # the cli_runs fixture
 def test_digits_two_checkpoints_one_table_one_plot(cli_runs, tiny_ckpt, tiny_clip):
   res, md = _outputs(cli_runs["digits_out"])
   run_dir = cli_runs["run_dir"]
@@ -152,7 +155,7 @@ def test_compilation_cache_flags(cli_runs, tmp_path):
   code = ("import sys, jax; from absl import flags; from prsl_jax import cli; "
           "flags.FLAGS(['x'] + sys.argv[1:]); cli.setup_compilation_cache(); "
           "print('DIR', jax.config.jax_compilation_cache_dir)")
-  env = dict(os.environ, PRSL_JAX_CACHE=str(tmp_path / "default"))
+  env = processes.env(PRSL_JAX_CACHE=str(tmp_path / "default"))
   out = [subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
                         text=True, timeout=120).stdout.split("DIR ", 1)[1].strip()
          for args in ([], ["--nocompilation_cache"])]

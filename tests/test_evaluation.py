@@ -18,6 +18,7 @@ import pytest
 
 from prsl_jax import evaluation
 from prsl_jax import reports
+from tests import processes
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -295,7 +296,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(25)
 def test_two_processes_four_devices_match_one_device(tmp_path):
   # Two processes on localhost with 2 CPU devices each: the multi-host path
   # (global arrays from every process's copy of the batch, gathered outputs).
@@ -305,8 +306,7 @@ def test_two_processes_four_devices_match_one_device(tmp_path):
     port = str(sock.getsockname()[1])
   script = tmp_path / "sharded.py"
   script.write_text(_SHARDED)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  env = processes.env(2, pythonpath=[_ROOT])
   procs = [subprocess.Popen([sys.executable, str(script), __file__, str(i), port], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -358,7 +358,7 @@ def _compiled():
   return [f._cache_size() for f in fns]  # pylint: disable=protected-access
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(30)
 def test_checkpoints_of_one_config_share_compilations_and_are_not_pinned(tiny_ckpt,
                                                                           tiny_clip):
   import gc  # pylint: disable=g-import-not-at-top
@@ -432,14 +432,14 @@ _CACHE_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(20)
 def test_persistent_cache_serves_a_second_process_and_can_be_off(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   cache = tmp_path / "cache"
   def run(mode):
     proc = subprocess.run([sys.executable, "-c", _CACHE_RUN, os.path.dirname(__file__), mode,
                            str(cache)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT))
+                          env=processes.env(pythonpath=[_ROOT]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1])
   first = run("on")

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from prsl_jax import losses
+from tests import processes
 
 IGNORE = -100
 
@@ -384,8 +385,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_eight_devices_equal_one_device_values_and_gradients():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = processes.env(8)
   proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,6 +18,8 @@ import tempfile
 
 import pytest
 
+from tests import processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(tempfile.gettempdir(), "prsl_jax_test_study_jax_cache")
 ROWS = ("start", "ce", "prsl_0_4_b1e-3")
@@ -27,8 +29,7 @@ pytestmark = pytest.mark.xdist_group("prsl_study")
 
 
 def _run(outdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+  env = processes.env(pythonpath=[ROOT])
   proc = subprocess.run(
       [sys.executable, "-m", "scripts.prsl_study", "--quick", "--outdir", outdir,
        "--rows", ",".join(ROWS), "--jax_cache", CACHE],
@@ -57,6 +58,7 @@ def _run_record(doc, row, seed):
   return doc["runs"][f"{row}/seed{seed}"]
 
 
+@pytest.mark.heavy(115)  # the study fixture
 def test_outputs_and_their_structure(study):
   doc, outdir = study["doc"], study["outdir"]
   for name in ("study.json", "study.md", "weights.png", "tradeoff.png", "robust_vs_eps.png",

@@ -30,6 +30,7 @@ import prsl_jax
 from prsl_jax import checkpoints
 from prsl_jax import trainer
 from configs import base
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -47,10 +48,9 @@ SMALL = ["--config.batch_size=16", "--config.total_steps=6", "--config.checkpoin
 
 
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  pythonpath = [extra.pop("PYTHONPATH")] if "PYTHONPATH" in extra else []
+  env = processes.env(pythonpath=pythonpath, **extra)
   env.pop("PYTHONWARNINGS", None)
-  env.update(extra)
   return env
 
 
@@ -133,7 +133,7 @@ _TRAIN_CASES_DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(10)
 def test_train_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
   fresh = str(tmp_path / "fresh")
   trunc = str(tmp_path / "trunc")
@@ -238,7 +238,7 @@ _EVALUATE_DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(25)
 def test_evaluate_cli_bad_input_is_one_line_and_finished_work_is_kept(tmp_path):
   good = str(tmp_path / "good")
   shutil.copytree(TINY, good)
@@ -350,7 +350,7 @@ _FAILING_SAVE_DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(30)
 def test_failed_checkpoint_save_ends_the_process_promptly(tmp_path):
   driver = tmp_path / "driver.py"
   driver.write_text(_FAILING_SAVE_DRIVER)
@@ -401,7 +401,7 @@ def _train(workdir, *args, driver=None, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(90)
 def test_interrupt_resume_and_corrupt_checkpoint_keep_a_true_record(tmp_path):
   workdir = tmp_path / "run"
   run_dir = str(workdir / "prsl")
@@ -585,3 +585,21 @@ def test_ctrl_c_inside_asyncio_run_is_not_lost(tmp_path):
                         text=True, timeout=120)
   assert proc.returncode == 130, (proc.stdout, proc.stderr[-2000:])
   assert _lines(proc.stderr) == ["interrupted"] and "finished anyway" not in proc.stdout
+
+
+def test_cli_processes_run_as_an_install_without_torch(tmp_path):
+  # requirements.txt has no torch: the CLI tests' processes hide it
+  # (tests/processes.py), and transformers' "PyTorch was not found" advisory
+  # stays off the CLIs' stderr (prsl_jax.cli.quiet_logs), so a user error is one line.
+  code = ("import importlib.util, transformers; "
+          "print('TORCH', importlib.util.find_spec('torch'), "
+          "transformers.utils.is_torch_available())")
+  proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                        text=True, timeout=120)
+  assert "TORCH None False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+  assert "PyTorch was not found" in proc.stderr  # what a user would see without the fix
+  # A config error found after the model's config.json is read (transformers imported).
+  proc = subprocess.run([sys.executable, TRAIN, f"--workdir={tmp_path / 'run'}",
+                         "--config.loss.end=10"], env=_env(), capture_output=True, text=True,
+                        timeout=120, cwd=str(tmp_path))
+  _assert_one_line_error("no torch", proc.returncode, proc.stderr, 2, "C-1 = 9")

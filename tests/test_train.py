@@ -18,6 +18,7 @@ from prsl_jax import checkpoints
 from prsl_jax import sharding
 from prsl_jax import trainer
 from prsl_jax import training
+from tests import processes
 from tests import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,8 +41,7 @@ def _flags(overrides):
 
 
 def _worker(workdir, out, *args, devices=1, check=True, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = processes.env(devices)
   proc = subprocess.run([sys.executable, *WORKER, f"--workdir={workdir}", f"--out={out}", *args],
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
@@ -63,6 +63,7 @@ def reference(tmp_path_factory):
   return workdir, _run_in_process(workdir)
 
 
+@pytest.mark.heavy(15, alone=False)
 def test_same_seed_is_bit_identical_and_training_moves_params(reference, tmp_path):
   workdir, params = reference
   again = _run_in_process(str(tmp_path))
@@ -85,7 +86,7 @@ def test_same_seed_is_bit_identical_and_training_moves_params(reference, tmp_pat
   assert any(not np.array_equal(other[k], params[k]) for k in params)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(10, alone=False)
 def test_a_second_seed_reuses_the_compiled_step(reference, tmp_path):
   from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
   config = small_config.get_config()
@@ -101,6 +102,7 @@ def test_a_second_seed_reuses_the_compiled_step(reference, tmp_path):
   assert t.compiles == 0, t.as_dict()
 
 
+@pytest.mark.heavy(40, alone=False)
 def test_eight_devices_match_one(reference, tmp_path):
   _, params = reference
   out = str(tmp_path / "p.npz")
@@ -109,7 +111,7 @@ def test_eight_devices_match_one(reference, tmp_path):
   _assert_close(dict(np.load(out)), params, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(65)
 def test_adversarial_eight_devices_match_one(tmp_path):
   # Random starts use per-example keys (fold_in of the global row), so the attack
   # draws the same noise however the batch is split. Measured: 7e-6 apart after 2
@@ -120,7 +122,7 @@ def test_adversarial_eight_devices_match_one(tmp_path):
   _assert_close(dict(np.load(tmp_path / "p8.npz")), one, rtol=0, atol=5e-5)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(60)
 def test_contrastive_eight_devices_match_one(tmp_path):
   # The negatives are gathered from all devices: the loss must not depend on the split.
   args = {"objective": "contrastive", "total_steps": 3, "loss.end": 4}
@@ -129,13 +131,12 @@ def test_contrastive_eight_devices_match_one(tmp_path):
   _assert_close(dict(np.load(tmp_path / "p8.npz")), one, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(50, alone=False)
 def test_two_processes_match_one(reference, tmp_path):
   import portpicker  # pylint: disable=g-import-not-at-top
   _, params = reference
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
+  env = processes.env()
   procs = [subprocess.Popen(
       [sys.executable, *WORKER, f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'p.npz'}",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
@@ -148,7 +149,7 @@ def test_two_processes_match_one(reference, tmp_path):
   _assert_close(dict(np.load(tmp_path / "p.npz")), params, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(50, alone=False)
 def test_killed_run_resumes_to_the_same_params(reference, tmp_path):
   _, params = reference
   workdir, out = str(tmp_path / "w"), str(tmp_path / "p.npz")
@@ -242,7 +243,7 @@ def test_unknown_config_key_stops_train_py_before_compute(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy(135)
 def test_train_py_end_to_end_prints_table_and_exports(tmp_path):
   # Two losses from one start: also guards against donating the caller's params.
   proc = subprocess.run(
@@ -250,7 +251,7 @@ def test_train_py_end_to_end_prints_table_and_exports(tmp_path):
        "--config.total_steps=3", "--config.batch_size=16", "--config.checkpoint_every=3",
        "--config.eval.num_examples=32", "--config.eval.batch_size=16", "--config.eval.steps=2"],
       capture_output=True, text=True, timeout=900,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      env=processes.env(as_shipped=True))  # the README's main job, as users run it
   assert proc.returncode == 0, proc.stderr[-5000:]
   out = proc.stdout
   for row in ("start", "prsl fine-tuned", "ce fine-tuned"):
