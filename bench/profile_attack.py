@@ -82,10 +82,19 @@ _FUSION_KIND = re.compile(r"kind=(\w+)")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
+# Ops that only move or reinterpret data: a fusion made of these alone is a layout
+# change; one that also computes (e.g. a softmax backward written transposed) is not.
+_DATA_MOVEMENT = {"parameter", "bitcast", "copy", "transpose", "reshape", "broadcast", "slice",
+                  "concatenate", "dynamic-slice", "dynamic-update-slice", "pad", "constant",
+                  "tuple", "get-tuple-element"}
+
+
 def op_kinds(hlo_text):
   """{op name: kind} from optimized HLO: the opcode, and for fusions the opcode of
-  the fused computation's root (a 'dot' fusion is a matmul with its epilogue)."""
+  the fused computation's root (a 'dot' fusion is a matmul with its epilogue);
+  'fusion(layout)' for a fusion that only moves data."""
   roots, kinds, fusions = {}, {}, {}
+  opcodes = collections.defaultdict(set)  # computation -> opcodes inside it
   computation = None
   for line in hlo_text.splitlines():
     if line and not line.startswith(" ") and "{" in line:
@@ -97,6 +106,8 @@ def op_kinds(hlo_text):
       continue
     name, opcode = m.groups()
     kinds[name] = opcode
+    if computation:
+      opcodes[computation].add(opcode)
     if "ROOT" in line and computation:
       roots[computation] = opcode
     if opcode == "fusion":
@@ -105,7 +116,10 @@ def op_kinds(hlo_text):
       fusions[name] = (c.group(1) if c else None, k.group(1) if k else "")
   for name, (called, kind) in fusions.items():
     root = roots.get(called, "?")
-    kinds[name] = f"fusion({root})" if kind != "kOutput" else f"fusion({root}, output)"
+    if called in opcodes and opcodes[called] <= _DATA_MOVEMENT:
+      kinds[name] = "fusion(layout)"
+    else:
+      kinds[name] = f"fusion({root})" if kind != "kOutput" else f"fusion({root}, output)"
   return kinds
 
 
@@ -128,8 +142,8 @@ def category(kind):
     return "matmul (dot)"
   if "convolution" in kind:
     return "convolution"
-  if any(k in kind for k in ("transpose", "copy", "bitcast")):
-    return "layout (transpose/copy)"
+  if kind == "fusion(layout)" or kind in ("transpose", "copy"):
+    return "layout (transpose/copy only)"
   if "reduce" in kind:
     return "reduction"
   if kind.startswith("fusion"):
