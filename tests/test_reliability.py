@@ -590,7 +590,8 @@ def test_ctrl_c_inside_asyncio_run_is_not_lost(tmp_path):
 def test_cli_processes_run_as_an_install_without_torch(tmp_path):
   # requirements.txt has no torch: the CLI tests' processes hide it
   # (tests/processes.py), and transformers' "PyTorch was not found" advisory
-  # stays off the CLIs' stderr (prsl_jax.cli.quiet_logs), so a user error is one line.
+  # stays off the CLIs' stderr (prsl_jax.cli.quiet_transformers), so a user error is
+  # one line.
   code = ("import importlib.util, transformers; "
           "print('TORCH', importlib.util.find_spec('torch'), "
           "transformers.utils.is_torch_available())")
@@ -603,3 +604,4 @@ def test_cli_processes_run_as_an_install_without_torch(tmp_path):
                          "--config.loss.end=10"], env=_env(), capture_output=True, text=True,
                         timeout=120, cwd=str(tmp_path))
   _assert_one_line_error("no torch", proc.returncode, proc.stderr, 2, "C-1 = 9")
+  assert not (tmp_path / "run").exists()  # before any compute, nothing written
