@@ -82,13 +82,16 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: 'auto' (TPU pods, 
                     "host:port; every host runs the same command, process 0 writes.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.DEFINE_integer("cpu_devices", None, "On the CPU: split each attack batch over this "
+                     "many host devices, one per core (default: as many cores as divide "
+                     "--batch_size; 1: one device). No effect on GPUs and TPUs.")
 
 FLAGS = flags.FLAGS
 FIELDS = ("checkpoint", "dataset", "split", "data_dir", "eps", "suite", "norm",
           "num_examples", "seed", "outdir", "templates", "batch_size", "steps",
           "square_queries", "num_targets", "allow_pickle", "overwrite", "max_length",
           "target_caption")
-_DASHABLE = FIELDS + ("coordinator_address", "num_processes", "process_id")
+_DASHABLE = FIELDS + ("coordinator_address", "num_processes", "process_id", "cpu_devices")
 
 
 def undash(argv):
@@ -124,14 +127,27 @@ def settings():
   return out
 
 
+def cpu_devices(batch_size):
+  """--cpu_devices, or the automatic count for this batch size (bad sizes: 1;
+  the preflight names them)."""
+  from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
+  if FLAGS.cpu_devices is not None:
+    if FLAGS.cpu_devices < 1:
+      raise ValueError(f"--cpu_devices={FLAGS.cpu_devices} must be >= 1")
+    return FLAGS.cpu_devices
+  if isinstance(batch_size, int) and not isinstance(batch_size, bool):
+    return compilation.auto_cpu_devices(batch_size)
+  return 1
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_logs()
-  cli.setup_compilation_cache()
+  s = settings()
+  cli.setup_compilation_cache(cpu_devices=cpu_devices(s["batch_size"]))
   from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
   from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
-  s = settings()
   evaluator.preflight(s)  # everything that can be checked without compute, first
   # Before anything touches a JAX backend (loading a checkpoint does).
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,

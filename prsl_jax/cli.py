@@ -41,11 +41,14 @@ COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "~/.cache/prsl_jax/jax).")
 
 
-def setup_compilation_cache():
+def setup_compilation_cache(cpu_devices=None):
   """The XLA:CPU settings and the persistent compilation cache (unless
-  --nocompilation_cache); call before anything runs on a device."""
+  --nocompilation_cache); call before anything runs on a device.
+
+  cpu_devices: host devices for the CPU backend (compilation.set_cpu_flags).
+  """
   from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
-  compilation.set_cpu_flags()
+  compilation.set_cpu_flags(cpu_devices=cpu_devices)
   if COMPILATION_CACHE.value:
     return compilation.enable_cache(COMPILATION_CACHE_DIR.value)
   compilation.disable_cache()

@@ -2,6 +2,7 @@
 and the XLA:CPU settings the CLIs use.
 
     compilation.set_cpu_flags()       # before JAX starts its backend (the CLIs do)
+    compilation.set_cpu_flags(cpu_devices=compilation.auto_cpu_devices(64))  # evaluate.py
     compilation.enable_cache()        # the CLIs do this (--nocompilation_cache: off)
     with compilation.Timer() as t:
       ...
@@ -34,15 +35,52 @@ _HITS = "/jax/compilation_cache/cache_hits"
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-eltwise,-reduce",)
 
 
-def set_cpu_flags(flags=CPU_XLA_FLAGS) -> bool:
+# Evaluation on the CPU splits each attack batch over this many host devices
+# (one per core), each running its shard on its own thread. Measured on 2 cores
+# (bench/RESULTS.md, "Issue 14, 2026-12-02 (second session)"): the tiny CLIP's
+# input gradient at batch 32 takes 52 ms on one device, whose intra-op threads
+# barely use the second core, and 33 ms split over two; evaluate.py's standard
+# suite goes from 273 to 184 s. Each device gets at least this many rows.
+MIN_ROWS_PER_CPU_DEVICE = 4
+_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def usable_cores() -> int:
+  """CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def auto_cpu_devices(batch_size, cores=None) -> int:
+  """The host-device count for evaluating batches of `batch_size` rows on the CPU.
+
+  The largest count <= the usable cores that divides batch_size and leaves each
+  device at least MIN_ROWS_PER_CPU_DEVICE rows; 1 when none does.
+  """
+  cores = usable_cores() if cores is None else cores
+  for n in range(min(cores, batch_size // MIN_ROWS_PER_CPU_DEVICE), 1, -1):
+    if batch_size % n == 0:
+      return n
+  return 1
+
+
+def set_cpu_flags(flags=CPU_XLA_FLAGS, cpu_devices=None) -> bool:
   """Adds `flags` to $XLA_FLAGS unless the user set them; only before JAX's backend starts.
 
+  cpu_devices: if > 1, the CPU backend shows that many devices (XLA's
+  --xla_force_host_platform_device_count), unless $XLA_FLAGS sets the count.
+  It changes nothing on GPU or TPU hosts, whose devices are the accelerators.
+
   Returns whether they apply: False once a backend is running (XLA reads the
-  variable when it starts), or when $XLA_FLAGS already names the option.
+  variable when it starts), or when $XLA_FLAGS already names the options.
   """
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if xla_bridge.backends_are_initialized():
     return False
+  if cpu_devices is not None and cpu_devices > 1:
+    flags = tuple(flags) + (f"{_DEVICE_COUNT}={int(cpu_devices)}",)
   current = os.environ.get("XLA_FLAGS", "")
   add = [f for f in flags if f.split("=", 1)[0] not in current]
   if add:

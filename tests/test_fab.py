@@ -126,6 +126,39 @@ def test_projection_is_the_box_constrained_minimum(norm):
   assert 5 <= feasible < rows   # both cases exercised
 
 
+def _kinks_by_sorting(q, r, c):
+  """Reference for fab._solve_kinks: h at every sorted kink, then the linear piece."""
+  order = np.argsort(r, kind="stable")
+  rs, qs = r[order], q[order]
+  for k in range(len(rs)):  # h(r_k): kinks before k saturated, the rest at r_k
+    if rs[:k] @ qs[:k] + rs[k] * qs[k:].sum() >= c:
+      lam = (c - rs[:k] @ qs[:k]) / qs[k:].sum()
+      return float(np.clip(lam, rs[k - 1] if k else 0.0, rs[k]))
+  return float(rs[-1])
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "geometric"])
+def test_newton_kink_solver_equals_sorting_the_kinks(spacing):
+  # Geometric kinks with decaying weights make Newton pass one kink per step,
+  # the worst case for its step count; ties, zero weights and c beyond h(inf)
+  # (the hyperplane misses the box) are in every batch.
+  rng = np.random.default_rng(1)
+  rows, n = 40, 60
+  r = (rng.uniform(size=(rows, n)) if spacing == "uniform"
+       else np.broadcast_to(2.0 ** -np.arange(n)[::-1] * rng.uniform(0.5, 1, (rows, 1)),
+                            (rows, n)).copy())
+  q = rng.uniform(size=(rows, n)) if spacing == "uniform" else 2.0 ** -np.arange(n) * np.ones((rows, 1))
+  r[:, :5] = r[:, 5:10]                   # ties
+  q[:, 10:15] = 0.0                       # coordinates the margin ignores
+  h_inf = (q * r).sum(axis=1)
+  c = h_inf * rng.uniform(0, 1.2, rows)   # above h(inf) in about 1 row in 6
+  c[0] = 0.0
+  got = np.asarray(fab._solve_kinks(*(jnp.asarray(a, jnp.float32) for a in (q, r, c))))
+  for i in range(rows):
+    want = _kinks_by_sorting(q[i], r[i], c[i])
+    assert abs(got[i] - want) <= 1e-4 * max(want, 1e-3), (i, got[i], want)  # float32
+
+
 # ---------------------------------------------------------------------------
 # Exactness on linear models.
 # ---------------------------------------------------------------------------

@@ -35,28 +35,41 @@ def _solve_kinks(q, r, c):
   """Smallest lam >= 0 with h(lam) = sum_i q_i min(lam, r_i) = c, per row.
 
   q, r: (..., n) >= 0; c: (...) >= 0. h is concave, nondecreasing and piecewise
-  linear with kinks at the r_i. Sorting the kinks gives h at every kink by
-  cumulative sums (static shapes, no search loop); the first kink where h >= c
-  fixes the linear piece that holds the solution, solved in closed form there.
-  Where even h(inf) = sum q r < c, returns max r (every coordinate at its cap).
+  linear with kinks at the r_i. Newton's method from lam = 0 stays left of the
+  solution (a tangent of a concave h lies above it) and passes at least one
+  kink per step, so it reaches the exact piece in finitely many steps:
+  lam <- (c - sum_{r_i <= lam} q_i r_i) / sum_{r_i > lam} q_i, capped at max r.
+  It stops when a step passes no new kink, at the latest after n + 1 steps: on
+  the solution's piece, where it equals the closed form that sorting the kinks
+  gives (AutoAttack's projections sort; equal up to float rounding). On FAB's
+  projections of 3072 coordinates a few steps suffice, about 25 times faster
+  than the sort (bench/RESULTS.md, issue 14). Where even h(inf) = sum q r < c,
+  returns max r (every coordinate at its cap).
   """
   n = r.shape[-1]
-  rs, qs = jax.lax.sort((r, q), dimension=r.ndim - 1, num_keys=1)
-  zero = jnp.zeros_like(rs[..., :1])
-  qr_before = jnp.concatenate([zero, jnp.cumsum(qs * rs, axis=-1)], axis=-1)  # sum_{j<k} q r
-  q_before = jnp.concatenate([zero, jnp.cumsum(qs, axis=-1)], axis=-1)        # sum_{j<k} q
-  q_total = q_before[..., -1:]
-  # h at kink k: the kinks up to k are saturated, the rest still grow with lam.
-  h = qr_before[..., 1:] + rs * (q_total - q_before[..., 1:])
-  m = jnp.sum(h < c[..., None], axis=-1, keepdims=True)  # solution in (r_(m-1), r_(m)]
-  take = lambda a, i: jnp.take_along_axis(a, i, axis=-1)[..., 0]
-  slope = jnp.maximum(take(q_total - q_before, m), core.TINY)
-  lam = (c - take(qr_before, m)) / slope
-  # Clipping to the piece guards float rounding; for m == n (the hyperplane
-  # misses the box) slope ~ 0 sends lam up, clipped to max r: saturate all.
-  lo = jnp.where(m[..., 0] > 0, take(rs, jnp.maximum(m - 1, 0)), 0.0)
-  hi = take(rs, jnp.minimum(m, n - 1))
-  return jnp.clip(lam, lo, hi)
+  r_max = jnp.max(r, axis=-1)
+
+  def kinks_below(lam):
+    return r <= lam[..., None]
+
+  def cond(s):
+    i, _, done = s
+    return (i <= n) & ~jnp.all(done)
+
+  def body(s):
+    i, lam, done = s
+    below = kinks_below(lam)
+    h = jnp.sum(jnp.where(below, q * r, q * lam[..., None]), axis=-1)
+    slope = jnp.sum(jnp.where(below, 0.0, q), axis=-1)
+    # No floor on the slope but zero: with L2's q = w^2 it can be 1e-14 and above.
+    step = jnp.maximum(c - h, 0.0) / jnp.where(slope > 0, slope, 1.0)
+    new = jnp.where(slope > 0, jnp.minimum(lam + step, r_max), r_max)
+    passed = jnp.sum(kinks_below(new), axis=-1) != jnp.sum(below, axis=-1)
+    return i + 1, jnp.where(done, lam, new), done | ~passed
+
+  zero = jnp.zeros_like(c)
+  _, lam, _ = jax.lax.while_loop(cond, body, (0, zero, zero > 0))
+  return lam
 
 
 def _project_hyperplane(t, w, c, norm):
