@@ -376,18 +376,44 @@ class _Batch:
   rows: np.ndarray  # positions in `indices` of each row (padding repeats the last)
 
 
-def _batches(source, indices, positions, batch_size, mesh):
-  """Fixed-size batches over source[indices[positions]], placed on the mesh."""
-  ids = np.asarray(indices)[positions]
-  for start, batch in zip(range(0, len(ids), batch_size),
-                          data_lib.eval_batches(source, ids, batch_size)):
-    pos = positions[start:start + batch_size]
-    rows = np.concatenate([pos, np.repeat(pos[-1:], batch_size - len(pos))])
-    host = {"image": batch["image"], "label": batch["label"],
-            "id": np.asarray(indices)[rows].astype(np.int32), "mask": batch["mask"]}
-    dev = sharding.put_eval_batch(host, mesh)
-    yield _Batch(dev["image"], dev["label"], dev["id"], dev["mask"], batch["label"],
-                 batch["mask"], rows)
+def bucket_sizes(batch_size, num_devices=1, buckets=2):
+  """The batch shapes an attack runs at: batch_size, then its halves.
+
+  At most `buckets` sizes, each divisible by the device count. The points still
+  robust fill batches of batch_size, and the rest the smallest size that holds
+  it, so a stage of the cascade pads fewer rows (padding rows cost as much as
+  real ones). Each size is one compiled program per attack, compiled by the
+  eps = 0 check, so the count never depends on the budgets.
+  """
+  sizes = [batch_size]
+  while (len(sizes) < buckets and sizes[-1] % 2 == 0
+         and (sizes[-1] // 2) % num_devices == 0):
+    sizes.append(sizes[-1] // 2)
+  return sizes
+
+
+def _batches(source, indices, positions, batch_size, mesh, sizes=None):
+  """Batches over source[indices[positions]], placed on the mesh.
+
+  Full batches of batch_size, then the remainder padded to the smallest of
+  `sizes` (default: batch_size) that holds it.
+  """
+  sizes = sorted(sizes or [batch_size])
+  full = len(positions) // batch_size * batch_size
+  chunks = [(positions[:full], batch_size)] if full else []
+  if len(positions) > full:
+    rest = positions[full:]
+    chunks.append((rest, min(s for s in sizes if s >= len(rest))))
+  for chunk, size in chunks:
+    ids = np.asarray(indices)[chunk]
+    for start, batch in zip(range(0, len(ids), size), data_lib.eval_batches(source, ids, size)):
+      pos = chunk[start:start + size]
+      rows = np.concatenate([pos, np.repeat(pos[-1:], size - len(pos))])
+      host = {"image": batch["image"], "label": batch["label"],
+              "id": np.asarray(indices)[rows].astype(np.int32), "mask": batch["mask"]}
+      dev = sharding.put_eval_batch(host, mesh)
+      yield _Batch(dev["image"], dev["label"], dev["id"], dev["mask"], batch["label"],
+                   batch["mask"], rows)
 
 
 def _warn(checks, message, category=SoundnessWarning):
@@ -474,6 +500,7 @@ class Result:
   norm: str
   seed: int
   batch_size: int
+  batch_sizes: list  # the attacks' batch shapes (bucket_sizes)
   num_devices: int
   clean_accuracy: float
   suites: dict      # suite name -> [attack settings (dict)]
@@ -549,26 +576,32 @@ def soundness_checks(model_fn, variables, clean, checks, *, mesh=None):
           "gradients), so their robust accuracy is an overestimate")
 
 
-def eps0_check(model_fn, variables, clean, attack_list, checks, *, seed, norm, mesh=None):
+def eps0_check(model_fn, variables, source, indices, clean, attack_list, checks, *, seed,
+               norm, sizes, mesh=None):
   """Every attack at eps = 0 must return the clean images and predictions.
 
   Runs the cascade's own compiled programs (eps, target and iteration count are
-  traced), for EPS0_ITERATIONS iterations on the first batch.
+  traced) at every batch size of the cascade (`sizes`, bucket_sizes), for
+  EPS0_ITERATIONS iterations on the first examples.
   """
-  b = clean.first_batch
-  valid0 = b.host_valid
-  numel = int(np.prod(b.images.shape[1:]))
+  n = len(indices)
+  numel = int(np.prod(clean.first_batch.images.shape[1:]))
   for attack in attack_list:
     if attack.name in checks.eps0:
       continue  # the same attack in another suite
-    logits, dist, in_range = jax.device_get(_attack_batch(
-        variables, b.images, b.labels, b.ids, b.valid, attack_key(seed, 0.0, attack.name),
-        jnp.float32(0.0), jnp.int32(0), jnp.int32(EPS0_ITERATIONS), model_fn=model_fn,
-        attack=attack, norm=norm, mesh=mesh))
-    agree = float(np.mean((np.argmax(logits, -1) == clean.pred[b.rows])[valid0]))
-    checks.eps0[attack.name] = {"max_distance": float(np.max(dist[valid0])),
-                                "prediction_agreement": agree,
-                                "in_range": bool(in_range[valid0].all())}
+    dist_max, agree, in_range_all = 0.0, 1.0, True
+    for size in sizes:
+      b = next(_batches(source, indices, np.arange(min(size, n)), size, mesh))
+      valid = b.host_valid
+      logits, dist, in_range = jax.device_get(_attack_batch(
+          variables, b.images, b.labels, b.ids, b.valid, attack_key(seed, 0.0, attack.name),
+          jnp.float32(0.0), jnp.int32(0), jnp.int32(EPS0_ITERATIONS), model_fn=model_fn,
+          attack=attack, norm=norm, mesh=mesh))
+      dist_max = max(dist_max, float(np.max(dist[valid])))
+      agree = min(agree, float(np.mean((np.argmax(logits, -1) == clean.pred[b.rows])[valid])))
+      in_range_all &= bool(in_range[valid].all())
+    checks.eps0[attack.name] = {"max_distance": dist_max, "prediction_agreement": agree,
+                                "in_range": in_range_all}
   checks.eps0_ok = all(v["max_distance"] <= _ball_tol(0.0, norm, numel)
                        and v["prediction_agreement"] == 1.0 and v["in_range"]
                        for v in checks.eps0.values())
@@ -578,8 +611,12 @@ def eps0_check(model_fn, variables, clean, attack_list, checks, *, seed, norm, m
 
 
 def cascade(model_fn, variables, source, indices, clean, attack_list, eps, checks, *,
-            seed, norm, batch_size, mesh=None, masking_tol=MASKING_TOL, bar=None):
-  """One suite at one budget: each attack on the points every earlier one failed on."""
+            seed, norm, batch_size, sizes=None, mesh=None, masking_tol=MASKING_TOL,
+            bar=None):
+  """One suite at one budget: each attack on the points every earlier one failed on.
+
+  sizes: the batch sizes (bucket_sizes; default batch_size alone).
+  """
   t0 = time.time()
   n = len(indices)
   numel = None
@@ -600,7 +637,7 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
         what = f" target {target + 1}" if attack.name in TARGETED else ""
         bar.reset(total=-(-len(positions) // batch_size),
                   desc=f"eps={format_eps(eps)} {attack.name}{what}")
-      for b in _batches(source, indices, positions, batch_size, mesh):
+      for b in _batches(source, indices, positions, batch_size, mesh, sizes):
         numel = numel or int(np.prod(b.images.shape[1:]))
         logits, dist, in_range = jax.device_get(_attack_batch(
             variables, b.images, b.labels, b.ids, b.valid, key, jnp.float32(eps),
@@ -639,7 +676,7 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
 
 
 def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
-             suites=None, norm="linf", seed=0, batch_size=64, mesh=None,
+             suites=None, norm="linf", seed=0, batch_size=64, buckets=2, mesh=None,
              masking_tol=MASKING_TOL, progress_bar=True) -> Result:
   """Clean and robust accuracy of a classifier under attack cascades.
 
@@ -654,8 +691,12 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
       tuple of Attack; default {"standard": make_suite("standard", norm)}.
     norm: 'linf' or 'l2'.
     seed: PRNG seed of the attacks (see the module docstring).
-    batch_size: rows per attack call, fixed (the last batch is padded) so each
-      attack compiles once; must divide by the number of devices of `mesh`.
+    batch_size: rows per attack call; must divide by the number of devices of
+      `mesh`. The last batch of each stage is padded to the smallest of
+      `buckets` sizes (batch_size and its halves, bucket_sizes) that holds it.
+    buckets: how many batch sizes each attack is compiled for (>= 1; 1: every
+      batch padded to batch_size). All are compiled, and checked, by the eps = 0
+      check, so the compilations never depend on the budgets.
     mesh: jax.sharding.Mesh with axis 'data', or None for one device.
     masking_tol: fraction of points a black-box attack may break, after the
       white-box ones failed on them, before the masking flag is raised.
@@ -678,6 +719,7 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
   if indices.ndim != 1 or not len(indices):
     raise ValueError(f"indices must be a non-empty 1-D array, got shape {indices.shape}")
   batch_size = losses.check_int("batch_size", batch_size, minimum=1)
+  buckets = losses.check_int("buckets", buckets, minimum=1)
   num_devices = 1
   if mesh is not None:
     if DATA not in mesh.axis_names:
@@ -690,6 +732,7 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
     variables = sharding.replicate(variables, mesh, copy=False)
   n = len(indices)
   checks = Checks()
+  sizes = bucket_sizes(batch_size, num_devices, buckets)
 
   bar = progress.bar(total=-(-n // batch_size), desc="clean", enabled=progress_bar)
   with compilation.Timer() as timer:
@@ -700,15 +743,15 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
     every_attack = [a for suite in suites.values() for a in suite]
     # eps = 0 runs the cascade's own compiled attacks (eps is traced): after it,
     # the cascades below compile nothing, whatever the number of budgets.
-    eps0_check(model_fn, variables, clean, every_attack, checks, seed=seed, norm=norm,
-               mesh=mesh)
+    eps0_check(model_fn, variables, source, indices, clean, every_attack, checks, seed=seed,
+               norm=norm, sizes=sizes, mesh=mesh)
     before_attacks = timer.seconds
     t_attacks = time.time()
     robust = {}
     for name, suite in suites.items():
       robust[name] = [cascade(model_fn, variables, source, indices, clean, suite, eps,
                               checks, seed=seed, norm=norm, batch_size=batch_size,
-                              mesh=mesh, masking_tol=masking_tol, bar=bar)
+                              sizes=sizes, mesh=mesh, masking_tol=masking_tol, bar=bar)
                       for eps in eps_list]
   bar.close()
   timing = dict(timer.as_dict(), clean_and_checks_seconds=t_attacks - t_clean,
@@ -717,7 +760,8 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
   checks.gradient_masking = any(r.gradient_masking for rs in robust.values() for r in rs)
   return Result(
       num_examples=n, indices=indices.tolist(), norm=norm, seed=seed,
-      batch_size=batch_size, num_devices=num_devices, clean_accuracy=clean.accuracy,
+      batch_size=batch_size, batch_sizes=sizes, num_devices=num_devices,
+      clean_accuracy=clean.accuracy,
       suites={name: [dataclasses.asdict(a) for a in suite] for name, suite in suites.items()},
       robust=robust, checks=checks, seconds=time.time() - t0, timing=timing)
 

@@ -412,9 +412,36 @@ def test_compilations_do_not_grow_with_budgets_and_eps0_reuses_the_attacks(lin):
       r = evaluation.evaluate(_fresh_linear(), params, source, idx, eps_list=eps_list, **kw)
     counts.append(timer.compiles)
     assert r.timing["compiles"] == timer.compiles and r.timing["attack_seconds"] > 0
-  # One program each: the clean pass, the determinism check and the two attacks;
-  # the eps=0 check and every budget run the attacks' own programs.
-  assert counts == [4, 4], counts
+  # One program each for the clean pass and the determinism check, and one per
+  # attack and batch size (16 and 8); the eps=0 check compiles every size, so the
+  # budgets, whatever points they leave, compile nothing more.
+  assert r.batch_sizes == [16, 8]
+  assert counts == [6, 6], counts
+  with compilation.Timer() as timer:
+    one = evaluation.evaluate(_fresh_linear(), params, source, idx, eps_list=[1 / 255],
+                              buckets=1, **kw)
+  assert one.batch_sizes == [16] and timer.compiles == 4, timer.as_dict()
+
+
+def test_smaller_batches_for_the_last_points_change_no_outcome(lin):
+  # Per-example keys: a point's attack does not depend on the batch it sits in,
+  # so padding the remainder to 8 rows instead of 16 changes no outcome.
+  params, source, idx = lin
+  kw = dict(suites={"s": evaluation.make_suite(["apgd-ce", "apgd-t", "square"], steps=3,
+                                               queries=6)},
+            batch_size=16, progress_bar=False, eps_list=[2 / 255, 8 / 255])
+  rs = [evaluation.evaluate(linear, params, source, idx, buckets=k, **kw) for k in (1, 3)]
+  assert rs[1].batch_sizes == [16, 8, 4]
+  for a, b in zip(rs[0].robust["s"], rs[1].robust["s"]):
+    assert a.broken_by == b.broken_by and a.robust_accuracy == b.robust_accuracy
+  assert 0 < rs[0].robust["s"][0].robust_accuracy < rs[0].clean_accuracy  # a real cascade
+
+
+def test_bucket_sizes_halve_while_the_devices_divide_them():
+  assert evaluation.bucket_sizes(64, 1, 3) == [64, 32, 16]
+  assert evaluation.bucket_sizes(64, 8, 5) == [64, 32, 16, 8]
+  assert evaluation.bucket_sizes(12, 2, 4) == [12, 6]
+  assert evaluation.bucket_sizes(16, 1, 1) == [16]
 
 
 _CACHE_RUN = textwrap.dedent("""
