@@ -376,10 +376,16 @@ class _Batch:
   rows: np.ndarray  # positions in `indices` of each row (padding repeats the last)
 
 
+# No batch shape gives a device fewer rows than this (halving a batch below it
+# saves less run time than its compilation costs on the models we measured).
+MIN_BUCKET_ROWS_PER_DEVICE = 8
+
+
 def bucket_sizes(batch_size, num_devices=1, buckets=2):
   """The batch shapes an attack runs at: batch_size, then its halves.
 
-  At most `buckets` sizes, each divisible by the device count. The points still
+  At most `buckets` sizes, each divisible by the device count with at least
+  MIN_BUCKET_ROWS_PER_DEVICE rows per device (or batch_size alone). The points still
   robust fill batches of batch_size, and the rest the smallest size that holds
   it, so a stage of the cascade pads fewer rows (padding rows cost as much as
   real ones). Each size is one compiled program per attack, compiled by the
@@ -387,7 +393,8 @@ def bucket_sizes(batch_size, num_devices=1, buckets=2):
   """
   sizes = [batch_size]
   while (len(sizes) < buckets and sizes[-1] % 2 == 0
-         and (sizes[-1] // 2) % num_devices == 0):
+         and (sizes[-1] // 2) % num_devices == 0
+         and sizes[-1] // 2 >= MIN_BUCKET_ROWS_PER_DEVICE * num_devices):
     sizes.append(sizes[-1] // 2)
   return sizes
 

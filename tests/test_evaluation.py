@@ -431,7 +431,7 @@ def test_smaller_batches_for_the_last_points_change_no_outcome(lin):
                                                queries=6)},
             batch_size=16, progress_bar=False, eps_list=[2 / 255, 8 / 255])
   rs = [evaluation.evaluate(linear, params, source, idx, buckets=k, **kw) for k in (1, 3)]
-  assert rs[1].batch_sizes == [16, 8, 4]
+  assert rs[1].batch_sizes == [16, 8]
   for a, b in zip(rs[0].robust["s"], rs[1].robust["s"]):
     assert a.broken_by == b.broken_by and a.robust_accuracy == b.robust_accuracy
   assert 0 < rs[0].robust["s"][0].robust_accuracy < rs[0].clean_accuracy  # a real cascade
@@ -439,9 +439,11 @@ def test_smaller_batches_for_the_last_points_change_no_outcome(lin):
 
 def test_bucket_sizes_halve_while_the_devices_divide_them():
   assert evaluation.bucket_sizes(64, 1, 3) == [64, 32, 16]
-  assert evaluation.bucket_sizes(64, 8, 5) == [64, 32, 16, 8]
-  assert evaluation.bucket_sizes(12, 2, 4) == [12, 6]
+  assert evaluation.bucket_sizes(64, 1, 9) == [64, 32, 16, 8]   # >= 8 rows per device
+  assert evaluation.bucket_sizes(128, 8, 5) == [128, 64]
+  assert evaluation.bucket_sizes(48, 2, 4) == [48, 24]          # 12: 6 rows per device
   assert evaluation.bucket_sizes(16, 1, 1) == [16]
+  assert evaluation.bucket_sizes(8, 1, 2) == [8]
 
 
 _CACHE_RUN = textwrap.dedent("""
