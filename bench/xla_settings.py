@@ -35,6 +35,10 @@ SETTINGS = {
                 "--xla_cpu_experimental_xnn_fusion_type=dot"),
     "concurrency_scheduler": ("--xla_cpu_experimental_ynn_fusion_type=-eltwise,-reduce "
                               "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
+    # evaluate.py's default on a 2-core CPU: the batch split over one host device
+    # per core (prsl_jax/compilation.py, auto_cpu_devices), run with shard_map.
+    "cli_2_devices": ("--xla_cpu_experimental_ynn_fusion_type=-eltwise,-reduce "
+                      "--xla_force_host_platform_device_count=2"),
 }
 
 
@@ -71,10 +75,16 @@ def worker(args):
     fn = lambda: common.torch_pgd(zs, xt, yt, eps=args.eps, steps=args.steps,
                                   random_start=False)
   else:
+    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
     classify, variables = common.classifier(clip, cls)
     def run(variables, images, labels):
       return attacks.pgd(classify.bind(variables), images, labels, key=None, eps=args.eps,
                          steps=args.steps, random_start=False)
+    if jax.device_count() > 1:  # the batch split over the devices, as evaluate.py does
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+      run = jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                          out_specs=P("data"), check_vma=False)
+      out["devices"] = jax.device_count()
     t0 = time.perf_counter()
     exe = jax.jit(run).lower(variables, x, y).compile()
     out["compile_s"] = time.perf_counter() - t0

@@ -120,6 +120,9 @@ def test_digits_two_checkpoints_one_table_one_plot(cli_runs, tiny_ckpt, tiny_cli
   from prsl_jax import data  # pylint: disable=g-import-not-at-top
   assert res["indices"] == data.eval_indices(359, 24, 1).tolist()
   assert res["class_names"] == list(data.DIGIT_NAMES)
+  # On the CPU each batch of 8 is split over one host device per core (>= 4 rows each).
+  from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
+  assert len(res["devices"]) == compilation.auto_cpu_devices(8)
 
   hf, run = res["models"][tiny_ckpt.path], res["models"][run_dir]
   assert (hf["checkpoint"]["kind"], run["checkpoint"]["kind"]) == ("hf", "workdir")

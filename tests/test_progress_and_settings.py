@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 
+from prsl_jax import compilation
 from prsl_jax import evaluation
 from prsl_jax import evaluator
 from prsl_jax import progress
@@ -81,3 +82,13 @@ def test_trainer_warns_on_budgets_far_above_the_fields_range():
   c.adversarial.enabled, c.adversarial.eps = True, 0.5
   with pytest.warns(UserWarning, match=r"config.adversarial.eps=.* is far above"):
     trainer.validate(c, num_classes=10)
+
+
+def test_cpu_devices_divide_the_batch_and_keep_rows_per_device():
+  assert compilation.auto_cpu_devices(64, cores=2) == 2
+  assert compilation.auto_cpu_devices(64, cores=8) == 8
+  assert compilation.auto_cpu_devices(60, cores=8) == 6      # the largest divisor <= cores
+  assert compilation.auto_cpu_devices(5, cores=2) == 1       # odd batch: one device
+  assert compilation.auto_cpu_devices(12, cores=16) == 3     # >= 4 rows per device
+  assert compilation.auto_cpu_devices(4, cores=2) == 1
+  assert compilation.auto_cpu_devices(0, cores=2) == 1       # the preflight names a bad size

@@ -43,7 +43,7 @@ DROP_ROOT = ["setpriv", "--inh-caps=-dac_override,-dac_read_search,-fowner",
 SMALL = ["--config.batch_size=16", "--config.total_steps=6", "--config.checkpoint_every=2",
          "--config.log_every=1", "--config.eval_every=0", "--config.compare_losses=()",
          "--config.optimizer.warmup_steps=0", "--config.eval.num_examples=16",
-         "--config.eval.batch_size=16", "--config.eval.eps=(0.00392156862745098,)",
+         "--config.eval.batch_size=8", "--config.eval.eps=(0.00392156862745098,)",
          "--config.eval.suites=('fgsm',)"]
 
 

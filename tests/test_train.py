@@ -249,7 +249,7 @@ def test_train_py_end_to_end_prints_table_and_exports(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}",
        "--config.total_steps=3", "--config.batch_size=16", "--config.checkpoint_every=3",
-       "--config.eval.num_examples=32", "--config.eval.batch_size=16", "--config.eval.steps=2"],
+       "--config.eval.num_examples=32", "--config.eval.batch_size=8", "--config.eval.steps=2"],
       capture_output=True, text=True, timeout=900,
       env=processes.env(as_shipped=True))  # the README's main job, as users run it
   assert proc.returncode == 0, proc.stderr[-5000:]
