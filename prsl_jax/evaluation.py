@@ -23,7 +23,8 @@ Compilation. The model under attack is a value-hashable callable of
 functions below take it, the attack's settings and the mesh as static
 arguments and everything else (variables, images, eps, keys) as arrays. So every
 checkpoint of one architecture, every budget (eps is traced) and the eps = 0
-check share one compilation per attack, and no cache keeps params alive.
+check share one compilation per attack and batch size (`bucket_sizes`: the
+batch size and its half), and no cache keeps params alive.
 
 Reproducibility: the PRNG key of example i under attack a at budget eps is
 fold_in(fold_in(fold_in(key(seed), bits(eps)), crc32(a)), i), with i the

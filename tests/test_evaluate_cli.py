@@ -120,9 +120,6 @@ def test_digits_two_checkpoints_one_table_one_plot(cli_runs, tiny_ckpt, tiny_cli
   from prsl_jax import data  # pylint: disable=g-import-not-at-top
   assert res["indices"] == data.eval_indices(359, 24, 1).tolist()
   assert res["class_names"] == list(data.DIGIT_NAMES)
-  # On the CPU each batch of 8 is split over one host device per core (>= 4 rows each).
-  from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
-  assert len(res["devices"]) == compilation.auto_cpu_devices(8)
 
   hf, run = res["models"][tiny_ckpt.path], res["models"][run_dir]
   assert (hf["checkpoint"]["kind"], run["checkpoint"]["kind"]) == ("hf", "workdir")
@@ -163,6 +160,17 @@ def test_compilation_cache_flags(cli_runs, tmp_path):
                         text=True, timeout=120).stdout.split("DIR ", 1)[1].strip()
          for args in ([], ["--nocompilation_cache"])]
   assert out == [str(tmp_path / "default"), "None"]
+
+
+def test_cpu_devices_are_set_before_the_backend_and_the_users_count_wins():
+  # evaluate.py passes cpu_devices (auto: one per core dividing the batch); an
+  # $XLA_FLAGS that already sets the count (here the tests' 1) is left alone.
+  code = ("from absl import flags; from prsl_jax import cli; flags.FLAGS(['x']); "
+          "cli.setup_compilation_cache(cpu_devices=3); import jax; print('N', jax.device_count())")
+  counts = [subprocess.run([sys.executable, "-c", code], env=processes.env(devices), text=True,
+                           capture_output=True, timeout=120).stdout.split("N ", 1)[1].strip()
+            for devices in (None, 1)]
+  assert counts == ["3", "1"]
 
 
 def test_tfds_mock_cifar10(cli_runs):
