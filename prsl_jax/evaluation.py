@@ -444,6 +444,8 @@ class EpsResult:
   robust_mask / broken_by: per example in `indices` order ('clean' if
   misclassified to begin with, None if robust). outside_ball: adversarial
   images outside the ball or [0, 1] (never counted as successes).
+  seconds_by_attack: wall seconds of each attack of the cascade (all its
+  targets and batches), compilation included where it happened there.
   """
   eps: float
   robust_accuracy: float
@@ -456,6 +458,7 @@ class EpsResult:
   gradient_masking: bool
   masking_fraction: float
   seconds: float
+  seconds_by_attack: dict = dataclasses.field(default_factory=dict)  # {attack: s}
 
 
 @dataclasses.dataclass
@@ -634,7 +637,9 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
   outside, excess = 0, -np.inf
   white_before, masked = False, 0
   num_classes = clean.first_logits.shape[-1]
+  by_attack = {}
   for attack in attack_list:
+    t_attack = time.time()
     broken[attack.name] = 0
     key = attack_key(seed, eps, attack.name)
     passes = range(min(attack.num_targets, num_classes - 1)) if attack.name in TARGETED \
@@ -666,6 +671,7 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
           bar.update()
           bar.set_postfix(robust_acc=f"{robust.sum() / n:.3f}")
     after[attack.name] = float(robust.mean())
+    by_attack[attack.name] = time.time() - t_attack
     white_before |= attack.name not in BLACK_BOX
   masking = masked / n > masking_tol
   if outside:
@@ -680,7 +686,7 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
       eps=eps, robust_accuracy=float(robust.mean()), accuracy_after=after, broken=broken,
       robust_mask=robust.tolist(), broken_by=broken_by.tolist(), outside_ball=outside,
       max_ball_excess=excess if np.isfinite(excess) else None, gradient_masking=masking,
-      masking_fraction=masked / n, seconds=time.time() - t0)
+      masking_fraction=masked / n, seconds=time.time() - t0, seconds_by_attack=by_attack)
 
 
 def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,

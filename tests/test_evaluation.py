@@ -86,7 +86,8 @@ def _mlp_params(seed=0):
 
 def _strip_times(results):
   return {**{k: v for k, v in results.items() if k not in ("seconds", "timing")},
-          "robust": [{k: v for k, v in r.items() if k != "seconds"} for r in results["robust"]]}
+          "robust": [{k: v for k, v in r.items() if k not in ("seconds", "seconds_by_attack")}
+                     for r in results["robust"]]}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,9 @@ def test_eps0_is_clean_and_robust_accuracy_falls_with_eps(lin):
     assert all((b is None) == m for b, m in zip(e["broken_by"], mask))
   assert r["checks"]["passed"], r["checks"]
   assert r["indices"] == list(range(N))
+  for e in r["robust"]:  # each attack's own time, within the cascade's
+    assert list(e["seconds_by_attack"]) == r["suite"]
+    assert 0 < sum(e["seconds_by_attack"].values()) <= e["seconds"]
 
 
 def test_more_steps_never_raise_robust_accuracy():
