@@ -37,7 +37,7 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-eltwise,-reduce",)
 
 # Evaluation on the CPU splits each attack batch over this many host devices
 # (one per core), each running its shard on its own thread. Measured on 2 cores
-# (bench/RESULTS.md, "Issue 14, 2026-12-02 (second session)"): the tiny CLIP's
+# (bench/RESULTS.md, "Issue 14, second session"): the tiny CLIP's
 # input gradient at batch 32 takes 52 ms on one device, whose intra-op threads
 # barely use the second core, and 33 ms split over two; evaluate.py's standard
 # suite goes from 273 to 184 s. Each device gets at least this many rows.

@@ -597,12 +597,15 @@ def eps0_check(model_fn, variables, source, indices, clean, attack_list, checks,
   """
   n = len(indices)
   numel = int(np.prod(clean.first_batch.images.shape[1:]))
+  # The first examples at every size: the clean pass's first batch is the full
+  # size's (sizes[0] == its batch size), so only the smaller ones are loaded.
+  probes = [clean.first_batch] + [next(_batches(source, indices, np.arange(min(size, n)),
+                                                size, mesh)) for size in sizes[1:]]
   for attack in attack_list:
     if attack.name in checks.eps0:
       continue  # the same attack in another suite
     dist_max, agree, in_range_all = 0.0, 1.0, True
-    for size in sizes:
-      b = next(_batches(source, indices, np.arange(min(size, n)), size, mesh))
+    for b in probes:
       valid = b.host_valid
       logits, dist, in_range = jax.device_get(_attack_batch(
           variables, b.images, b.labels, b.ids, b.valid, attack_key(seed, 0.0, attack.name),

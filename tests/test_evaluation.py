@@ -427,18 +427,30 @@ def test_compilations_do_not_grow_with_budgets_and_eps0_reuses_the_attacks(lin):
   assert one.batch_sizes == [16] and timer.compiles == 4, timer.as_dict()
 
 
-def test_smaller_batches_for_the_last_points_change_no_outcome(lin):
+def test_smaller_batches_for_the_last_points_change_no_outcome(monkeypatch):
   # Per-example keys: a point's attack does not depend on the batch it sits in,
-  # so padding the remainder to 8 rows instead of 16 changes no outcome.
-  params, source, idx = lin
-  kw = dict(suites={"s": evaluation.make_suite(["apgd-ce", "apgd-t", "square"], steps=3,
-                                               queries=6)},
-            batch_size=16, progress_bar=False, eps_list=[2 / 255, 8 / 255])
-  rs = [evaluation.evaluate(linear, params, source, idx, buckets=k, **kw) for k in (1, 3)]
+  # so padding the points to 8 rows instead of 16 changes no outcome. 10 points,
+  # 7 of them correct: every stage runs in the smaller batch, and breaks some.
+  params = _mlp_params()
+  source, idx = _problem(mlp, params, n=10)
+  kw = dict(suites={"s": evaluation.make_suite(["apgd-ce", "square"], steps=3, queries=6)},
+            batch_size=16, progress_bar=False, eps_list=[2 / 255, 4 / 255])
+  rows = []  # the batch size of every attack call
+  attack_batch = evaluation._attack_batch  # pylint: disable=protected-access
+  def counting(variables, x, *args, **kwargs):
+    rows.append(x.shape[0])
+    return attack_batch(variables, x, *args, **kwargs)
+  monkeypatch.setattr(evaluation, "_attack_batch", counting)
+  rs = []
+  for k in (1, 3):
+    rows.clear()
+    rs.append(evaluation.evaluate(mlp, params, source, idx, buckets=k, **kw))
+    assert set(rows) == ({16} if k == 1 else {16, 8}), rows
   assert rs[1].batch_sizes == [16, 8]
   for a, b in zip(rs[0].robust["s"], rs[1].robust["s"]):
     assert a.broken_by == b.broken_by and a.robust_accuracy == b.robust_accuracy
-  assert 0 < rs[0].robust["s"][0].robust_accuracy < rs[0].clean_accuracy  # a real cascade
+  # A real cascade: the attacks break some of the 7 points and not others.
+  assert 0 < rs[0].robust["s"][0].robust_accuracy < rs[0].clean_accuracy
 
 
 def test_bucket_sizes_halve_while_the_devices_divide_them():

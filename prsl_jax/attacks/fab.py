@@ -42,7 +42,7 @@ def _solve_kinks(q, r, c):
   It stops when a step passes no new kink, at the latest after n + 1 steps: on
   the solution's piece, where it equals the closed form that sorting the kinks
   gives (AutoAttack's projections sort; equal up to float rounding). On FAB's
-  projections of 3072 coordinates a few steps suffice, about 25 times faster
+  projections of 3072 coordinates a few steps suffice, about 30 times faster
   than the sort (bench/RESULTS.md, issue 14). Where even h(inf) = sum q r < c,
   returns max r (every coordinate at its cap).
   """
