@@ -34,8 +34,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=wrong-import-position
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET_LOAD = common.QUIET_LOAD

@@ -4,9 +4,10 @@ the ViT-B/32-shaped model and the same weights in transformers' PyTorch CLIPMode
 Every script prints ONE JSON object on stdout and appends it (one line) to
 bench/results.jsonl. Benchmarks are never run as timed tests.
 
-Run a script from the repository root, e.g. `python bench/attack_throughput.py`;
-this module puts the root on sys.path so a clean clone needs no install step
-beyond requirements.txt.
+Run a script from the repository root after the README's install
+(`pip install -r requirements.txt -e .`), e.g. `python bench/attack_throughput.py`:
+Python puts bench/ first on sys.path, so the scripts import this module as
+`common`, and prsl_jax comes from the install.
 """
 
 import datetime
@@ -15,14 +16,11 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+from prsl_jax import compilation
 
-from prsl_jax import compilation  # pylint: disable=g-import-not-at-top,wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The XLA:CPU settings train.py and evaluate.py use (prsl_jax/compilation.py),
 # set before JAX starts its backend, so the benchmarks measure what users run.

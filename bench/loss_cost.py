@@ -25,12 +25,10 @@ Prints one JSON object and appends it to bench/results.jsonl.
 
 import argparse
 import functools
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=wrong-import-position
+import common
 
 import jax  # pylint: disable=wrong-import-position,g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=wrong-import-position

@@ -35,7 +35,6 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_SETTINGS = ("jax:8:float32,jax:32:float32,jax:32:float32:remat,jax:32:bfloat16,"
                     "torch:8,torch:32")

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # name -> $XLA_FLAGS. "cli" is what train.py and evaluate.py set
 # (prsl_jax/compilation.py, CPU_XLA_FLAGS); the others change one thing.
