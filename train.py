@@ -55,7 +55,9 @@ def main(argv):
   from prsl_jax import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
-  trainer.preflight(config, workdir)  # a bad config or workdir stops before any compute
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  # A bad config, override or workdir stops before any compute.
+  trainer.preflight(config, workdir, overrides=overrides)
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
   out = trainer.run(config, workdir)

@@ -31,7 +31,8 @@ def base_config():
   # group_size 0: the global batch is one group; G: groups of G rows (averaged).
   # 'drsl': the authors' DRSL (weight, ce_weight). Ours, ablations:
   # 'topk_variance' (k, weight, renormalize), 'topk_ce' (k). 'ce': cross-entropy.
-  # k and renormalize are read by those two ablations only.
+  # k and renormalize are read by those two ablations only (train.py refuses an
+  # override of a field no loss of the run reads: trainer.check_loss_overrides).
   # weight 1e-3 is the authors' class default. On the bundled tiny CLIP and 64
   # training digits, the parameter gradient of x at weight 1 is ~5.6e4 times the
   # cross-entropy's at the start (1e4 at 16 rows, 3.3e5 at 256: x sums over the

@@ -259,16 +259,43 @@ def check_workdir(workdir):
                      f"checkpoints/); pass its parent, {os.path.dirname(path)!r}")
 
 
-def preflight(config, workdir):
+def check_loss_overrides(config, overrides):
+  """Stops an override of a config.loss field that none of the run's losses reads.
+
+  The loss fields are shared by every loss (configs/base.py); each loss reads
+  its own (losses.loss_fields). `--config.loss.k=5` on a PRSL run would change
+  nothing, so it is an error, not a silent no-op.
+
+  Args:
+    config: the run's ConfigDict.
+    overrides: the dotted keys the user set on the command line ("loss.k", ...).
+  """
+  names = loss_names(config)
+  for key in overrides:
+    if not key.startswith("loss.") or key == "loss.name":
+      continue
+    field = key[len("loss."):]
+    if any(field in losses.loss_fields(n) for n in names):
+      continue
+    takers = [n for n in sorted(losses.LOSSES) if field in losses.loss_fields(n)]
+    raise ValueError(
+        f"--config.{key} is read by none of this run's losses ({', '.join(names)}); "
+        f"{'it is an argument of ' + ', '.join(takers) if takers else 'no loss takes it'}: "
+        "set --config.loss.name or --config.compare_losses to a loss that reads it, or drop it")
+
+
+def preflight(config, workdir, overrides=()):
   """Everything about a run that can be checked before any compute.
 
-  The config (`validate`), the model folder's weight headers, the dataset's
+  The config (`validate`; `check_loss_overrides` for the command line's
+  `overrides`, dotted keys), the model folder's weight headers, the dataset's
   splits, the workdir (writable, not another tool's output),
   and, for a workdir that holds runs already, that each loss's stored config
   trains the same thing (`check_resume`), so a refused resume fails before the
   first loss trains rather than after it.
   """
   validate(config)
+  check_loss_overrides(config, overrides)
   path = os.path.expanduser(config.model.path)
   if os.path.isdir(path):  # a hub id is checked when it is fetched, in setup
     convert.check_weights(path, allow_pickle=config.model.allow_pickle)

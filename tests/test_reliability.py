@@ -187,7 +187,9 @@ def test_train_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
       "read_only_checkpoints": ([f"--workdir={readonly}"], "is not writable"),
       "changed_optimizer": ([f"--workdir={resumed}", "--config.optimizer.name=sgd"],
                             "optimizer.name: 'adamw' -> 'sgd'"),
-      "changed_k": ([f"--workdir={resumed}", "--config.loss.k=5"], "loss.k: 3 -> 5"),
+      "changed_window": ([f"--workdir={resumed}", "--config.loss.end=5"], "loss.end: 4 -> 5"),
+      "unread_loss_field": ([w, "--config.loss.k=5"],
+                            "--config.loss.k is read by none of this run's losses (prsl, ce)"),
       "comparison_loss_changed": ([f"--workdir={ce_only}"], "seed: 5 -> 0"),
   }
   before = {p: _snapshot(str(p)) for p in (evaldir, readonly, resumed, ce_only)}

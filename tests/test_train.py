@@ -225,6 +225,20 @@ def test_bad_configs_are_refused(overrides, classes, error, match):
     trainer.validate(_config(**overrides), num_classes=classes)
 
 
+def test_an_override_no_loss_of_the_run_reads_is_refused():
+  c = _config()  # prsl, compared with ce
+  trainer.check_loss_overrides(c, {"loss.end": 6, "loss.weight": 0.1, "total_steps": 3,
+                                   "loss.name": "ce"})
+  with pytest.raises(ValueError, match=r"--config.loss.k is read by none of this run's losses "
+                                       r"\(prsl, ce\); it is an argument of topk_ce, topk_variance"):
+    trainer.check_loss_overrides(c, {"loss.k": 5})
+  with pytest.raises(ValueError, match=r"--config.loss.renormalize .* topk_variance:"):
+    trainer.check_loss_overrides(c, {"loss.renormalize": True})
+  # A comparison loss that reads the field makes it count.
+  trainer.check_loss_overrides(_config(compare_losses=("topk_variance",)), {"loss.k": 5})
+  trainer.check_loss_overrides(_config(**{"loss.name": "topk_ce"}), {"loss.k": 5})
+
+
 def test_batch_not_divisible_by_devices():
   mesh = types.SimpleNamespace(devices=np.empty(8))  # only .devices.size is read
   with pytest.raises(ValueError, match=r"batch_size=20 must be divisible by the number of "
