@@ -279,9 +279,9 @@ def check_loss_overrides(config, overrides):
       continue
     takers = [n for n in sorted(losses.LOSSES) if field in losses.loss_fields(n)]
     raise ValueError(
-        f"--config.{key} is read by none of this run's losses ({', '.join(names)}); "
-        f"{'it is an argument of ' + ', '.join(takers) if takers else 'no loss takes it'}: "
-        "set --config.loss.name or --config.compare_losses to a loss that reads it, or drop it")
+        f"--config.{key} is read by none of this run's losses ({', '.join(names)}); it is an "
+        f"argument of {', '.join(takers)}: set --config.loss.name or --config.compare_losses "
+        "to a loss that reads it, or drop it")
 
 
 def preflight(config, workdir, overrides=()):
