@@ -31,6 +31,7 @@ import numpy as np
 
 from prsl_jax.models import captioner as captioner_lib
 from prsl_jax.models import clip as clip_lib
+from prsl_jax.models import open_clip as open_clip_lib
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -256,7 +257,7 @@ def _probe_hub(repo_id):
 
 def _pickle_refusal(files):
   return ValueError(
-      f"refusing to load {', '.join(files)}: pytorch_model.bin is a Python pickle, and "
+      f"refusing to load {', '.join(files)}: a .bin/.pt file is a Python pickle, and "
       "unpickling can execute arbitrary code from the file. Prefer a model.safetensors "
       "checkpoint (transformers' save_pretrained writes one by default). If you trust "
       "this file, opt in: evaluate.py --allow_pickle, train.py "
@@ -295,8 +296,45 @@ def _weight_files(folder, allow_pickle):
       f"(or {PICKLE_NAME} with allow_pickle)")
 
 
+def checkpoint_format(folder):
+  """'open_clip' for a folder with open_clip_config.json and no config.json, else 'hf'."""
+  has = lambda name: os.path.isfile(os.path.join(folder, name))
+  return "open_clip" if has(open_clip_lib.CONFIG_NAME) and not has(CONFIG_NAME) else "hf"
+
+
+def _read_open_clip_config(folder):
+  path = os.path.join(folder, open_clip_lib.CONFIG_NAME)
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} cannot be read as JSON ({e})") from None
+  if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+    raise ValueError(f"{path} has no 'model_cfg' object; is {folder} an open_clip folder?")
+  return cfg
+
+
+def _open_clip_weight_files(folder, allow_pickle):
+  """(kind, [file]) of an open_clip folder: safetensors, or the pickle (opt-in only)."""
+  st = os.path.join(folder, open_clip_lib.SAFETENSORS_NAME)
+  pk = os.path.join(folder, open_clip_lib.PICKLE_NAME)
+  if os.path.isfile(st):
+    return "safetensors", [st]
+  if os.path.isfile(pk):
+    if not allow_pickle:
+      raise _pickle_refusal([pk])
+    return "pickle", [pk]
+  raise FileNotFoundError(f"no weights in open_clip folder {folder}: expected "
+                          f"{open_clip_lib.SAFETENSORS_NAME} (or {open_clip_lib.PICKLE_NAME} "
+                          "with allow_pickle)")
+
+
 def model_type(folder):
-  """config.json's model_type of a checkpoint folder (one JSON read, no weights)."""
+  """config.json's model_type of a checkpoint folder (one JSON read, no weights);
+  'clip' for an open_clip folder."""
+  if checkpoint_format(folder) == "open_clip":
+    open_clip_lib.config_from_open_clip(_read_open_clip_config(folder))  # refuses early
+    return "clip"
   path = os.path.join(folder, CONFIG_NAME)
   try:
     with open(path) as f:
@@ -311,7 +349,10 @@ def model_type(folder):
 
 def check_weights(folder, *, allow_pickle=False):
   """Reads only the headers of a folder's weight files: fails fast on a broken file."""
-  kind, files = _weight_files(folder, allow_pickle)
+  if checkpoint_format(folder) == "open_clip":
+    kind, files = _open_clip_weight_files(folder, allow_pickle)
+  else:
+    kind, files = _weight_files(folder, allow_pickle)
   if kind != "safetensors":
     return
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
@@ -331,9 +372,18 @@ def _read_pickles(files):
   state = {}
   for f in files:
     sd = torch.load(f, map_location="cpu", weights_only=True)
-    # .float() first: numpy has no bfloat16 for torch tensors.
-    state.update({k: v.detach().float().numpy() for k, v in sd.items()})
+    state.update(_numpy_tensors(sd))
   return state
+
+
+def _numpy_tensors(tree):
+  """torch tensors -> float32 numpy arrays, through nested dicts (other leaves kept)."""
+  if isinstance(tree, dict):
+    return {k: _numpy_tensors(v) for k, v in tree.items()}
+  if hasattr(tree, "detach"):
+    # .float() first: numpy has no bfloat16 for torch tensors.
+    return tree.detach().float().numpy()
+  return tree
 
 
 def _shards(folder, index_name):
@@ -383,6 +433,8 @@ def load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
     float32 pytree, tokenizer None when the folder has none.
   """
   folder = resolve_folder(path_or_hub_id, allow_pickle)
+  if checkpoint_format(folder) == "open_clip":
+    return _load_open_clip(folder, allow_pickle=allow_pickle, dtype=dtype, remat=remat)
   config_path = os.path.join(folder, CONFIG_NAME)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint folder {folder}")
@@ -412,6 +464,19 @@ def load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
   return Pretrained(model, params, tokenizer)
 
 
+def _load_open_clip(folder, *, allow_pickle, dtype, remat):
+  """An open_clip folder -> Pretrained(CLIP, params, offline CLIP BPE tokenizer)."""
+  model = open_clip_lib.from_open_clip(_read_open_clip_config(folder), dtype=dtype,
+                                       remat=remat)
+  kind, files = _open_clip_weight_files(folder, allow_pickle)
+  state = _read_safetensors(files) if kind == "safetensors" else _read_pickles(files)
+  if isinstance(state.get("state_dict"), dict):  # open_clip training checkpoints nest it
+    state = state["state_dict"]
+  state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+  params = from_hf_state_dict(open_clip_lib.to_hf_state_dict(state, model), model)
+  return Pretrained(model, params, open_clip_lib.load_tokenizer(model))
+
+
 def from_config(hf_config, *, key, tokenizer=None, image_mean=None, image_std=None,
                 dtype=jnp.float32, remat=False) -> Pretrained:
   """A randomly initialised model for a transformers config (to train from scratch)."""
@@ -428,8 +493,16 @@ def from_config(hf_config, *, key, tokenizer=None, image_mean=None, image_std=No
 # Writing checkpoint folders.
 
 
-def save_pretrained(model, params, out_dir, *, tokenizer=None):
-  """Writes params as a HuggingFace checkpoint folder, loadable by transformers.
+FORMATS = ("hf", "open_clip")
+
+
+def save_pretrained(model, params, out_dir, *, tokenizer=None, format="hf"):  # pylint: disable=redefined-builtin
+  """Writes params as a HuggingFace (or open_clip) checkpoint folder.
+
+  format="open_clip" (a CLIP only) writes open_clip_config.json and
+  open_clip_model.safetensors, loadable by open_clip's
+  create_model_and_transforms("hf-hub:..." or a model_cfg, pretrained=<file>);
+  open_clip folders carry no tokenizer, so `tokenizer` is not written.
 
   Writes config.json, model.safetensors (float32, torch layout),
   preprocessor_config.json and, when a tokenizer is given, its files. Other
@@ -446,18 +519,31 @@ def save_pretrained(model, params, out_dir, *, tokenizer=None):
     out_dir.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if format not in FORMATS:
+    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
   kind = _model_module(model)
+  if format == "open_clip" and model.kind != "clip":
+    raise ValueError(f"format='open_clip' exports CLIP models; this is a {model.kind!r} model")
   state = to_hf_state_dict(params, model)  # validate before touching disk
-  hf_config = kind.config_to_hf(model.config)
+  if format == "open_clip":
+    oc_config = open_clip_lib.config_to_open_clip(model.config)
+    state = open_clip_lib.from_hf_state_dict(state, model)
+  else:
+    hf_config = kind.config_to_hf(model.config)
   os.makedirs(out_dir, exist_ok=True)
   stage = tempfile.mkdtemp(prefix=".staging-", dir=out_dir)
   try:
-    hf_config.save_pretrained(stage)
-    save_file(state, os.path.join(stage, SAFETENSORS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(stage, PREPROCESSOR_NAME), "w") as f:
-      json.dump(kind.preprocessor_config(model.config), f, indent=2)
-    if tokenizer is not None:
-      tokenizer.save_pretrained(stage)
+    if format == "open_clip":
+      with open(os.path.join(stage, open_clip_lib.CONFIG_NAME), "w") as f:
+        json.dump(oc_config, f, indent=2)
+      save_file(state, os.path.join(stage, open_clip_lib.SAFETENSORS_NAME))
+    else:
+      hf_config.save_pretrained(stage)
+      save_file(state, os.path.join(stage, SAFETENSORS_NAME), metadata={"format": "pt"})
+      with open(os.path.join(stage, PREPROCESSOR_NAME), "w") as f:
+        json.dump(kind.preprocessor_config(model.config), f, indent=2)
+      if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(stage)
     for name in sorted(os.listdir(stage)):
       os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
   finally:

@@ -1,0 +1,202 @@
+"""open_clip folders: parity with open_clip_torch on random tiny models, export
+round trip into open_clip, the offline BPE tokenizer, refusals."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+
+from prsl_jax import zeroshot  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prsl_jax.losses import l2_normalize  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prsl_jax.models import bpe_tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prsl_jax.models import open_clip as open_clip_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from prsl_jax.models.convert import load_pretrained, save_pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_TEXT = dict(context_length=12, vocab_size=49408, width=32, heads=4, layers=1)
+# Scaled-down open_clip model_cfgs: a QuickGELU ViT-B/32-style (spelled as
+# FARE's open_clip_config.json spells it, the string "TRUE"), a GELU one
+# (LAION's H/g/bigG style), and non-default width/depth/patch/mlp ratios.
+CONFIGS = {
+    "quickgelu_b32": dict(
+        model_cfg=dict(embed_dim=16, quick_gelu="TRUE",
+                       vision_cfg=dict(image_size=64, layers=2, width=64, head_width=32,
+                                       patch_size=32),
+                       text_cfg=_TEXT),
+        preprocess_cfg=dict(mean=[0.48145466, 0.4578275, 0.40821073],
+                            std=[0.26862954, 0.26130258, 0.27577711])),
+    "gelu": dict(
+        model_cfg=dict(embed_dim=24,
+                       vision_cfg=dict(image_size=28, layers=1, width=48, head_width=16,
+                                       patch_size=14),
+                       text_cfg=dict(_TEXT, width=48, heads=3, layers=2)),
+        preprocess_cfg=dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])),
+    "odd_shapes": dict(
+        model_cfg=dict(embed_dim=8, quick_gelu=False,
+                       vision_cfg=dict(image_size=30, layers=3, width=40, head_width=20,
+                                       patch_size=6, mlp_ratio=3.0),
+                       text_cfg=dict(_TEXT, context_length=9, width=24, heads=2, layers=3,
+                                     mlp_ratio=2.0)),
+        preprocess_cfg=dict(mean=[0.4, 0.45, 0.5], std=[0.2, 0.25, 0.3])),
+}
+TEXTS = ["a photo of a cat.", "Ünïcödé & emoji 🚀", "", "a much longer caption that "
+         "runs well past the context length of these tiny models"]
+
+
+def _reference(name):
+  """A random open_clip_torch model of CONFIGS[name], every tensor perturbed."""
+  cfg = json.loads(json.dumps(CONFIGS[name]["model_cfg"]))
+  torch.manual_seed(len(name))
+  model = open_clip.model.CLIP(**cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+def _write_folder(model, cfg, folder, pickle=False):
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, open_clip_lib.CONFIG_NAME), "w") as f:
+    json.dump(cfg, f)
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  if pickle:
+    torch.save(state, os.path.join(folder, open_clip_lib.PICKLE_NAME))
+  else:
+    safetensors.torch.save_file(state, os.path.join(folder, open_clip_lib.SAFETENSORS_NAME))
+  return folder
+
+
+def _ref_outputs(model, cfg, images, texts):
+  pre = cfg["preprocess_cfg"]
+  mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
+  std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+  x = (torch.from_numpy(images).permute(0, 3, 1, 2) - mean) / std
+  ids = open_clip.tokenize(texts, context_length=cfg["model_cfg"]["text_cfg"]["context_length"])
+  with torch.no_grad():
+    img, txt = model.encode_image(x), model.encode_text(ids)
+    logits = model.logit_scale.exp() * torch.nn.functional.normalize(img, dim=-1) @ \
+        torch.nn.functional.normalize(txt, dim=-1).T
+  return img.numpy(), txt.numpy(), logits.numpy(), ids.numpy()
+
+
+def _ours(pretrained, images, texts):
+  model, params, tok = pretrained
+  ids, mask = zeroshot.tokenize(tok, texts, model.max_text_length)
+  img = np.asarray(model.encode_images(params, images))
+  txt = np.asarray(model.encode_texts(params, ids, mask))
+  logits = np.asarray(zeroshot.logits(model, params, txt, images))
+  return img, txt, logits, ids
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("open_clip")
+  out = {}
+  for name, cfg in CONFIGS.items():
+    ref = _reference(name)
+    out[name] = (ref, _write_folder(ref, cfg, str(root / name)))
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_parity_with_open_clip_torch(folders, name):
+  ref, folder = folders[name]
+  cfg = CONFIGS[name]
+  pretrained = load_pretrained(folder)
+  size = cfg["model_cfg"]["vision_cfg"]["image_size"]
+  assert pretrained.model.image_size == size
+  assert pretrained.model.config.vision.image_mean == tuple(cfg["preprocess_cfg"]["mean"])
+  act = "quick_gelu" if name != "gelu" and cfg["model_cfg"]["quick_gelu"] else "gelu"
+  assert pretrained.model.config.vision.hidden_act == act
+  images = np.random.default_rng(0).uniform(size=(2, size, size, 3)).astype(np.float32)
+  want_img, want_txt, want_logits, want_ids = _ref_outputs(ref, cfg, images, TEXTS)
+  img, txt, logits, ids = _ours(pretrained, images, TEXTS)
+  np.testing.assert_array_equal(ids, want_ids)  # the offline tokenizer, at the config's length
+  np.testing.assert_allclose(img, want_img, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(txt, want_txt, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_export_round_trip_loads_in_open_clip(folders, tmp_path):
+  ref, folder = folders["quickgelu_b32"]
+  cfg = CONFIGS["quickgelu_b32"]
+  model, params, tok = load_pretrained(folder)
+  rng = np.random.default_rng(1)
+  tuned = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.02, x.shape).astype(
+      np.float32), params)
+  out = save_pretrained(model, tuned, str(tmp_path / "export"), format="open_clip")
+  assert sorted(os.listdir(out)) == [open_clip_lib.CONFIG_NAME, open_clip_lib.SAFETENSORS_NAME]
+  theirs, _, _ = open_clip.create_model_and_transforms("local-dir:" + out)
+  theirs.eval()
+  images = rng.uniform(size=(2, 64, 64, 3)).astype(np.float32)
+  want_img, want_txt, want_logits, _ = _ref_outputs(theirs, cfg, images, TEXTS)
+  img, txt, logits, _ = _ours((model, tuned, tok), images, TEXTS)
+  np.testing.assert_allclose(img, want_img, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(txt, want_txt, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
+  # And back: our loader reads our export bit for bit.
+  again = load_pretrained(out)
+  assert again.model == model
+  jax.tree.map(np.testing.assert_array_equal, again.params, tuned)
+
+
+def test_pickle_needs_opt_in_and_blocks_code(folders, tmp_path):
+  ref, _ = folders["gelu"]
+  folder = _write_folder(ref, CONFIGS["gelu"], str(tmp_path / "pickled"), pickle=True)
+  with pytest.raises(ValueError, match="pickle"):
+    load_pretrained(folder)
+  assert load_pretrained(folder, allow_pickle=True).model.config.vision.hidden_act == "gelu"
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, ("echo pwned",))
+  torch.save({"x": Evil()}, os.path.join(folder, open_clip_lib.PICKLE_NAME))
+  with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+    load_pretrained(folder, allow_pickle=True)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("vision_cfg.layers", [3, 4, 6, 3], "ResNet"),
+    ("vision_cfg.timm_model_name", "vit_base_patch16_224", "timm_model_name"),
+    ("vision_cfg.attentional_pool", True, "attentional_pool"),
+    ("text_cfg.hf_model_name", "roberta-base", "hf_model_name"),
+    ("vision_cfg.ls_init_value", 1e-5, "ls_init_value"),
+    ("init_logit_bias", -10, "init_logit_bias"),
+    ("quick_gelu", "maybe", "quick_gelu"),
+])
+def test_unsupported_architectures_are_refused(field, value, match):
+  cfg = json.loads(json.dumps(CONFIGS["gelu"]))
+  where = cfg["model_cfg"]
+  *parents, leaf = field.split(".")
+  for p in parents:
+    where = where[p]
+  where[leaf] = value
+  with pytest.raises(ValueError, match=match) as e:
+    open_clip_lib.config_from_open_clip(cfg)
+  assert "\n" not in str(e.value)
+
+
+AWKWARD = [
+    "", " ", "a photo of a dog.", "A PHOTO OF A DOG!!!", "it's <end_of_text> isn't it",
+    "<start_of_text>", "Héllo wörld, ÇA VA? naïve café", "東京タワー 🗼🚀👩‍👩‍👧", "“curly” ‘quotes’ — dash…",
+    "&amp;lt;b&amp;gt; html &quot;", "ﬁ ligature ＦＵＬＬ ｗｉｄｔｈ", "tab\tnew\nline   spaces",
+    "3.14159 1,000,000 #hashtag @user", "x" * 300, " ".join(["word"] * 100), "!!!!????....",
+    "mojibake: Ã©tÃ©",
+]
+
+
+def test_bpe_tokenizer_equals_open_clip_ids():
+  ours = bpe_tokenizer.ClipBpeTokenizer(context_length=77)
+  theirs = open_clip.get_tokenizer("ViT-B-32")
+  np.testing.assert_array_equal(ours.tokenize(AWKWARD), theirs(AWKWARD).numpy())
+  np.testing.assert_array_equal(ours.tokenize(AWKWARD, 10),
+                                theirs(AWKWARD, context_length=10).numpy())
+  enc = ours(AWKWARD[:3], max_length=10)
+  assert len(ours) == 49408
+  # The mask covers start .. end token, so first-EOS and argmax pooling agree.
+  np.testing.assert_array_equal(enc["attention_mask"].sum(1), [2, 2, 8])
