@@ -77,6 +77,9 @@ flags.DEFINE_string("target_caption", None, "Captioners: also attack toward this
                     "(targeted), e.g. 'a handwritten seven'.")
 flags.DEFINE_bool("allow_pickle", False, "Accept pytorch_model.bin checkpoints (a pickle "
                   "can run code).")
+flags.DEFINE_string("vision_weights", None, "A vision tower file (.safetensors, or a "
+                    ".pt/.bin pickle with --allow_pickle; open_clip, OpenAI or HF names) "
+                    "that replaces the vision tower of each --checkpoint's CLIP.")
 flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in --outdir.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: 'auto' (TPU pods, SLURM) or "
                     "host:port; every host runs the same command, process 0 writes.")
@@ -90,7 +93,7 @@ FLAGS = flags.FLAGS
 FIELDS = ("checkpoint", "dataset", "split", "data_dir", "eps", "suite", "norm",
           "num_examples", "seed", "outdir", "templates", "batch_size", "steps",
           "square_queries", "num_targets", "allow_pickle", "overwrite", "max_length",
-          "target_caption")
+          "target_caption", "vision_weights")
 _DASHABLE = FIELDS + ("coordinator_address", "num_processes", "process_id", "cpu_devices")
 
 

@@ -13,9 +13,12 @@ def base_config():
   c.seed = 0
   c.workdir = "runs/default"
 
-  # HF-format checkpoint: a local folder or a hub id (when online).
+  # A checkpoint folder (HF, or open_clip) or a hub id (when online);
+  # vision_weights: optional file of a vision tower (open_clip, OpenAI or HF
+  # names) put on that base CLIP (README, "Models").
   c.model = ml_collections.ConfigDict(dict(
-      path=prsl_jax.TINY_CLIP, dtype="float32", remat=False, allow_pickle=False))
+      path=prsl_jax.TINY_CLIP, dtype="float32", remat=False, allow_pickle=False,
+      vision_weights=""))
   # templates: 'default' ("This is a photo of a {}") or 'imagenet' prompts;
   # caption_length: tokens of a training caption incl. its EOS (captioning).
   c.data = ml_collections.ConfigDict(dict(

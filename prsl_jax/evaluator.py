@@ -32,13 +32,14 @@ from prsl_jax import reports
 from prsl_jax import sharding
 from prsl_jax import zeroshot
 from prsl_jax.models import convert
+from prsl_jax.models import vision_weights
 
 DEFAULTS = dict(
     checkpoint=None, dataset="digits", split="test", data_dir=None,
     eps="1/255,2/255,4/255", suite=None, norm="linf", num_examples=1000, seed=0,
     outdir=None, templates="default", batch_size=64, steps=None, square_queries=None,
     num_targets=None, allow_pickle=False, overwrite=False, max_length=None,
-    target_caption=None)
+    target_caption=None, vision_weights=None)
 # --suite when none is given: AutoAttack's ensemble for classifiers; the paper's
 # protocol and APGD-CE on the token loss for captioners.
 DEFAULT_SUITES = {"clip": ("standard",), "vision-encoder-decoder": ("paper", "strong")}
@@ -124,7 +125,8 @@ def resolve_checkpoint(spec):
                                 "neither a folder nor a hub id")
       return {"kind": "workdir", "path": path, "model": model,
               "train_loss": config.get("loss")}
-    if os.path.isfile(config_json):
+    if os.path.isfile(config_json) or \
+        os.path.isfile(os.path.join(path, convert.open_clip_lib.CONFIG_NAME)):
       out = {"kind": "hf", "path": path}
       loss_file = os.path.join(path, checkpoints.TRAINING_LOSS)
       if os.path.isfile(loss_file):
@@ -136,7 +138,7 @@ def resolve_checkpoint(spec):
       raise ValueError(f"{path!r} holds the train.py runs {runs}; pass one of them, e.g. "
                        f"{os.path.join(path, runs[0])} (or its export/ folder)")
     raise FileNotFoundError(f"checkpoint folder {path!r} has neither checkpoints/ (a "
-                            "train.py run) nor config.json (a HuggingFace checkpoint)")
+                            "train.py run) nor config.json (a HuggingFace checkpoint) nor open_clip_config.json")
   if os.path.exists(path):
     raise NotADirectoryError(f"checkpoint {path!r} is a file; pass its folder")
   if convert.is_hub_id(path):
@@ -160,6 +162,10 @@ def train_loss_of(ckpt):
 
 def check_folder(folder, allow_pickle):
   """config.json parses and names a supported kind; the weights' header parses."""
+  if convert.checkpoint_format(folder) == "open_clip":
+    model_type = convert.model_type(folder)  # refuses an unsupported architecture
+    convert.check_weights(folder, allow_pickle=allow_pickle)
+    return model_type
   cfg = _read_json(os.path.join(folder, convert.CONFIG_NAME), "checkpoint config")
   if not isinstance(cfg, dict) or cfg.get("model_type") not in convert.MODEL_KINDS:
     got = cfg.get("model_type") if isinstance(cfg, dict) else None
@@ -224,6 +230,8 @@ def preflight(settings):
     raise ValueError(f"--norm must be one of {list(evaluation.attacks.NORMS)}, got "
                      f"{s['norm']!r}")
   eps = parse_eps(s["eps"], s["norm"])
+  if s["vision_weights"]:
+    vision_weights.check_file(s["vision_weights"], allow_pickle=s["allow_pickle"])
   ckpts = [resolve_checkpoint(c) for c in specs]
   kinds = set()
   for ckpt in ckpts:
@@ -252,16 +260,18 @@ def preflight(settings):
   return dict(settings=s, specs=specs, ckpts=ckpts, eps=eps, outdir=outdir, kind=kind)
 
 
-def load_model(ckpt, allow_pickle):
+def load_model(ckpt, allow_pickle, vision_weights=None):
   """(Pretrained, params) for a resolved checkpoint; a train.py run's ckpt gets "step",
-  the step of the checkpoint evaluated (results.json records it)."""
+  the step of the checkpoint evaluated (results.json records it). vision_weights:
+  a vision tower file put on a checkpoint folder's CLIP (--vision_weights)."""
   if ckpt["kind"] == "workdir":
     pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["model"]),
                                           allow_pickle=allow_pickle)
     params, ckpt["step"] = checkpoints.restore_params_and_step(ckpt["path"], pretrained.model)
     return pretrained, params
   pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["path"]),
-                                        allow_pickle=allow_pickle)
+                                        allow_pickle=allow_pickle,
+                                        vision_weights=vision_weights)
   return pretrained, pretrained.params
 
 
@@ -333,7 +343,7 @@ def run(settings, *, argv=None):
   captioner = p["kind"] == "vision-encoder-decoder"
   for name, ckpt in zip(model_names(p["specs"]), p["ckpts"]):
     print(f"{name}: loading ({ckpt['kind']})", flush=True)
-    pretrained, params = load_model(ckpt, s["allow_pickle"])
+    pretrained, params = load_model(ckpt, s["allow_pickle"], s["vision_weights"])
     model = pretrained.model
     source, class_names = data.load(s["dataset"], s["split"], image_size=model.image_size,
                                     data_dir=s["data_dir"])

@@ -37,6 +37,7 @@ from prsl_jax import sharding
 from prsl_jax import training
 from prsl_jax import zeroshot
 from prsl_jax.models import convert
+from prsl_jax.models import vision_weights
 
 # Config fields that cannot change what is trained: a resume may change them.
 EVAL_FIELDS = ("eval", "log_every", "eval_every", "export", "keep_checkpoints",
@@ -300,6 +301,9 @@ def preflight(config, workdir, overrides=()):
   if os.path.isdir(path):  # a hub id is checked when it is fetched, in setup
     convert.check_weights(path, allow_pickle=config.model.allow_pickle)
     check_objective_fits(config, convert.model_type(path))
+  if config.model.get("vision_weights"):
+    vision_weights.check_file(config.model.vision_weights,
+                              allow_pickle=config.model.allow_pickle)
   for split in (config.data.train_split, config.data.eval_split):
     data.check_available(config.data.name, split, data_dir=config.data.data_dir or None)
   check_workdir(workdir)
@@ -353,7 +357,8 @@ def setup(config) -> Setup:
                      f"{_rows_per_example(config)} rows per example)")
   pretrained = prsl_jax.load_pretrained(config.model.path,
                                         allow_pickle=config.model.allow_pickle,
-                                        dtype=config.model.dtype, remat=config.model.remat)
+                                        dtype=config.model.dtype, remat=config.model.remat,
+                                        vision_weights=config.model.get("vision_weights"))
   model, params, tokenizer = pretrained
   data_dir = config.data.data_dir or None
   train_source, class_names = data.load(config.data.name, config.data.train_split,
@@ -670,7 +675,9 @@ def _run(config, workdir):
     loss_configs[f"{name} fine-tuned"] = c.loss
     if config.export and jax.process_index() == 0:
       export = os.path.join(run_dir, "export")
-      prsl_jax.save_pretrained(model, finals[name], export, tokenizer=s.pretrained.tokenizer)
+      # The format the run started from (HF, or open_clip for an open_clip folder).
+      prsl_jax.save_pretrained(model, finals[name], export, tokenizer=s.pretrained.tokenizer,
+                               format=convert.source_format(config.model.path))
       checkpoints.write_training_loss(export, c.loss.to_dict())
   train_seconds = time.time() - t0
   models = {"start": s.pretrained.params, **{f"{n} fine-tuned": p for n, p in finals.items()}}

@@ -200,3 +200,81 @@ def test_bpe_tokenizer_equals_open_clip_ids():
   assert len(ours) == 49408
   # The mask covers start .. end token, so first-EOS and argmax pooling agree.
   np.testing.assert_array_equal(enc["attention_mask"].sum(1), [2, 2, 8])
+
+
+# ----------------------------------------------------------------------------
+# Vision-only weights on a base CLIP.
+
+
+@pytest.fixture(scope="module")
+def robust_tower(folders, tmp_path_factory):
+  """A second model of the base's architecture: its vision tower is the 'robust' one."""
+  cfg = CONFIGS["quickgelu_b32"]
+  torch.manual_seed(123)
+  other = open_clip.model.CLIP(**json.loads(json.dumps(cfg["model_cfg"]))).eval()
+  with torch.no_grad():
+    for p in other.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  folder = _write_folder(other, cfg, str(tmp_path_factory.mktemp("robust") / "full"))
+  return other, load_pretrained(folder)
+
+
+def _namings(other, robust):
+  from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
+  open_clip_names = {k: v.clone() for k, v in other.state_dict().items()
+                     if k.startswith("visual.")}
+  openai_names = {k: v.clone() for k, v in other.visual.state_dict().items()}
+  hf = convert.to_hf_state_dict(robust.params, robust.model)
+  hf_names = {k: torch.from_numpy(v) for k, v in hf.items()
+              if k.startswith(("vision_model.", "visual_projection."))}
+  return {"open_clip": open_clip_names, "openai": openai_names, "hf": hf_names}
+
+
+@pytest.mark.parametrize("naming", ["open_clip", "openai", "hf"])
+def test_vision_weights_replace_exactly_the_vision_tower(folders, robust_tower, tmp_path,
+                                                         naming):
+  from prsl_jax.models import vision_weights  # pylint: disable=g-import-not-at-top
+  other, robust = robust_tower
+  _, base_folder = folders["quickgelu_b32"]
+  state = _namings(other, robust)[naming]
+  if naming == "open_clip":  # a pickle, nested as TeCoA/FARE-style releases nest it
+    path = str(tmp_path / "vision.pt")
+    torch.save({"epoch": 3, "vision_encoder_state_dict": state}, path)
+    with pytest.raises(ValueError, match="pickle"):
+      load_pretrained(base_folder, vision_weights=path)
+    loaded = load_pretrained(base_folder, vision_weights=path, allow_pickle=True)
+  else:
+    path = str(tmp_path / "vision.safetensors")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    loaded = load_pretrained(base_folder, vision_weights=path)
+  assert vision_weights.naming(vision_weights.read(path, allow_pickle=True)) == naming
+  base = load_pretrained(base_folder)
+  for key in loaded.params:
+    src = robust if key in vision_weights.VISION_KEYS else base
+    jax.tree.map(np.testing.assert_array_equal, loaded.params[key], src.params[key])
+  images = np.random.default_rng(2).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+  want, _, _, _ = _ref_outputs(other, CONFIGS["quickgelu_b32"], images, TEXTS[:1])
+  np.testing.assert_allclose(np.asarray(loaded.model.encode_images(loaded.params, images)),
+                             want, atol=2e-5, rtol=1e-4)
+
+
+def test_vision_weights_errors_name_the_tensor(folders, robust_tower):
+  from prsl_jax.models import vision_weights  # pylint: disable=g-import-not-at-top
+  other, robust = robust_tower
+  base = load_pretrained(folders["quickgelu_b32"][1])
+  for naming, state in _namings(other, robust).items():
+    name = sorted(state)[3]
+    truncated = {k: v.numpy() for k, v in state.items() if k != name}
+    with pytest.raises(ValueError, match="missing .*" + name.replace(".", r"\.")) as e:
+      vision_weights.apply(base.model, base.params, truncated)
+    assert "\n" not in str(e.value)
+    extra = dict({k: v.numpy() for k, v in state.items()}, **{"extra.tensor": np.zeros(2)})
+    with pytest.raises(ValueError, match=r"unexpected \[extra\.tensor\]"):
+      vision_weights.apply(base.model, base.params, extra)
+    misshaped = {k: v.numpy() for k, v in state.items()}
+    misshaped[name] = np.zeros(misshaped[name].shape + (2,), np.float32)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".* shape") as e:
+      vision_weights.apply(base.model, base.params, misshaped)
+    assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="nested under"):
+    vision_weights.unnest({"epoch": 1, "weird_key": {"x": 1}})

@@ -302,6 +302,14 @@ def checkpoint_format(folder):
   return "open_clip" if has(open_clip_lib.CONFIG_NAME) and not has(CONFIG_NAME) else "hf"
 
 
+def source_format(path_or_hub_id):
+  """The format a checkpoint folder or hub id (resolved from the cache) is in;
+  save_pretrained(format=...) writes it back the same way."""
+  path = os.path.expanduser(os.fspath(path_or_hub_id))
+  folder = path if os.path.isdir(path) else resolve_folder(path_or_hub_id)
+  return checkpoint_format(folder)
+
+
 def _read_open_clip_config(folder):
   path = os.path.join(folder, open_clip_lib.CONFIG_NAME)
   try:
@@ -415,7 +423,22 @@ def _read_mean_std(folder):
 
 
 def load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
-                    remat=False) -> Pretrained:
+                    remat=False, vision_weights=None) -> Pretrained:
+  """Loads a checkpoint (see _load_pretrained); vision_weights: optional file of a
+  vision tower (open_clip, OpenAI or HF names; prsl_jax.models.vision_weights)
+  that replaces the base CLIP's, the text side unchanged."""
+  pretrained = _load_pretrained(path_or_hub_id, allow_pickle=allow_pickle, dtype=dtype,
+                                remat=remat)
+  if not vision_weights:
+    return pretrained
+  from prsl_jax.models import vision_weights as vision_weights_lib  # pylint: disable=g-import-not-at-top
+  params = vision_weights_lib.load(pretrained.model, pretrained.params, vision_weights,
+                                   allow_pickle=allow_pickle)
+  return pretrained._replace(params=params)
+
+
+def _load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
+                     remat=False) -> Pretrained:
   """Loads a HuggingFace checkpoint (local folder or hub id) of a supported kind.
 
   The kind comes from config.json's model_type: 'clip' (CLIPModel) or

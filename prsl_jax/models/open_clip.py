@@ -268,7 +268,7 @@ def _list(names, limit=12):
   return ", ".join(names[:limit]) + more
 
 
-def to_hf_state_dict(state, model, kmap=None, what="open_clip checkpoint"):
+def to_hf_state_dict(state, model, kmap=None, what="open_clip weights"):
   """{open_clip name: array} -> {HF name: array} for `model` (a clip.CLIP).
 
   Every expected tensor must be there with the shape the config implies;
@@ -280,7 +280,7 @@ def to_hf_state_dict(state, model, kmap=None, what="open_clip checkpoint"):
   expected = {oc for oc, _, _ in kmap}
   missing, unexpected = expected - set(state), set(state) - expected
   if missing or unexpected:
-    raise ValueError(f"{what} does not match this config: missing [{_list(missing)}]; "
+    raise ValueError(f"{what} do not match this model: missing [{_list(missing)}]; "
                      f"unexpected [{_list(unexpected)}]")
   hf_shapes = _hf_shapes(model)
   out = {}
