@@ -87,9 +87,13 @@ def _ref_outputs(model, cfg, images, texts):
 def _ours(pretrained, images, texts):
   model, params, tok = pretrained
   ids, mask = zeroshot.tokenize(tok, texts, model.max_text_length)
-  img = np.asarray(model.encode_images(params, images))
-  txt = np.asarray(model.encode_texts(params, ids, mask))
-  logits = np.asarray(zeroshot.logits(model, params, txt, images))
+  # One jit: eager flax would compile every op on its own (slow on CPU).
+  @jax.jit
+  def run(params, images, ids, mask):
+    txt = model.encode_texts(params, ids, mask)
+    return (model.encode_images(params, images), txt,
+            zeroshot.logits(model, params, txt, images))
+  img, txt, logits = map(np.asarray, run(params, images, ids, mask))
   return img, txt, logits, ids
 
 
@@ -254,8 +258,8 @@ def test_vision_weights_replace_exactly_the_vision_tower(folders, robust_tower, 
     jax.tree.map(np.testing.assert_array_equal, loaded.params[key], src.params[key])
   images = np.random.default_rng(2).uniform(size=(2, 64, 64, 3)).astype(np.float32)
   want, _, _, _ = _ref_outputs(other, CONFIGS["quickgelu_b32"], images, TEXTS[:1])
-  np.testing.assert_allclose(np.asarray(loaded.model.encode_images(loaded.params, images)),
-                             want, atol=2e-5, rtol=1e-4)
+  got = jax.jit(loaded.model.encode_images)(loaded.params, images)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-4)
 
 
 def test_vision_weights_errors_name_the_tensor(folders, robust_tower):
