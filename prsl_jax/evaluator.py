@@ -42,7 +42,8 @@ DEFAULTS = dict(
     target_caption=None, vision_weights=None)
 # --suite when none is given: AutoAttack's ensemble for classifiers; the paper's
 # protocol and APGD-CE on the token loss for captioners.
-DEFAULT_SUITES = {"clip": ("standard",), "vision-encoder-decoder": ("paper", "strong")}
+DEFAULT_SUITES = {"clip": ("standard",), "siglip": ("standard",),
+                  "vision-encoder-decoder": ("paper", "strong")}
 
 # Budgets past these are outside what the field reports (TeCoA: 1/255; FARE:
 # 2/255 and 4/255; RobustBench L2: 0.5 at 32x32) and get a warning.

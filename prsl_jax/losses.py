@@ -561,6 +561,42 @@ def contrastive_loss(image_emb, text_emb, logit_scale, *,
   return 0.5 * (per_image + per_text)
 
 
+def sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias, *, axis_name=None):
+  """SigLIP's pairwise sigmoid loss (Zhai et al. 2023; big_vision's siglip trainer).
+
+  Every image-text pair is a binary problem: z_ij = scale * cos(img_i, txt_j)
+  + bias, label +1 on the diagonal and -1 elsewhere;
+  loss = -sum_ij log_sigmoid(label_ij * z_ij) / B (B: the global batch).
+
+  Args:
+    image_emb, text_emb: (B, D) embeddings, row i a matching pair (normalised here).
+    logit_scale: scalar, already exponentiated (exp of SigLIP's parameter).
+    logit_bias: scalar.
+    axis_name: mesh axis inside shard_map: each device scores its images
+      against the texts of every device, and the sums add over devices, so
+      1 device and 8 give the same number.
+
+  Returns:
+    scalar float32.
+  """
+  if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:
+    raise ValueError(f"image_emb and text_emb must both be (B, D) with equal shapes, got "
+                     f"{image_emb.shape} and {text_emb.shape}")
+  img = l2_normalize(image_emb.astype(jnp.float32))
+  txt = l2_normalize(text_emb.astype(jnp.float32))
+  offset, txt_all = 0, txt
+  if axis_name is not None:
+    txt_all = jax.lax.all_gather(txt, axis_name, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * img.shape[0]
+  z = logit_scale * img @ txt_all.T + logit_bias
+  rows = offset + jnp.arange(img.shape[0])
+  sign = jnp.where(rows[:, None] == jnp.arange(txt_all.shape[0])[None], 1.0, -1.0)
+  total = -jnp.sum(jax.nn.log_sigmoid(sign * z))
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  return total / txt_all.shape[0]
+
+
 def prsl_floor(num_rows: int) -> float:
   """The least value of PRSL's x for n rows: n log n (all window means equal)."""
   return num_rows * math.log(num_rows)

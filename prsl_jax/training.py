@@ -17,6 +17,7 @@ the mesh's 'data' axis and jits it with the state donated. Objectives:
 
   classification  zero-shot logits (B, C) against class embeddings (head)
   contrastive     CLIP's image-caption loss, negatives from every device
+                  (SigLIP models: the sigmoid loss, losses.sigmoid_loss)
   captioning      teacher-forced token logits (B, T, V), labels = caption tokens
 
 The loss is any batch loss of the registry (losses.get_loss): it gets the mesh
@@ -41,6 +42,10 @@ TEXT_KEYS = ("text_model", "text_projection", "logit_scale")
 # encoder to decoder width, when present, trains with the vision tower).
 TOWERS = {
     "clip": {"vision": VISION_KEYS, "text": TEXT_KEYS, "both": VISION_KEYS + TEXT_KEYS},
+    # SigLIP: no separate projections (the pooling head is in vision_model, the
+    # text head in text_model); logit_bias trains with the text side.
+    "siglip": {"vision": ("vision_model",), "text": ("text_model", "logit_scale", "logit_bias"),
+               "both": ("vision_model", "text_model", "logit_scale", "logit_bias")},
     "vision-encoder-decoder": {"vision": ("encoder", "enc_to_dec_proj"),
                                "text": ("decoder",),
                                "both": ("encoder", "enc_to_dec_proj", "decoder")},
@@ -132,7 +137,8 @@ def task_logits(params, batch, images, head, *, model, objective, axis_name=None
     img = losses.l2_normalize(model.encode_images(params, images))
     txt = _gathered_texts(model, params, batch, axis_name)
     labels = _row_offset(batch, axis_name) + jnp.arange(images.shape[0])
-    return model.logit_scale(params) * img @ txt.T, labels
+    bias = model.logit_bias(params) if hasattr(model, "logit_bias") else 0.0
+    return model.logit_scale(params) * img @ txt.T + bias, labels
   if objective == "captioning":
     return model.logits(params, images, batch["decoder_input_ids"],
                         batch["decoder_attention_mask"]), batch["labels"]
@@ -149,8 +155,12 @@ def batch_loss(params, batch, images, head, *, model, objective, loss_fn, axis_n
   if objective == "contrastive":
     img = model.encode_images(params, images)
     txt = model.encode_texts(params, batch["input_ids"], batch["attention_mask"])
-    loss = losses.contrastive_loss(img, txt, model.logit_scale(params), loss=loss_fn,
-                                   axis_name=axis_name)
+    if hasattr(model, "logit_bias"):  # SigLIP trains with its sigmoid loss
+      loss = losses.sigmoid_loss(img, txt, model.logit_scale(params),
+                                 model.logit_bias(params), axis_name=axis_name)
+    else:
+      loss = losses.contrastive_loss(img, txt, model.logit_scale(params), loss=loss_fn,
+                                     axis_name=axis_name)
     logits, labels = task_logits(jax.lax.stop_gradient(params), batch, images, head,
                                  model=model, objective=objective, axis_name=axis_name)
   else:

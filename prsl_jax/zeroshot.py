@@ -119,7 +119,10 @@ def tokenize(tokenizer, texts, max_length):
     texts = [texts]
   enc = tokenizer(list(texts), padding="max_length", truncation=True,
                   max_length=max_length, return_tensors="np")
-  return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+  ids = np.asarray(enc["input_ids"], np.int32)
+  # SigLIP's tokenizer returns no mask (its text tower attends to every position).
+  mask = enc.get("attention_mask")
+  return ids, (np.ones_like(ids) if mask is None else np.asarray(mask, np.int32))
 
 
 def _check_groups(num_prompts, num_classes):
@@ -206,7 +209,8 @@ def class_embeddings(model, params, tokenizer, class_names, templates=None, batc
 
 
 def logits(model, params, class_emb, images):
-  """Zero-shot logits, scale * cos(image, class).
+  """Zero-shot logits, scale * cos(image, class) (+ bias for a model with a
+  logit_bias, SigLIP).
 
   Args:
     model: a prsl_jax CLIP (static).
@@ -218,7 +222,10 @@ def logits(model, params, class_emb, images):
     (B, C) float32.
   """
   img = l2_normalize(model.encode_images(params, images))
-  return model.logit_scale(params) * (img @ l2_normalize(class_emb).T)
+  out = model.logit_scale(params) * (img @ l2_normalize(class_emb).T)
+  if hasattr(model, "logit_bias"):  # SigLIP: sigmoid scores, scale * cos + bias
+    out = out + model.logit_bias(params)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ import numpy as np
 from prsl_jax.models import captioner as captioner_lib
 from prsl_jax.models import clip as clip_lib
 from prsl_jax.models import open_clip as open_clip_lib
+from prsl_jax.models import siglip as siglip_lib
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -59,8 +60,11 @@ class Pretrained(NamedTuple):
 # key_map(config), config_to_hf(config), preprocessor_config(config),
 # load_tokenizer(folder), vocab_size(model); optionally
 # adapt_state_dict(state_dict, model) -> (state_dict, model), which load_pretrained
-# applies before matching names (buffers, alternative spellings, optional parts).
-MODEL_KINDS = {"clip": clip_lib, "vision-encoder-decoder": captioner_lib}
+# applies before matching names (buffers, alternative spellings, optional parts),
+# and export_state_dict(state_dict, model) -> state_dict, its inverse for
+# save_pretrained (e.g. fusing tensors the key map splits).
+MODEL_KINDS = {"clip": clip_lib, "vision-encoder-decoder": captioner_lib,
+               "siglip": siglip_lib}
 
 
 def _model_module(model):
@@ -441,8 +445,10 @@ def _load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
                      remat=False) -> Pretrained:
   """Loads a HuggingFace checkpoint (local folder or hub id) of a supported kind.
 
-  The kind comes from config.json's model_type: 'clip' (CLIPModel) or
-  'vision-encoder-decoder' (ViT + GPT-2 captioner).
+  The kind comes from config.json's model_type: 'clip' (CLIPModel), 'siglip'
+  (SiglipModel) or 'vision-encoder-decoder' (ViT + GPT-2 captioner); a folder
+  with open_clip_config.json (and no config.json) is an open_clip CLIP
+  (prsl_jax.models.open_clip), tokenized offline with CLIP's BPE.
 
   Args:
     path_or_hub_id: a folder as written by transformers' save_pretrained, or a
@@ -553,6 +559,8 @@ def save_pretrained(model, params, out_dir, *, tokenizer=None, format="hf"):  # 
     state = open_clip_lib.from_hf_state_dict(state, model)
   else:
     hf_config = kind.config_to_hf(model.config)
+    if hasattr(kind, "export_state_dict"):
+      state = kind.export_state_dict(state, model)
   os.makedirs(out_dir, exist_ok=True)
   stage = tempfile.mkdtemp(prefix=".staging-", dir=out_dir)
   try:
