@@ -26,6 +26,7 @@ import regex
 VOCAB_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "assets", "clip_bpe", "bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49152 - 256 - 2
+VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2  # 49408
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 
 

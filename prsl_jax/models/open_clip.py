@@ -312,6 +312,10 @@ def from_hf_state_dict(hf_state, model):
 
 
 def load_tokenizer(model):
-  """The offline CLIP BPE tokenizer at the model's context length."""
+  """The offline CLIP BPE tokenizer at the model's context length; None for a
+  text tower whose vocabulary is not CLIP's 49408 BPE tokens (e.g. a model with
+  its own small vocabulary exported to open_clip: its ids would not fit)."""
   from prsl_jax.models import bpe_tokenizer  # pylint: disable=g-import-not-at-top
+  if model.config.text.vocab_size != bpe_tokenizer.VOCAB_SIZE:
+    return None
   return bpe_tokenizer.ClipBpeTokenizer(context_length=model.max_text_length)
