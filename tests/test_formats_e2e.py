@@ -58,6 +58,13 @@ def test_train_then_evaluate_on_the_digits(fmt, tmp_path):
   if fmt == "open_clip":  # exported in the format the run started from
     assert {"open_clip_config.json", "open_clip_model.safetensors"} <= names
     assert "config.json" not in names
+    theirs, _, _ = test_open_clip.open_clip.create_model_and_transforms("local-dir:" + export)
+    ours = prsl_jax.load_pretrained(export)
+    images = np.random.default_rng(0).uniform(size=(2, 28, 28, 3)).astype(np.float32)
+    want, _, _, _ = test_open_clip._ref_outputs(theirs.eval(), test_open_clip.CONFIGS["gelu"],  # pylint: disable=protected-access
+                                                images, ["a"])
+    np.testing.assert_allclose(np.asarray(ours.model.encode_images(ours.params, images)), want,
+                               atol=2e-5, rtol=1e-4)
   else:
     with open(os.path.join(export, "config.json")) as f:
       assert json.load(f)["model_type"] == "siglip"

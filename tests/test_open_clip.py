@@ -282,3 +282,20 @@ def test_vision_weights_errors_name_the_tensor(folders, robust_tower):
     assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="nested under"):
     vision_weights.unnest({"epoch": 1, "weird_key": {"x": 1}})
+
+
+def test_evaluate_checks_vision_weights_before_compute(tmp_path):
+  import prsl_jax  # pylint: disable=g-import-not-at-top
+  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  outdir = str(tmp_path / "out")
+  settings = dict(checkpoint=prsl_jax.TINY_CLIP, outdir=outdir)
+  with pytest.raises(FileNotFoundError, match="vision weights file not found"):
+    evaluator.preflight(dict(settings, vision_weights=str(tmp_path / "missing.pt")))
+  pickled = tmp_path / "tower.pt"
+  torch.save({"conv1.weight": torch.zeros(1)}, str(pickled))
+  with pytest.raises(ValueError, match="pickle"):
+    evaluator.preflight(dict(settings, vision_weights=str(pickled)))
+  (tmp_path / "tower.npz").write_bytes(b"")
+  with pytest.raises(ValueError, match="safetensors"):
+    evaluator.preflight(dict(settings, vision_weights=str(tmp_path / "tower.npz")))
+  assert not os.path.exists(outdir)

@@ -140,3 +140,14 @@ def test_sigmoid_loss_matches_formula_in_float64():
   # Bias moves it: a wrong sign on the diagonal costs more.
   assert float(losses.sigmoid_loss(jnp.asarray(img), jnp.asarray(txt), scale, 3.0)) != \
       pytest.approx(float(got))
+
+
+def test_sigmoid_loss_over_an_axis_equals_the_whole_batch():
+  # vmap with an axis name runs the collectives as shard_map does over devices.
+  rng = np.random.default_rng(1)
+  img = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  txt = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  whole = losses.sigmoid_loss(img, txt, 5.0, -2.0)
+  parts = jax.vmap(lambda i, t: losses.sigmoid_loss(i, t, 5.0, -2.0, axis_name="d"),
+                   axis_name="d")(img.reshape(3, 2, 4), txt.reshape(3, 2, 4))
+  np.testing.assert_allclose(np.asarray(parts), float(whole), rtol=1e-6)

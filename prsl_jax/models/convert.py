@@ -40,7 +40,9 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAME = "pytorch_model.bin"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+# Any one of these marks a folder with a tokenizer (spiece.model: SigLIP's
+# SentencePiece model).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
 
 
 class Pretrained(NamedTuple):
@@ -199,7 +201,8 @@ def resolve_folder(path_or_hub_id, allow_pickle=False):
                             "such as openai/clip-vit-base-patch32)")
   from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
   offline = _env_offline()
-  patterns = ["*.json", "*.safetensors", "*.txt"] + (["*.bin"] if allow_pickle else [])
+  patterns = ["*.json", "*.safetensors", "*.txt", "*.model"] + (
+      ["*.bin"] if allow_pickle else [])
   hub_id = str(path_or_hub_id)
   unreachable = None if offline else _probe_hub(hub_id)
   try:
