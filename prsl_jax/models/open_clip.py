@@ -167,6 +167,11 @@ def config_to_open_clip(config):
       raise ValueError(f"open_clip pools text at argmax(input_ids); this model pools at "
                        f"eos_token_id={t.eos_token_id}, which is not the largest id "
                        f"({t.vocab_size - 1}); export it in HF format instead")
+  for name, sub in (("vision", v), ("text", t)):
+    # open_clip rebuilds the MLP width as int(width * mlp_ratio).
+    if int(sub.hidden_size * (sub.intermediate_size / sub.hidden_size)) != sub.intermediate_size:
+      raise ValueError(f"{name} intermediate_size={sub.intermediate_size} cannot be written as "
+                       f"open_clip's int(width * mlp_ratio) for width {sub.hidden_size}")
   model_cfg = {
       "embed_dim": config.projection_dim,
       "quick_gelu": v.hidden_act == "quick_gelu",
