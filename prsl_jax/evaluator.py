@@ -139,7 +139,8 @@ def resolve_checkpoint(spec):
       raise ValueError(f"{path!r} holds the train.py runs {runs}; pass one of them, e.g. "
                        f"{os.path.join(path, runs[0])} (or its export/ folder)")
     raise FileNotFoundError(f"checkpoint folder {path!r} has neither checkpoints/ (a "
-                            "train.py run) nor config.json (a HuggingFace checkpoint) nor open_clip_config.json")
+                            "train.py run) nor config.json (a HuggingFace checkpoint) nor "
+                            "open_clip_config.json (an open_clip folder)")
   if os.path.exists(path):
     raise NotADirectoryError(f"checkpoint {path!r} is a file; pass its folder")
   if convert.is_hub_id(path):

@@ -299,3 +299,22 @@ def test_evaluate_checks_vision_weights_before_compute(tmp_path):
   with pytest.raises(ValueError, match="safetensors"):
     evaluator.preflight(dict(settings, vision_weights=str(tmp_path / "tower.npz")))
   assert not os.path.exists(outdir)
+
+
+def test_open_clip_model_exports_to_hf_with_its_tokenizer(folders, tmp_path):
+  import transformers  # pylint: disable=g-import-not-at-top
+  ref, folder = folders["odd_shapes"]
+  model, params, tok = load_pretrained(folder)
+  out = save_pretrained(model, params, str(tmp_path / "hf"), tokenizer=tok)
+  hf_model = transformers.CLIPModel.from_pretrained(out).eval()
+  hf_tok = transformers.CLIPTokenizerFast.from_pretrained(out)
+  texts = ["a photo of a cat.", "Héllo wörld, naïve café!", "x" * 40]
+  enc = hf_tok(texts, padding="max_length", truncation=True, max_length=model.max_text_length,
+               return_tensors="pt")
+  ids, _ = zeroshot.tokenize(tok, texts, model.max_text_length)
+  mask = enc["attention_mask"].numpy().astype(bool)
+  np.testing.assert_array_equal(enc["input_ids"].numpy()[mask], ids[mask])  # pads differ
+  with torch.no_grad():
+    theirs = hf_model.get_text_features(**enc).pooler_output.numpy()
+  want = _ref_outputs(ref, CONFIGS["odd_shapes"], np.zeros((1, 30, 30, 3), np.float32), texts)[1]
+  np.testing.assert_allclose(theirs, want, atol=2e-5, rtol=1e-4)

@@ -137,3 +137,28 @@ class ClipBpeTokenizer:
     end = np.argmax(ids == self.eot_token_id, axis=1)
     mask = (np.arange(ids.shape[1])[None] <= end[:, None]).astype(np.int32)
     return {"input_ids": ids, "attention_mask": mask}
+
+  def save_pretrained(self, out_dir):
+    """Writes the vocabulary as transformers' CLIPTokenizer files (vocab.json,
+    merges.txt, ...), so an open_clip model exported in HF format keeps its
+    tokenizer: the ids are OpenAI CLIP's, the specials spelled <|startoftext|>
+    and <|endoftext|> (49406, 49407). transformers cleans text without ftfy, so
+    ids can differ on text that ftfy would repair."""
+    import json  # pylint: disable=g-import-not-at-top
+    os.makedirs(out_dir, exist_ok=True)
+    names = {SOT: "<|startoftext|>", EOT: "<|endoftext|>"}
+    vocab = {names.get(t, t): i for t, i in self.encoder.items()}
+    merges = sorted(self.ranks, key=self.ranks.get)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+      json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+      f.write("#version: 0.2\n")
+      f.writelines(f"{a} {b}\n" for a, b in merges)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+      json.dump(special, f, indent=2)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length,
+                 "do_lower_case": True, **special}, f, indent=2)
+    return out_dir
