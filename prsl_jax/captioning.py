@@ -53,8 +53,7 @@ from prsl_jax.models import generation
 IGNORE = losses.IGNORE_INDEX
 DATA = sharding.DATA
 
-# The attacks that work on token logits, and the caption suites.
-CAPTION_ATTACKS = frozenset({"bim", "pgd-ce", "apgd-ce", "fgsm"})
+# The caption suites (of the attacks whose record works on token logits).
 SUITES = {"paper": ("bim",), "strong": ("apgd-ce",), "pgd": ("pgd-ce",)}
 DEFAULT_SUITES = ("paper", "strong")
 
@@ -64,10 +63,11 @@ def make_suite(suite, **kwargs):
   if isinstance(suite, str) and suite in SUITES:
     suite = list(SUITES[suite])
   attack_list = evaluation.make_suite(suite, "linf", **kwargs)
-  unsupported = sorted({a.name for a in attack_list} - CAPTION_ATTACKS)
+  unsupported = sorted(a.name for a in attack_list if not attacks.ATTACKS[a.name].tokens)
   if unsupported:
+    usable = sorted(n for n, r in attacks.ATTACKS.items() if r.tokens)
     raise ValueError(f"{unsupported} attack classifiers, not captioners; for captions use "
-                     f"{sorted(CAPTION_ATTACKS)} or the suites {sorted(SUITES)}")
+                     f"{usable} or the suites {sorted(SUITES)}")
   return attack_list
 
 
@@ -174,20 +174,6 @@ def per_caption_loss(loss):
   return objective
 
 
-def _attack(a, fn, x, y, keys, eps, axis_name, targeted):
-  del axis_name  # the captions' objectives are per caption: no cross-device group
-  objective = "ce" if a.loss is None else per_caption_loss(a.loss)
-  if a.name == "bim":
-    return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=objective, targeted=targeted)
-  if a.name == "fgsm":
-    return attacks.fgsm(fn, x, y, eps=eps, targeted=targeted)
-  if a.name == "pgd-ce":
-    return attacks.pgd(fn, x, y, key=keys, eps=eps, steps=a.steps, restarts=a.restarts,
-                       targeted=targeted)
-  return attacks.apgd(fn, x, y, key=keys, eps=eps, steps=a.steps, restarts=a.restarts,
-                      targeted=targeted)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "attack", "max_length", "targeted",
                                              "mesh"))
 def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, attack,
@@ -197,7 +183,10 @@ def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, a
     fn = lambda z: model.logits(params, z, dec)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
     y = jnp.where(valid[:, None], labels, IGNORE)  # padding rows leave batch losses
-    x_adv = _attack(attack, fn, x, y, keys, eps, axis_name, targeted)
+    # The captions' objectives are per caption: no cross-device group (axis_name).
+    objective = "ce" if attack.loss is None else per_caption_loss(attack.loss)
+    x_adv = attacks.ATTACKS[attack.name].run(
+        attack, fn, x, y, attacks.Call(keys, eps, "linf", objective, toward=targeted))
     delta = (x_adv - x).reshape(x.shape[0], -1)
     dist = jnp.max(jnp.abs(delta), axis=1)
     flat = x_adv.reshape(x.shape[0], -1)

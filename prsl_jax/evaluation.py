@@ -102,83 +102,8 @@ class Attack:
     return lambda logits, labels: fn(logits, labels, axis_name=axis_name)
 
 
-def _apgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-    del axis_name, target
-    return attacks.apgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
-                        restarts=a.restarts, max_iterations=iterations)
-  return run
-
-
-def _pgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-    del axis_name, target
-    return attacks.pgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
-                       restarts=a.restarts, max_iterations=iterations)
-  return run
-
-
-def target_class(fn, x, y, index, num_targets):
-  """(B,) the index-th most likely wrong class of the clean logits (index traced).
-
-  AutoAttack's order (autopgd_base.py, fab_base.py): target 0 is the runner-up.
-  """
-  top = attacks.core.top_wrong_classes(fn(x), y, num_targets)
-  return jnp.take_along_axis(top, jnp.broadcast_to(index, y.shape)[:, None], axis=1)[:, 0]
-
-
-def _apgd_t(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del axis_name
-  t = target_class(fn, x, y, target, a.num_targets)
-  return attacks.apgd_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                               restarts=a.restarts, target_labels=t,
-                               max_iterations=iterations)
-
-
-def _fab_t(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del axis_name
-  t = target_class(fn, x, y, target, a.num_targets)
-  return attacks.fab_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                              restarts=a.restarts, target_labels=t,
-                              max_iterations=iterations)
-
-
-def _square(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del axis_name, target
-  return attacks.square(fn, x, y, key=keys, eps=eps, queries=a.queries, norm=norm,
-                        max_iterations=iterations)
-
-
-def _fgsm(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del a, keys, norm, axis_name, target, iterations  # one step; L-inf only (checked)
-  return attacks.fgsm(fn, x, y, eps=eps)
-
-
-def _bim(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del keys, norm, target  # deterministic, L-inf only (checked up front)
-  return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=a.objective(axis_name),
-                     max_iterations=iterations)
-
-
-ATTACKS = {
-    "apgd-ce": _apgd("ce"),
-    "apgd-dlr": _apgd("dlr"),
-    "apgd-t": _apgd_t,
-    "fab-t": _fab_t,
-    "square": _square,
-    "pgd-ce": _pgd("ce"),
-    "pgd-cw": _pgd("cw"),
-    "fgsm": _fgsm,
-    "bim": _bim,
-}
-# Score-based attacks: they never see a gradient, so masking cannot fool them.
-BLACK_BOX = frozenset({"square"})
-LINF_ONLY = frozenset({"fgsm", "bim"})
-# The paper's protocol ('bim') and FGSM never draw random numbers.
-DETERMINISTIC = frozenset({"fgsm", "bim"})
-# Run as AutoAttack runs them: one target at a time, each target only on the
-# points every earlier target (and attack) failed on.
-TARGETED = frozenset({"apgd-t", "fab-t"})
+# The registry of attacks (prsl_jax/attacks/registry.py): one record each.
+ATTACKS = attacks.ATTACKS
 
 SUITES = {
     # AutoAttack's standard version: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square.
@@ -188,7 +113,6 @@ SUITES = {
     # arXiv:2402.03627's attack: 10 sign steps through the model's own training loss.
     "paper": ("bim",),
 }
-DEFAULT_STEPS = {"bim": 10}  # others: AutoAttack's 100
 
 # A black-box attack may break at most this fraction of the points before the
 # masking flag is raised (AutoAttack's checks.py uses the same 0.2%).
@@ -229,8 +153,9 @@ def make_suite(suite, norm="linf", *, steps=None, queries=None, num_targets=None
   if len(set(names)) != len(names):
     raise ValueError(f"attack suite {names} names an attack twice")
   attacks.core.check_choice("norm", norm, attacks.NORMS)
-  if norm != "linf" and LINF_ONLY & set(names):
-    raise ValueError(f"{sorted(LINF_ONLY & set(names))} support norm='linf' only")
+  linf_only = sorted(n for n in names if ATTACKS[n].linf_only)
+  if norm != "linf" and linf_only:
+    raise ValueError(f"{linf_only} support norm='linf' only")
   settings = dict(settings or {})
   stray = sorted(set(settings) - set(names))
   if stray:
@@ -242,12 +167,12 @@ def make_suite(suite, norm="linf", *, steps=None, queries=None, num_targets=None
     loss = (name, tuple(sorted(dict(kwargs).items())))
   out = []
   for name in names:
-    fields = dict(steps=DEFAULT_STEPS.get(name, 100) if steps is None else steps)
+    fields = dict(steps=ATTACKS[name].default_steps if steps is None else steps)
     for field, value in (("queries", queries), ("num_targets", num_targets),
                          ("restarts", restarts)):
       if value is not None:
         fields[field] = value
-    if name == "bim":
+    if ATTACKS[name].training_loss:
       fields["loss"] = loss
     fields.update(settings.get(name, {}))
     bad = sorted(set(fields) - {f.name for f in dataclasses.fields(Attack)})
@@ -329,12 +254,13 @@ def _attack_batch(variables, x, y, ids, valid, base_key, eps, target, iterations
   def run(variables, x, y, ids, valid, base_key, eps, target, iterations, axis_name):
     fn = functools.partial(model_fn, variables)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
-    if attack.name in TARGETED:
+    record = ATTACKS[attack.name]
+    if record.targeted:
       keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, target)
     if attack.loss is not None:
       y = jnp.where(valid, y, losses.IGNORE_INDEX)
-    x_adv = ATTACKS[attack.name](attack, fn, x, y, keys, eps, norm, axis_name, target,
-                                 iterations)
+    call = attacks.Call(keys, eps, norm, attack.objective(axis_name), target, iterations)
+    x_adv = record.run(attack, fn, x, y, call)
     delta = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(x.shape[0], -1)
     dist = (jnp.max(jnp.abs(delta), axis=1) if norm == "linf"
             else jnp.sqrt(jnp.sum(delta * delta, axis=1)))
@@ -645,12 +571,12 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
     t_attack = time.time()
     broken[attack.name] = 0
     key = attack_key(seed, eps, attack.name)
-    passes = range(min(attack.num_targets, num_classes - 1)) if attack.name in TARGETED \
-        else range(1)
+    record = ATTACKS[attack.name]
+    passes = range(min(attack.num_targets, num_classes - 1)) if record.targeted else range(1)
     for target in passes:
       positions = np.flatnonzero(robust)
       if bar is not None:
-        what = f" target {target + 1}" if attack.name in TARGETED else ""
+        what = f" target {target + 1}" if record.targeted else ""
         bar.reset(total=-(-len(positions) // batch_size),
                   desc=f"eps={format_eps(eps)} {attack.name}{what}")
       for b in _batches(source, indices, positions, batch_size, mesh, sizes):
@@ -668,21 +594,22 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
         robust[b.rows[hit]] = False
         broken_by[b.rows[hit]] = attack.name
         broken[attack.name] += int(hit.sum())
-        if attack.name in BLACK_BOX and white_before:
+        if record.black_box and white_before:
           masked += int(hit.sum())
         if bar is not None:
           bar.update()
           bar.set_postfix(robust_acc=f"{robust.sum() / n:.3f}")
     after[attack.name] = float(robust.mean())
     by_attack[attack.name] = time.time() - t_attack
-    white_before |= attack.name not in BLACK_BOX
+    white_before |= not record.black_box
   masking = masked / n > masking_tol
   if outside:
     _warn(checks, f"eps={eps:.6g}: {outside} adversarial images were outside the {norm} "
           f"ball or [0, 1] (by up to {excess:.3g}); they were not counted")
   if masking:
     _warn(checks, f"eps={eps:.6g}: gradient masking suspected: the black-box attack(s) "
-          f"{sorted(BLACK_BOX & {a.name for a in attack_list})} broke {masked} of {n} "
+          f"{sorted(a.name for a in attack_list if ATTACKS[a.name].black_box)} broke "
+          f"{masked} of {n} "
           "points on which every white-box attack before them failed",
           GradientMaskingWarning)
   return EpsResult(

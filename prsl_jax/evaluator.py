@@ -150,12 +150,7 @@ def train_loss_of(ckpt):
   loss = ckpt.get("train_loss")
   if not loss or loss.get("name", "ce") == "ce":
     return None
-  name = loss["name"]
-  fields = losses.loss_fields(name)
-  kwargs = {k: loss[k] for k in fields if k in loss}
-  if "group_size" in kwargs:
-    kwargs["group_size"] = kwargs["group_size"] or None
-  return name, kwargs
+  return loss["name"], losses.config_kwargs(loss)
 
 
 def check_folder(folder, allow_pickle):

@@ -48,20 +48,6 @@ EVAL_FIELDS = ("eval", "log_every", "eval_every", "export", "keep_checkpoints",
 # ----------------------------------------------------------------------------
 
 
-def loss_kwargs(loss_config, name=None):
-  """The keyword arguments of loss `name` (default loss_config.name) from the config."""
-  name = name or loss_config.name
-  kwargs = {k: loss_config[k] for k in losses.loss_fields(name) if k in loss_config}
-  if "group_size" in kwargs:
-    kwargs["group_size"] = kwargs["group_size"] or None  # 0: the whole global batch
-  return kwargs
-
-
-def batch_loss_fn(loss_config):
-  """The registry's batch loss for config.loss (losses.get_loss)."""
-  return losses.get_loss(loss_config.name, **loss_kwargs(loss_config))
-
-
 def eval_suites(config, loss_config=None):
   """{suite name: tuple of evaluation.Attack} from config.eval.
 
@@ -72,7 +58,7 @@ def eval_suites(config, loss_config=None):
   e = config.eval
   train_loss = None
   if loss_config is not None and loss_config.name != "ce":
-    train_loss = (loss_config.name, loss_kwargs(loss_config))
+    train_loss = (loss_config.name, losses.config_kwargs(loss_config))
   out = {}
   for spec in e.suites:
     names = [s.strip() for s in spec.split(",") if s.strip()] if "," in spec else spec
@@ -117,11 +103,11 @@ def validate(config, *, num_classes=None):
       raise ValueError(f"config.loss.name / compare_losses has unknown loss {name!r}; "
                        f"choose from {sorted(losses.LOSSES)}")
     try:
-      losses.get_loss(name, **loss_kwargs(config.loss, name))  # weights, ints, window
+      losses.get_loss(name, **losses.config_kwargs(config.loss, name))  # weights, ints, window
     except (ValueError, TypeError) as e:
       raise type(e)(f"config.loss ({name}): {e}") from None
     if num_classes is not None:
-      kw = loss_kwargs(config.loss, name)
+      kw = losses.config_kwargs(config.loss, name)
       if "end" in kw:
         losses.check_window(kw.get("start", 0), kw["end"], num_classes)
       if "k" in kw and not 1 <= kw["k"] <= num_classes - 1:
@@ -467,7 +453,7 @@ def optimizer_and_step(config, mesh, model, params):
   if key not in _STEPS:
     tx = training.make_optimizer(config.optimizer, config.total_steps, params, trainable)
     step_fn = training.make_train_step(mesh, model=model, objective=config.objective,
-                                       loss_fn=batch_loss_fn(config.loss),
+                                       loss_fn=losses.from_config(config.loss),
                                        adversarial=adversarial, tx=tx)
     if len(_STEPS) >= _MAX_STEPS:
       _STEPS.pop(next(iter(_STEPS)))

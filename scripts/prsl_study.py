@@ -200,10 +200,7 @@ def training_loss(name):
   loss = ROWS[name]["loss"]
   if loss["name"] == "ce":
     return None
-  kwargs = {k: v for k, v in loss.items() if k != "name"}
-  if "group_size" in kwargs:
-    kwargs["group_size"] = kwargs["group_size"] or None  # 0: the whole batch
-  return loss["name"], kwargs
+  return loss["name"], losses.config_kwargs(loss)
 
 
 def penalty_key(name):
@@ -223,8 +220,8 @@ def penalty_fn(name):
   """fn(logits, labels) -> the row's penalty at weight 1 (no CE term)."""
   loss = ROWS[name]["loss"]
   if loss["name"] == "prsl":
-    fn = losses.get_loss("prsl", start=loss["start"], end=loss["end"], weight=1.0,
-                         ce_weight=0.0, group_size=loss.get("group_size") or None)
+    fn = losses.get_loss("prsl", **dict(losses.config_kwargs(loss), weight=1.0,
+                                        ce_weight=0.0))
     return lambda z, y: fn(z, y)
   if loss["name"] == "drsl":
     fn = losses.get_loss("drsl", weight=1.0, ce_weight=0.0)

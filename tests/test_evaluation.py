@@ -5,6 +5,7 @@ gradients) on random 6x6 RGB images; a few attack steps. Module-level logits
 functions let evaluation's compile cache serve every test.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -210,11 +211,12 @@ def test_an_example_draws_the_same_randomness_in_any_batch():
 def test_out_of_ball_images_are_flagged_and_not_counted(lin, monkeypatch):
   params, source, idx = lin
 
-  def too_far(attack, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-    del attack, fn, y, keys, norm, axis_name, target, iterations  # outside, even at eps=0
-    return jnp.clip(x + 2 * eps + 0.01, 0, 1)
+  def too_far(attack, fn, x, y, call):
+    del attack, fn, y  # outside, even at eps=0
+    return jnp.clip(x + 2 * call.eps + 0.01, 0, 1)
 
-  monkeypatch.setitem(evaluation.ATTACKS, "fgsm", too_far)
+  monkeypatch.setitem(evaluation.ATTACKS, "fgsm",
+                      dataclasses.replace(evaluation.ATTACKS["fgsm"], run=too_far))
   with pytest.warns(evaluation.SoundnessWarning):
     r = _evaluate(linear, params, source, idx, eps_list=[8 / 255],
                             suite=["fgsm"], **dict(FAST, batch_size=8))
