@@ -74,14 +74,15 @@ from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
 from prsl_jax import trainer
-from prsl_jax import training
 from prsl_jax import zeroshot
+from prsl_jax.models import clip as clip_lib
 
 # ----------------------------------------------------------------------------
 # The study: rows (configs/study_common.py) and settings.
 # ----------------------------------------------------------------------------
 
 SEEDS = (0, 1, 2)
+VISION_KEYS = clip_lib.CLIP.towers["vision"]  # the tower the study fine-tunes
 START = {"label": "starting model (zero-shot)", "family": "start", "loss": {"name": "ce"},
          "adversarial": False}
 ROWS = {"start": START, **study_common.ROWS}
@@ -287,7 +288,7 @@ def _tree_norm(tree):
 
 
 def gradient_ratios(model, params, class_emb, batches, penalties, *, adv_eps, adv_steps,
-                    trainable_keys=training.VISION_KEYS):
+                    trainable_keys=VISION_KEYS):
   """||grad CE|| / ||grad penalty|| per batch, w.r.t. the logits and the trainable params.
 
   The ratio is the weight b at which b * penalty pulls as hard as the mean CE;
@@ -413,7 +414,7 @@ def clean_metrics(model, params, class_emb, source, study):
   return out
 
 
-def param_change(params, start_params, keys=training.VISION_KEYS):
+def param_change(params, start_params, keys=VISION_KEYS):
   """||theta - theta_start|| / ||theta_start|| over the trainable (vision) params."""
   diff = sq = 0.0
   for k in keys:

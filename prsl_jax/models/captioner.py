@@ -646,6 +646,11 @@ class Captioner:
   """
   config: CaptionerConfig
   kind = "vision-encoder-decoder"  # config.json's model_type
+  task = "captioning"  # what evaluate.py measures it with (prsl_jax.tasks)
+  # Top-level param keys per tower: the bridge from encoder to decoder width,
+  # when present, trains with the vision tower.
+  towers = {"vision": ("encoder", "enc_to_dec_proj"), "text": ("decoder",),
+            "both": ("encoder", "enc_to_dec_proj", "decoder")}
 
   @property
   def module(self) -> CaptionerModule:
@@ -949,3 +954,6 @@ def from_hf(hf_config, *, image_mean=None, image_std=None, dtype=jnp.float32, re
 
 def vocab_size(model):
   return model.config.decoder.vocab_size
+
+
+MODEL = Captioner  # the static model class of this kind (models/__init__.py)

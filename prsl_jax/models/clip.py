@@ -423,6 +423,12 @@ class CLIP:
   """
   config: CLIPConfig
   kind = "clip"  # config.json's model_type
+  task = "classification"  # what evaluate.py measures it with (prsl_jax.tasks)
+  # Top-level param keys per tower (config.train_towers; the optimizer masks by them).
+  towers = {"vision": ("vision_model", "visual_projection"),
+            "text": ("text_model", "text_projection", "logit_scale"),
+            "both": ("vision_model", "visual_projection", "text_model", "text_projection",
+                     "logit_scale")}
 
   @property
   def module(self) -> CLIPModule:
@@ -568,3 +574,6 @@ def from_hf(hf_config, *, image_mean=None, image_std=None, dtype=jnp.float32, re
 
 def vocab_size(model):
   return model.config.text.vocab_size
+
+
+MODEL = CLIP  # the static model class of this kind (models/__init__.py)
