@@ -18,7 +18,6 @@ import platform
 import shlex
 import sys
 import time
-import warnings
 
 import jax
 
@@ -27,6 +26,7 @@ from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
+from prsl_jax import reports
 from prsl_jax import sharding
 from prsl_jax import tasks
 from prsl_jax import zeroshot
@@ -42,9 +42,6 @@ DEFAULTS = dict(
 # for classifiers; the paper's protocol and APGD-CE on the token loss for
 # captioners).
 
-# Budgets past these are outside what the field reports (TeCoA: 1/255; FARE:
-# 2/255 and 4/255; RobustBench L2: 0.5 at 32x32) and get a warning.
-TYPICAL_MAX = {"linf": 16 / 255, "l2": 4.0}
 RESULTS = "results.json"
 
 
@@ -62,10 +59,7 @@ def parse_eps(value, norm="linf"):
     if norm == "linf" and e > 1:
       raise ValueError(f"--eps: {item!r} exceeds 1, the whole [0, 1] pixel range; budgets are "
                        "in [0, 1] pixel units (write 4/255, not 4)")
-    if e > TYPICAL_MAX[norm]:
-      warnings.warn(f"--eps {item} is far above the budgets the field reports ({norm} up to "
-                    f"{evaluation.format_eps(TYPICAL_MAX[norm])}); budgets are in [0, 1] "
-                    "pixel units")
+    evaluation.warn_unusual_budget(f"--eps {item}", e, norm)
     eps.append(e)
   if not eps:
     raise ValueError("--eps is empty")
@@ -81,7 +75,7 @@ def parse_suites(value, norm="linf", *, task=tasks.TASKS["classification"], step
     raise ValueError("--suite is empty")
   out = {}
   for v in values:
-    names = [s.strip() for s in v.split(",") if s.strip()] if "," in v else v.strip()
+    names = evaluation.suite_spec(v)
     kw = dict(steps=steps, queries=queries, num_targets=num_targets, train_loss=train_loss)
     out[v] = task.make_suite(names, norm, **kw)
   return out
@@ -288,19 +282,24 @@ def _write(outdir, record, title, results, final, task):
   table = task.format_table(results) if results else ""
   for name, text in ((RESULTS, json.dumps(record, indent=1, default=str)),
                      ("results.md", f"{title}\n\n{table}")):
-    tmp = os.path.join(outdir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(outdir, name))
+    reports.write_atomic(os.path.join(outdir, name), text)
   if final and results:
     task.plot(results, os.path.join(outdir, "robustness.png"))
   return table
 
 
-def run(settings, *, argv=None):
-  """Evaluates every checkpoint; returns the record written to results.json."""
+def run(settings, *, argv=None, checked=None):
+  """Evaluates every checkpoint; returns the record written to results.json.
+
+  checked: what preflight(settings) returned, when the caller ran it already
+  (evaluate.py does, before starting JAX's distributed runtime): it runs once.
+  """
   t0 = time.time()
-  p = preflight(settings)
+  p = preflight(settings) if checked is None else checked
+  s = p["settings"]
+  if s["batch_size"] % jax.device_count():  # every host's devices, once distributed
+    raise ValueError(f"--batch_size={s['batch_size']} must be divisible by the number of "
+                     f"devices ({jax.device_count()})")
   s, eps, outdir = p["settings"], p["eps"], p["outdir"]
   mesh = sharding.make_mesh()
   templates = zeroshot.IMAGENET_TEMPLATES if s["templates"] == "imagenet" else None

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-import warnings
 from typing import Any, Optional
 
 import jax
@@ -31,6 +30,7 @@ from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
 from prsl_jax import progress
+from prsl_jax import reports
 from prsl_jax import sharding
 from prsl_jax import tasks
 from prsl_jax import training
@@ -61,7 +61,7 @@ def eval_suites(config, loss_config=None):
     train_loss = (loss_config.name, losses.config_kwargs(loss_config))
   out = {}
   for spec in e.suites:
-    names = [s.strip() for s in spec.split(",") if s.strip()] if "," in spec else spec
+    names = evaluation.suite_spec(spec)
     settings = dict(steps=e.steps or None, queries=e.queries or None,
                     num_targets=e.num_targets or None, train_loss=train_loss)
     out[spec] = task.make_suite(names, e.get("norm", "linf"), **settings)
@@ -142,16 +142,11 @@ def validate(config, *, num_classes=None):
 
 def _warn_unusual_budgets(config):
   """A warning for budgets far above what the field reports (likely 0-255 units)."""
-  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
   found = [("config.eval.eps", e, config.eval.get("norm", "linf")) for e in config.eval.eps]
   if config.adversarial.enabled:
     found.append(("config.adversarial.eps", config.adversarial.eps, config.adversarial.norm))
   for name, eps, norm in found:
-    top = evaluator.TYPICAL_MAX.get(norm)
-    if top is not None and eps > top:
-      warnings.warn(f"{name}={evaluation.format_eps(eps)} is far above the budgets the "
-                    f"field reports ({norm} up to {evaluation.format_eps(top)}); budgets "
-                    "are in [0, 1] pixel units")
+    evaluation.warn_unusual_budget(f"{name}={evaluation.format_eps(eps)}", eps, norm)
 
 
 def run_config(config, loss_name):
@@ -534,13 +529,6 @@ def evaluate_models(config, s: Setup, models: dict, loss_configs: dict, *, on_re
   return results, indices
 
 
-def _write_atomic(path, text):
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def report(config, workdir, results, *, indices, extra=None, complete=True):
   """Writes results.json, results.md and robustness.png into workdir; returns the table.
 
@@ -557,23 +545,25 @@ def report(config, workdir, results, *, indices, extra=None, complete=True):
             "workdir": workdir, "complete": complete,
             "results": {k: r.to_dict() for k, r in results.items()},
             "eval_indices": [int(i) for i in indices], **(extra or {})}
-  _write_atomic(os.path.join(workdir, "results.json"),
-                json.dumps(record, indent=1, default=str))
-  _write_atomic(os.path.join(workdir, "results.md"), table)
+  reports.write_atomic(os.path.join(workdir, "results.json"),
+                       json.dumps(record, indent=1, default=str))
+  reports.write_atomic(os.path.join(workdir, "results.md"), table)
   return table
 
 
-def run(config, workdir: str):
+def run(config, workdir: str, *, checked=False):
   """Fine-tunes with the main loss and each comparison loss, then evaluates them all.
 
-  Checks everything it can first (`preflight`); results.json is rewritten after
+  Checks everything it can first (`preflight`, unless checked=True: the caller
+  ran it, as train.py does before starting JAX's distributed runtime); results.json is rewritten after
   each evaluated model ("complete": false until the last) and records, per loss,
   the step evaluated and the step a resume started from.
 
   Returns:
     {"results": {row: evaluation.Result}, "table": markdown str, "steps": {loss: step}}.
   """
-  preflight(config, workdir)
+  if not checked:
+    preflight(config, workdir)
   config = with_workdir(config, workdir)  # the record names the folder really used
   try:
     return _run(config, workdir)

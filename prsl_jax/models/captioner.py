@@ -743,6 +743,11 @@ class Captioner:
     return self.config.encoder.image_size
 
   @property
+  def max_positions(self):
+    """Decoder positions: the longest sequence generation may reach (tokens)."""
+    return self.config.decoder.n_positions
+
+  @property
   def max_length(self):
     """Default generation length (tokens, decoder_start included)."""
     return self.config.max_length

@@ -29,9 +29,11 @@ import numpy as np
 _NEG = -1.0e9
 
 
-def _resolve_max_length(model, max_length):
+def resolve_max_length(model, max_length):
+  """max_length (tokens, decoder_start included), or the model's default when None;
+  an int in [2, model.max_positions], else a one-line error."""
   max_length = model.max_length if max_length is None else max_length
-  n = model.config.decoder.n_positions
+  n = model.max_positions
   if not isinstance(max_length, (int, np.integer)) or not 2 <= max_length <= n:
     raise ValueError(f"max_length must be an int in [2, n_positions={n}] (tokens, "
                      f"decoder_start included), got {max_length!r}")
@@ -56,7 +58,7 @@ def greedy(model, params, images, *, max_length=None):
     stops there and returns fewer columns). With eos_token_id None every
     sequence runs to max_length.
   """
-  return _greedy(model, params, images, _resolve_max_length(model, max_length))
+  return _greedy(model, params, images, resolve_max_length(model, max_length))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -121,7 +123,7 @@ def beam_search(model, params, images, *, num_beams, max_length=None,
     raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
   if early_stopping not in (True, False, "never"):
     raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-  return _beam_search(model, params, images, _resolve_max_length(model, max_length),
+  return _beam_search(model, params, images, resolve_max_length(model, max_length),
                       int(num_beams), float(length_penalty), early_stopping)
 
 
