@@ -63,12 +63,11 @@ def greedy(model, params, images, *, max_length=None):
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _greedy(model, params, images, max_length):
-  c = model.config
-  eos, pad = c.eos_token_id, c.pad_token_id
+  eos, pad = model.eos_token_id, model.pad_token_id
   b = images.shape[0]
   cache = model.init_cache(params, model.encode(params, images), max_length)
   seq = jnp.full((b, max_length), 0 if pad is None else pad, jnp.int32)
-  seq = seq.at[:, 0].set(c.decoder_start_token_id)
+  seq = seq.at[:, 0].set(model.decoder_start_token_id)
 
   def cond(state):
     cur_len, _, _, unfinished = state
@@ -137,8 +136,7 @@ def _pow_table(n, length_penalty):
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
 def _beam_search(model, params, images, max_length, num_beams, length_penalty,
                  early_stopping):
-  c = model.config
-  eos, pad = c.eos_token_id, c.pad_token_id
+  eos, pad = model.eos_token_id, model.pad_token_id
   b, k, big_l = images.shape[0], num_beams, max_length
   w = 2 * k  # beams_to_keep = max(2, 1 + n_eos) * num_beams, n_eos <= 1
   fill = -1 if eos is None else (pad if pad else eos)  # `pad or eos if eos else -1`
@@ -151,7 +149,7 @@ def _beam_search(model, params, images, max_length, num_beams, length_penalty,
   cache = model.init_cache(params, states, big_l)
 
   running_seq = jnp.full((b, k, big_l), fill, jnp.int32)
-  running_seq = running_seq.at[:, :, 0].set(c.decoder_start_token_id)
+  running_seq = running_seq.at[:, :, 0].set(model.decoder_start_token_id)
   running_scores = jnp.where(jnp.arange(k) == 0, 0.0, _NEG).astype(jnp.float32)
   running_scores = jnp.broadcast_to(running_scores, (b, k))
   state = dict(
