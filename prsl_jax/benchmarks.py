@@ -34,9 +34,18 @@ Named lists (BENCHMARKS):
   NOT_IN_TFDS names each set a paper reports that TFDS (4.9) has no builder
   for, and why it is left out.
 
+TeCoA's prompts. TeCoA (and PMG-AFT, TGA-ZSR, which reuse its code) prompt
+with one template per set: "This is a photo of a {}", or the prompt_template of
+its patched torchvision datasets (DTD "A surface with a {} texture.", EuroSAT
+"A centered satellite photo of {}.", ...), recorded as Dataset.tecoa_template.
+Their class names differ from CLIP's in a few sets, which is not reproduced
+here: EuroSAT ('a forest', 'a sea or a lake', ...), Stanford Cars (the year
+dropped), PCAM (two fixed sentences instead of a template), Caltech-101 (the
+background class dropped: 101 classes, TFDS keeps 102).
+
 Protocols (PROTOCOLS): `tecoa` (eps 1/255; PGD-CE with 100 steps of 1/255 from
 a random start, as TeCoA's attack_pgd and its re-runs in PMG-AFT and TGA-ZSR,
-then AutoAttack's standard cascade), `fare` (APGD-CE + APGD-T, 100 iterations, 9
+TeCoA's prompts, then AutoAttack's standard cascade), `fare` (APGD-CE + APGD-T, 100 iterations, 9
 target classes, at eps 2/255 and 4/255; APGD-CE alone on 2-class sets, as
 CLIP_benchmark/clip_benchmark/metrics/zeroshot_classification.py runs it) and
 `standard` (AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square).
@@ -66,6 +75,9 @@ class Dataset:
     evaluator keeps these columns and maps label labels[i] to class i. None:
     every TFDS label, class i is label i.
   template_source: which CLIP_benchmark template list `templates` is.
+  tecoa_template: TeCoA's single prompt for this set (the `prompt_template` of
+    its patched torchvision datasets, replace/torchvision.datasets/*.py; the
+    field's "This is a photo of a {}" where it has none).
   """
   name: str
   tfds_name: str
@@ -75,6 +87,7 @@ class Dataset:
   num_examples: int = 1000
   labels: Optional[tuple] = None
   template_source: str = ""
+  tecoa_template: str = "This is a photo of a {}"
 
   @property
   def num_classes(self) -> int:
@@ -92,8 +105,8 @@ class Protocol:
   num_targets: target classes of APGD-T / FAB-T (None: not run).
   queries: Square's queries (None: not run).
   pgd_step_size: PGD's step in pixel units (None: the evaluator's default).
-  templates: 'benchmark' (each Dataset's templates) or 'default' (the field's
-    single prompt "This is a photo of a {}").
+  templates: 'benchmark' (each Dataset's templates), 'tecoa' (each Dataset's
+    tecoa_template) or 'default' (the field's "This is a photo of a {}").
   description: the source, in words.
   """
   name: str
@@ -163,29 +176,32 @@ IMAGENET_R_LABELS = (
 )
 
 
-def _dataset(name, split, template_key, *, tfds_name=None, num_examples=1000, labels=None):
+def _dataset(name, split, template_key, *, tfds_name=None, num_examples=1000, labels=None,
+             tecoa="This is a photo of a {}"):
   names = classnames.get(name)
   if labels is not None:
     names = tuple(names[i] for i in labels)
   return Dataset(name=name, tfds_name=tfds_name or name, split=split, class_names=names,
                  templates=TEMPLATES[template_key], num_examples=num_examples,
-                 labels=labels, template_source=template_key)
+                 labels=labels, template_source=template_key, tecoa_template=tecoa)
 
 
 DATASETS = {d.name: d for d in (
     _dataset("cifar10", "test", "cifar10"),
     _dataset("cifar100", "test", "cifar100"),
     _dataset("stl10", "test", "stl10"),
-    _dataset("caltech101", "test", "caltech101"),
-    _dataset("oxford_iiit_pet", "test", "pets"),
-    _dataset("oxford_flowers102", "test", "flowers"),
-    _dataset("dtd", "test", "dtd"),
+    _dataset("caltech101", "test", "caltech101", tecoa="A photo of a {}."),
+    _dataset("oxford_iiit_pet", "test", "pets", tecoa="A photo of a {}, a type of pet."),
+    _dataset("oxford_flowers102", "test", "flowers",
+             tecoa="A photo of a {}, a type of flower."),
+    _dataset("dtd", "test", "dtd", tecoa="A surface with a {} texture."),
     # TFDS has one EuroSAT split; VTAB's (and CLIP_benchmark's vtab/eurosat) test
     # set is its last 20%.
-    _dataset("eurosat", "train[21600:]", "eurosat", tfds_name="eurosat/rgb"),
+    _dataset("eurosat", "train[21600:]", "eurosat", tfds_name="eurosat/rgb",
+             tecoa="A centered satellite photo of {}."),
     _dataset("patch_camelyon", "test", "pcam"),
-    _dataset("cars196", "test", "cars"),
-    _dataset("food101", "validation", "food101"),
+    _dataset("cars196", "test", "cars", tecoa="A photo of a {}."),
+    _dataset("food101", "validation", "food101", tecoa="A photo of {}, a type of food."),
     _dataset("sun397", "test", "sun397"),
     _dataset("imagenet2012", "validation", "imagenet1k", num_examples=5000),
     _dataset("imagenet_r", "test", "imagenet1k", labels=IMAGENET_R_LABELS),
@@ -215,11 +231,11 @@ NOT_IN_TFDS = {
 
 PROTOCOLS = {p.name: p for p in (
     Protocol(name="tecoa", eps=(1 / 255,), suites=("pgd-ce", "standard"), steps=100,
-             num_targets=9, queries=5000, pgd_step_size=1 / 255, templates="default",
+             num_targets=9, queries=5000, pgd_step_size=1 / 255, templates="tecoa",
              description="TeCoA (Mao et al., ICLR 2023) as TGA-ZSR re-runs it: eps 1/255, "
              "PGD-CE 100 steps of 1/255 from a random start (ZSRobust4FoundationModel "
-             "attack_pgd), prompt 'This is a photo of a {}'; plus AutoAttack's standard "
-             "cascade"),
+             "attack_pgd), one prompt per set (Dataset.tecoa_template); plus AutoAttack's "
+             "standard cascade"),
     Protocol(name="fare", eps=(2 / 255, 4 / 255), suites=("fast",), steps=100, num_targets=9,
              templates="benchmark",
              description="FARE (Schlarmann et al., ICML 2024): APGD-CE + APGD-T (100 "

@@ -42,6 +42,7 @@ def test_templates_and_names():
   for name, d in benchmarks.DATASETS.items():
     assert d.name == name
     assert d.templates and all(t.count("{}") == 1 for t in d.templates), name
+    assert d.tecoa_template.count("{}") == 1, name
     assert len(set(d.templates)) == len(d.templates), name
     assert all(t.format("x") != t for t in d.templates)
     assert d.num_examples == (5000 if name == "imagenet2012" else 1000)
@@ -78,7 +79,7 @@ def test_benchmarks_name_records_and_list_the_missing():
 def test_protocols_name_known_suites():
   assert set(benchmarks.PROTOCOLS) == {"tecoa", "fare", "standard"}
   for name, p in benchmarks.PROTOCOLS.items():
-    assert p.name == name and p.templates in ("benchmark", "default")
+    assert p.name == name and p.templates in ("benchmark", "tecoa", "default")
     for suite in p.suites:
       evaluation.make_suite(suite)  # a suite or attack the evaluator knows
     assert all(0 < e <= 4 / 255 for e in p.eps)
@@ -87,6 +88,8 @@ def test_protocols_name_known_suites():
   assert evaluation.SUITES["fast"] == ("apgd-ce", "apgd-t")
   tecoa = benchmarks.get_protocol("tecoa")
   assert tecoa.eps == (1 / 255,) and tecoa.steps == 100 and "pgd-ce" in tecoa.suites
+  assert benchmarks.get_dataset("dtd").tecoa_template == "A surface with a {} texture."
+  assert benchmarks.get_dataset("cifar10").tecoa_template == "This is a photo of a {}"
   assert benchmarks.get_protocol("standard").suites == ("standard",)
   with pytest.raises(ValueError, match="unknown protocol"):
     benchmarks.get_protocol("tgazsr")
