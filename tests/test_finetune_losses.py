@@ -160,8 +160,9 @@ def test_fare_attack_raises_the_embedding_loss_within_the_ball(linear):
                          keep_best=False)
   d_start = np.asarray(fl.fare_distances(embed(start), target))
   signs = np.sign(np.random.default_rng(6).normal(size=(32, 4) + HWC)).astype(np.float32)
-  d_vertex = np.stack([np.asarray(fl.fare_distances(embed(images + eps * s), target))
-                       for s in signs])
+  vertices = (images[None] + eps * signs).reshape((-1,) + HWC)
+  d_vertex = np.asarray(fl.fare_distances(embed(vertices), jnp.tile(target, (32, 1))))
+  d_vertex = d_vertex.reshape(32, 4)
   assert (d_adv > 2 * d_start).all(), (d_adv, d_start)
   assert (d_adv > d_vertex.max(axis=0)).all(), (d_adv, d_vertex.max(axis=0))
   # Per-example keys: an example's result does not depend on the rest of its batch.
@@ -182,3 +183,31 @@ def test_fare_attack_rejects_bad_arguments(linear):
     fl.fare_attack(embed, images * 255, target, key=jax.random.key(0), eps=4 / 255)
   with pytest.raises(ValueError, match="key is required"):
     fl.fare_attack(embed, images, target, key=None, eps=4 / 255)
+
+
+def test_axis_name_spans_every_shard():
+  """With axis_name, the batch means and sums are over every shard's rows (vmap
+  stands in for the devices of shard_map: same collectives)."""
+  rng = np.random.default_rng(7)
+  zs = [jnp.asarray(rng.normal(size=(4, C)), jnp.float32) for _ in range(3)]
+  y = jnp.asarray(rng.integers(0, C, size=4))
+  e, t = (jnp.asarray(rng.normal(size=(4, D)), jnp.float32) for _ in range(2))
+  split = lambda x: x.reshape((2, 2) + x.shape[1:])
+  sharded = jax.vmap(lambda e, t: fl.fare_loss(e, t, axis_name="d"), axis_name="d")
+  _close(sharded(split(e), split(t)), np.full(2, float(fl.fare_loss(e, t))))
+  for reduction in fl.KL_REDUCTIONS:
+    fn = lambda a, c, o, y: jnp.stack(fl.pmg_aft_terms(a, c, o, y, kl_reduction=reduction,
+                                                       axis_name="d"))
+    out = jax.vmap(fn, axis_name="d")(*map(split, zs), split(y))
+    ref = np.stack(fl.pmg_aft_terms(*zs, y, kl_reduction=reduction))
+    _close(out, np.stack([ref, ref]))
+
+
+def test_fare_attack_jits_with_traced_budget(linear):
+  _, images, embed = linear
+  target = embed(images)
+  keys = jax.random.split(jax.random.key(1), 4)
+  run = jax.jit(lambda x, eps: fl.fare_attack(embed, x, target, key=keys, eps=eps, steps=3))
+  _close(run(images, 2 / 255), np.asarray(fl.fare_attack(embed, images, target, key=keys,
+                                                          eps=2 / 255, steps=3)),
+         rtol=0, atol=1e-6)
