@@ -45,13 +45,19 @@ Robustness, PMG_AFT.py, function `train`):
                is the one above. (2) Their `multiGPU_CLIP` L2-normalises the
                text embedding the model had already multiplied by exp(logit
                scale), so their "logits" are plain cosines in [-1, 1]
-               (temperature 1, not CLIP's 100; their issue 1). These functions
-               take whatever logits the caller passes: CLIP's scaled logits
-               follow the paper's notation, the cosines reproduce the code.
+               (temperature 1, not CLIP's 100; their issue 1), where TeCoA's
+               `multiGPU_CLIP`, which theirs modifies, keeps the scale. These
+               functions take whatever logits the caller passes: CLIP's scaled
+               logits follow the paper and TeCoA, the cosines reproduce
+               PMG-AFT's code.
 
-TeCoA (Mao et al., ICLR 2023) is adversarial cross-entropy through the
-zero-shot head: `prsl_jax.losses.mean_cross_entropy(logits_adv, labels)`, the
-"ce" loss of prsl_jax.losses under adversarial training; nothing new here.
+TeCoA (Mao et al., ICLR 2023; code: GitHub cvlab-columbia/
+ZSRobust4FoundationModel, finetuning.py, `train`) is adversarial cross-entropy
+through the zero-shot head, on CLIP's scaled logits (exp(logit_scale) * cos):
+`prsl_jax.losses.mean_cross_entropy(logits_adv, labels)`, the "ce" loss of
+prsl_jax.losses under adversarial training; nothing new here. FARE's TeCoA
+baseline is the same with L2-normalised embeddings and a fixed scale of 100
+(adversarial_training_clip.py, `compute_loss` with loss 'ce').
 
 Data parallelism: with `axis_name` (inside jax.shard_map) the batch means and
 sums span every device, as in prsl_jax.losses.
