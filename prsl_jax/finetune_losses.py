@@ -66,6 +66,7 @@ sums span every device, as in prsl_jax.losses.
 import jax
 import jax.numpy as jnp
 
+from prsl_jax import attacks
 from prsl_jax import losses
 from prsl_jax.attacks import core
 
@@ -79,6 +80,11 @@ FARE_EPS = (2 / 255, 4 / 255)
 # PMG-AFT's weights: the code adds CE and both KL terms with weight 1.
 PMG_AFT_GENERAL_WEIGHT = 1.0
 PMG_AFT_CLEAN_WEIGHT = 1.0
+# PMG_AFT.py's argument defaults for the training attack (--train_eps 2,
+# --train_numsteps 5, --train_stepsize 1, in 1/255).
+PMG_AFT_EPS = 2 / 255
+PMG_AFT_STEPS = 5
+PMG_AFT_STEP_SIZE = 1 / 255
 KL_REDUCTIONS = ("sum", "mean")
 
 
@@ -313,3 +319,74 @@ def pmg_aft_loss(logits_adv, logits_clean, logits_original_adv, labels, *,
       logits_adv, logits_clean, logits_original_adv, labels, kl_reduction=kl_reduction,
       axis_name=axis_name)
   return ce + general_weight * kl_general + clean_weight * kl_clean
+
+
+# ----------------------------------------------------------------------------
+# One training step's loss, attack included: what a trainer differentiates.
+# ----------------------------------------------------------------------------
+
+
+def fare_step_loss(embed_fn, params, original_params, images, *, key, eps,
+                   steps=FARE_STEPS, step_size=FARE_STEP_SIZE, momentum=FARE_MOMENTUM,
+                   keep_best=True, axis_name=None):
+  """FARE's training loss for one batch, its attack included (no labels, no text).
+
+      target = phi_0(x)                      (the frozen original, clean images)
+      x_adv  = fare_attack(phi, x, target)   (a constant for the update)
+      loss   = fare_loss(phi(x_adv), target)
+
+  Args:
+    embed_fn: (params, images (B, H, W, C') in [0, 1]) -> (B, D) projected,
+      unnormalised image embeddings, e.g. `model.encode_images`.
+    params: the params being trained; the loss is differentiable in them.
+    original_params: the frozen original's params (never differentiated).
+    images: (B, H, W, C') clean images in [0, 1].
+    key, eps, steps, step_size, momentum, keep_best: see fare_attack.
+    axis_name: mesh axis inside shard_map (the batch mean spans every device).
+
+  Returns:
+    scalar float32.
+  """
+  target = jax.lax.stop_gradient(embed_fn(original_params, images))
+  frozen = jax.lax.stop_gradient(params)
+  x_adv = jax.lax.stop_gradient(fare_attack(
+      lambda x: embed_fn(frozen, x), images, target, key=key, eps=eps, steps=steps,
+      step_size=step_size, momentum=momentum, keep_best=keep_best))
+  return fare_loss(embed_fn(params, x_adv), target, axis_name=axis_name)
+
+
+def pmg_aft_step_loss(logits_fn, params, original_params, images, labels, *, key,
+                      eps=PMG_AFT_EPS, steps=PMG_AFT_STEPS, step_size=PMG_AFT_STEP_SIZE,
+                      general_weight=PMG_AFT_GENERAL_WEIGHT,
+                      clean_weight=PMG_AFT_CLEAN_WEIGHT, kl_reduction="sum",
+                      axis_name=None):
+  """PMG-AFT's training loss for one batch, its attack included.
+
+      x_adv  = PGD-CE on the fine-tuned model (labels y; L-inf, random start)
+      loss   = pmg_aft_loss(f(x_adv), f(x), f_0(x_adv), y)
+
+  PMG_AFT.py's `attack_pgd`: uniform start in the ball, `steps` sign steps of
+  `step_size`, cross-entropy of the fine-tuned model (their defaults: eps
+  2/255, 5 steps of 1/255). prsl_jax.attacks.pgd returns the per-example best
+  iterate, theirs the last.
+
+  Args:
+    logits_fn: (params, images) -> (B, C) zero-shot logits (the frozen class
+      embeddings closed over; see the module docstring on their scale).
+    params: the params being trained; original_params: the frozen original's.
+    images: (B, H, W, C') clean images in [0, 1]; labels: (B,) int.
+    key, eps, steps, step_size: the attack's.
+    general_weight, clean_weight, kl_reduction, axis_name: see pmg_aft_loss.
+
+  Returns:
+    scalar float32.
+  """
+  frozen = jax.lax.stop_gradient(params)
+  x_adv = jax.lax.stop_gradient(attacks.pgd(
+      lambda x: logits_fn(frozen, x), images, labels, key=key, eps=eps, steps=steps,
+      step_size=step_size, loss="ce"))
+  logits_original_adv = jax.lax.stop_gradient(logits_fn(original_params, x_adv))
+  return pmg_aft_loss(logits_fn(params, x_adv), logits_fn(params, images),
+                      logits_original_adv, labels, general_weight=general_weight,
+                      clean_weight=clean_weight, kl_reduction=kl_reduction,
+                      axis_name=axis_name)

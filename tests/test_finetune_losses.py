@@ -211,3 +211,50 @@ def test_fare_attack_jits_with_traced_budget(linear):
   _close(run(images, 2 / 255), np.asarray(fl.fare_attack(embed, images, target, key=keys,
                                                           eps=2 / 255, steps=3)),
          rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# A training step's loss, attack included, on linear models.
+# ----------------------------------------------------------------------------
+
+
+def test_fare_step_loss_gradient_is_fare_loss_at_the_fixed_attack(linear):
+  w0, images, _ = linear
+  w = w0 + 0.05 * np.random.default_rng(8).normal(size=w0.shape).astype(np.float32)
+  embed = lambda p, x: x.reshape(x.shape[0], -1) @ p
+  keys = jax.random.split(jax.random.key(2), 4)
+  fn = lambda p, p0: fl.fare_step_loss(embed, p, p0, images, key=keys, eps=4 / 255, steps=2)
+  value, (g, g0) = jax.value_and_grad(fn, argnums=(0, 1))(jnp.asarray(w), jnp.asarray(w0))
+  target = embed(jnp.asarray(w0), images)
+  x_adv = fl.fare_attack(lambda x: embed(jnp.asarray(w), x), images, target, key=keys,
+                         eps=4 / 255, steps=2)
+  xa = np.asarray(x_adv, np.float64).reshape(4, -1)
+  x = np.asarray(images, np.float64).reshape(4, -1)
+  resid = xa @ w - x @ w0.astype(np.float64)
+  _close(value, (resid ** 2).sum(1).mean(), rtol=1e-5)
+  _close(g, 2 * xa.T @ resid / 4, rtol=1e-4, atol=1e-5)  # x_adv is a constant
+  assert not np.asarray(g0).any()  # the original is frozen
+
+
+def test_pmg_aft_step_loss_matches_reference_at_the_fixed_attack(linear):
+  _, images, _ = linear
+  rng = np.random.default_rng(9)
+  w0 = rng.normal(size=(int(np.prod(HWC)), C)).astype(np.float32)
+  w = w0 + 0.3 * rng.normal(size=w0.shape).astype(np.float32)
+  y = jnp.asarray(rng.integers(0, C, size=4))
+  logits = lambda p, x: x.reshape(x.shape[0], -1) @ p
+  keys = jax.random.split(jax.random.key(3), 4)
+  fn = lambda p: fl.pmg_aft_step_loss(logits, p, jnp.asarray(w0), images, y, key=keys,
+                                      steps=2)
+  value, g = jax.value_and_grad(fn)(jnp.asarray(w))
+  from prsl_jax import attacks
+  x_adv = attacks.pgd(lambda x: logits(jnp.asarray(w), x), images, y, key=keys,
+                      eps=fl.PMG_AFT_EPS, steps=2, step_size=fl.PMG_AFT_STEP_SIZE)
+  xa = torch.tensor(np.asarray(x_adv, np.float64).reshape(4, -1))
+  x = torch.tensor(np.asarray(images, np.float64).reshape(4, -1))
+  tw = _t(w)
+  ref = _pmg_reference(xa @ tw, x @ tw, xa @ torch.tensor(w0, dtype=torch.float64),
+                       np.asarray(y, np.int64), 1.0, 1.0, "sum")
+  ref.backward()
+  _close(value, ref.item(), rtol=1e-5)
+  _close(g, tw.grad.numpy(), rtol=1e-4, atol=1e-5)
