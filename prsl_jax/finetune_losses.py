@@ -39,10 +39,11 @@ Robustness, PMG_AFT.py, function `train`):
                themselves). The clean term is not detached: its gradient also
                flows into P(x).
 
-               Two cautions from their code. (1) An earlier commit (4baf55d)
-               had both KLs the other way round, KL(P(x_adv) || P_ref); the
-               later one (a53fdd8), followed by the papers that re-run PMG-AFT,
-               is the one above. (2) Their `multiGPU_CLIP` L2-normalises the
+               Two cautions from their code. (1) The first code upload
+               (commit 4baf55d) had both KLs the other way round,
+               KL(P(x_adv) || P_ref); the later edit of PMG_AFT.py alone
+               (a53fdd8), which code re-using theirs also carries, is the one
+               above. (2) Their `multiGPU_CLIP` L2-normalises the
                text embedding the model had already multiplied by exp(logit
                scale), so their "logits" are plain cosines in [-1, 1]
                (temperature 1, not CLIP's 100; their issue 1), where TeCoA's
