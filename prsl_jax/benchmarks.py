@@ -23,7 +23,9 @@ Named lists (BENCHMARKS):
   fare   FARE's zero-shot table: ImageNet plus CLIP_benchmark/benchmark/
          datasets.txt of chs20/RobustVLM (CIFAR-10, STL-10, CIFAR-100, Cars,
          Caltech-101, Pets, Flowers, DTD, EuroSAT, FGVC-Aircraft, PCAM,
-         ImageNet-R, ImageNet-Sketch), less FGVC-Aircraft.
+         ImageNet-R, ImageNet-Sketch), less FGVC-Aircraft. FARE's tables put
+         ImageNet (its training set) in a column of its own and average the
+         zero-shot sets only.
   tecoa  TeCoA's (Mao et al., ICLR 2023; github.com/cvlab-columbia/
          ZSRobust4FoundationModel, finetuning.py, the --evaluate list of
          val_dataset_name): CIFAR-10, CIFAR-100, STL-10, SUN397, Stanford Cars,
