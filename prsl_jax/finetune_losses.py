@@ -180,7 +180,9 @@ def fare_attack(embed_fn, images, target_embeddings, *, key, eps, steps=FARE_STE
     steps: static int >= 1 (FARE: 10).
     step_size: per-step change in [0, 1] pixel units (FARE: 1/255); may be traced.
     momentum: >= 0 (FARE: 0.9).
-    random_start: start uniformly in the ball (FARE: yes).
+    random_start: start uniformly in the ball (FARE: yes). Without it the
+      attack cannot move while phi = phi_0 (the first step of fine-tuning):
+      at x0 the distance is a minimum, 0, and so is its gradient.
     keep_best: return the per-example best iterate instead of the last.
 
   Returns:
