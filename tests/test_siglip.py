@@ -151,3 +151,30 @@ def test_sigmoid_loss_over_an_axis_equals_the_whole_batch():
   parts = jax.vmap(lambda i, t: losses.sigmoid_loss(i, t, 5.0, -2.0, axis_name="d"),
                    axis_name="d")(img.reshape(3, 2, 4), txt.reshape(3, 2, 4))
   np.testing.assert_allclose(np.asarray(parts), float(whole), rtol=1e-6)
+
+
+def test_contrastive_task_and_towers_use_the_models_bias(folders):
+  """The contrastive task's logits add the model's logit_bias and its loss is the
+  sigmoid loss; the optimizer's towers cover every param key once."""
+  from prsl_jax import tasks  # pylint: disable=g-import-not-at-top
+  from prsl_jax import training  # pylint: disable=g-import-not-at-top
+  _, folder = folders["head"]
+  pretrained = load_pretrained(folder)
+  model, params = pretrained.model, pretrained.params
+  assert tasks.for_model(model) is tasks.TASKS["classification"]
+  tasks.check_fits(tasks.get("contrastive"), model, "siglip")
+  keys = set(training.trainable_keys(model, "both"))
+  assert keys == set(params)
+  assert set(training.trainable_keys(model, "vision")) | set(
+      training.trainable_keys(model, "text")) == keys
+  images, ids = _inputs(pretrained)
+  ids = ids[:2]  # one caption per image
+  batch = {"image": images, "input_ids": ids, "attention_mask": np.ones_like(ids)}
+  task = tasks.get("contrastive")
+  logits = task.logits(params, batch, images, {}, model=model)
+  _, _, want = reference(folders["head"][0], images, ids)
+  np.testing.assert_allclose(np.asarray(logits), want, atol=2e-5, rtol=1e-4)
+  got = task.loss(params, batch, images, {}, model=model, loss_fn=None)
+  img, txt = model.encode_images(params, images), model.encode_texts(params, ids)
+  np.testing.assert_allclose(float(got), float(losses.sigmoid_loss(
+      img, txt, model.logit_scale(params), model.logit_bias(params))), rtol=1e-6)

@@ -58,7 +58,8 @@ class Pretrained(NamedTuple):
 
 
 # config.json model_type -> the module that defines that kind of model. Each
-# defines: from_hf(hf_config, *, image_mean, image_std, dtype, remat) -> model,
+# defines (the model protocol, prsl_jax/models/__init__.py): MODEL, its static
+# model class; from_hf(hf_config, *, image_mean, image_std, dtype, remat) -> model,
 # key_map(config), config_to_hf(config), preprocessor_config(config),
 # load_tokenizer(folder), vocab_size(model); optionally
 # adapt_state_dict(state_dict, model) -> (state_dict, model), which load_pretrained
@@ -67,6 +68,14 @@ class Pretrained(NamedTuple):
 # save_pretrained (e.g. fusing tensors the key map splits).
 MODEL_KINDS = {"clip": clip_lib, "vision-encoder-decoder": captioner_lib,
                "siglip": siglip_lib}
+
+
+def model_class(model_type):
+  """The static model class of a config.json model_type (e.g. clip.CLIP)."""
+  if model_type not in MODEL_KINDS:
+    raise ValueError(f"unknown model_type {model_type!r}; prsl_jax loads "
+                     f"{sorted(MODEL_KINDS)}")
+  return MODEL_KINDS[model_type].MODEL
 
 
 def _model_module(model):
@@ -117,21 +126,24 @@ def _list(names, limit=20):
   return ", ".join(names[:limit]) + more
 
 
-def from_hf_state_dict(state_dict, model):
+def from_hf_state_dict(state_dict, model, *, key_map=None, what=None):
   """HF state dict {name: array} -> our float32 params pytree for `model`.
+
+  key_map: the entries to convert (default: the model's whole key map); a part
+  of it (e.g. the vision tower's) gives the params of that part only.
+  what: how an error names the tensors (default: the checkpoint's).
 
   Raises:
     ValueError listing missing/unexpected keys (HF's position_ids buffers are
     ignored), or naming a parameter whose shape does not fit the config.
   """
   state = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
-  kmap = _model_module(model).key_map(model.config)
+  kmap = _model_module(model).key_map(model.config) if key_map is None else key_map
   expected = {hf for hf, _, _ in kmap}
   missing, unexpected = expected - set(state), set(state) - expected
   if missing or unexpected:
-    raise ValueError(
-        f"checkpoint keys do not match a {model.kind} model with this config.json: "
-        f"missing [{_list(missing)}]; unexpected [{_list(unexpected)}]")
+    what = what or f"checkpoint keys do not match a {model.kind} model with this config.json"
+    raise ValueError(f"{what}: missing [{_list(missing)}]; unexpected [{_list(unexpected)}]")
   shapes = model.param_shapes()
   params = {}
   for hf, path, kind in kmap:
@@ -262,7 +274,8 @@ def _probe_hub(repo_id):
   return None
 
 
-def _pickle_refusal(files):
+def pickle_refusal(files):
+  """The ValueError refusing a pickle weight file without the allow_pickle opt-in."""
   return ValueError(
       f"refusing to load {', '.join(files)}: a .bin/.pt file is a Python pickle, and "
       "unpickling can execute arbitrary code from the file. Prefer a model.safetensors "
@@ -294,7 +307,7 @@ def _weight_files(folder, allow_pickle):
   if has(PICKLE_NAME) or has(PICKLE_INDEX_NAME):
     name = PICKLE_NAME if has(PICKLE_NAME) else PICKLE_INDEX_NAME
     if not allow_pickle:
-      raise _pickle_refusal([os.path.join(folder, name)])
+      raise pickle_refusal([os.path.join(folder, name)])
     files = [os.path.join(folder, PICKLE_NAME)] if name == PICKLE_NAME else \
         _shards(folder, PICKLE_INDEX_NAME)
     return "pickle", files
@@ -337,7 +350,7 @@ def _open_clip_weight_files(folder, allow_pickle):
     return "safetensors", [st]
   if os.path.isfile(pk):
     if not allow_pickle:
-      raise _pickle_refusal([pk])
+      raise pickle_refusal([pk])
     return "pickle", [pk]
   raise FileNotFoundError(f"no weights in open_clip folder {folder}: expected "
                           f"{open_clip_lib.SAFETENSORS_NAME} (or {open_clip_lib.PICKLE_NAME} "
@@ -417,6 +430,13 @@ def _shards(folder, index_name):
 def read_state_dict(folder, *, allow_pickle=False):
   """{HF name: numpy array} from a checkpoint folder (safetensors preferred)."""
   kind, files = _weight_files(folder, allow_pickle)
+  return read_tensors(kind, files)
+
+
+def read_tensors(kind, files):
+  """{name: array} of weight files of one kind: 'safetensors', or 'pickle' (read
+  with torch.load(weights_only=True): float32 arrays, nested dicts kept); the
+  caller has checked the allow_pickle opt-in (pickle_refusal)."""
   return _read_safetensors(files) if kind == "safetensors" else _read_pickles(files)
 
 
@@ -501,7 +521,7 @@ def _load_open_clip(folder, *, allow_pickle, dtype, remat):
   model = open_clip_lib.from_open_clip(_read_open_clip_config(folder), dtype=dtype,
                                        remat=remat)
   kind, files = _open_clip_weight_files(folder, allow_pickle)
-  state = _read_safetensors(files) if kind == "safetensors" else _read_pickles(files)
+  state = read_tensors(kind, files)
   if isinstance(state.get("state_dict"), dict):  # open_clip training checkpoints nest it
     state = state["state_dict"]
   state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

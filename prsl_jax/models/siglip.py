@@ -39,12 +39,10 @@ import numpy as np
 
 from prsl_jax.losses import l2_normalize
 from prsl_jax.models import clip as clip_lib
+from prsl_jax.models import layers
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
-_pick = clip_lib._pick  # pylint: disable=protected-access
-_dense = clip_lib._dense  # pylint: disable=protected-access
-_layer_norm = clip_lib._layer_norm  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,40 +92,37 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None, dtype=jnp.floa
   d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
   v, t = d.get("vision_config") or {}, d.get("text_config") or {}
   for name, sub in (("vision_config", v), ("text_config", t)):
-    act = _pick(sub, "hidden_act", "gelu_pytorch_tanh")
+    act = layers.pick(sub, "hidden_act", "gelu_pytorch_tanh")
     if act not in clip_lib.ACTIVATIONS:
       raise ValueError(f"{name}.hidden_act={act!r} is not supported; expected one of "
                        f"{sorted(clip_lib.ACTIVATIONS)}")
-  num_channels = _pick(v, "num_channels", 3)
-  mean = tuple(float(x) for x in (image_mean if image_mean is not None else SIGLIP_MEAN))
-  std = tuple(float(x) for x in (image_std if image_std is not None else SIGLIP_STD))
-  if len(mean) != num_channels or len(std) != num_channels:
-    raise ValueError(f"image_mean {mean} and image_std {std} must have "
-                     f"num_channels={num_channels} entries")
+  num_channels = layers.pick(v, "num_channels", 3)
+  mean, std = layers.pixel_stats(image_mean, image_std, num_channels, SIGLIP_MEAN,
+                                 SIGLIP_STD)
   for name in ("image_size", "patch_size"):
-    if not isinstance(_pick(v, name, 16), int):
+    if not isinstance(layers.pick(v, name, 16), int):
       raise ValueError(f"vision_config.{name} must be an int, got {v.get(name)!r}")
   vision = VisionConfig(
-      hidden_size=_pick(v, "hidden_size", 768),
-      intermediate_size=_pick(v, "intermediate_size", 3072),
-      num_hidden_layers=_pick(v, "num_hidden_layers", 12),
-      num_attention_heads=_pick(v, "num_attention_heads", 12),
-      image_size=_pick(v, "image_size", 224), patch_size=_pick(v, "patch_size", 16),
-      num_channels=num_channels, hidden_act=_pick(v, "hidden_act", "gelu_pytorch_tanh"),
-      layer_norm_eps=float(_pick(v, "layer_norm_eps", 1e-6)),
-      use_head=bool(_pick(v, "vision_use_head", True)), image_mean=mean, image_std=std)
-  hidden = _pick(t, "hidden_size", 768)
+      hidden_size=layers.pick(v, "hidden_size", 768),
+      intermediate_size=layers.pick(v, "intermediate_size", 3072),
+      num_hidden_layers=layers.pick(v, "num_hidden_layers", 12),
+      num_attention_heads=layers.pick(v, "num_attention_heads", 12),
+      image_size=layers.pick(v, "image_size", 224), patch_size=layers.pick(v, "patch_size", 16),
+      num_channels=num_channels, hidden_act=layers.pick(v, "hidden_act", "gelu_pytorch_tanh"),
+      layer_norm_eps=float(layers.pick(v, "layer_norm_eps", 1e-6)),
+      use_head=bool(layers.pick(v, "vision_use_head", True)), image_mean=mean, image_std=std)
+  hidden = layers.pick(t, "hidden_size", 768)
   text = TextConfig(
-      vocab_size=_pick(t, "vocab_size", 32000), hidden_size=hidden,
-      intermediate_size=_pick(t, "intermediate_size", 3072),
-      num_hidden_layers=_pick(t, "num_hidden_layers", 12),
-      num_attention_heads=_pick(t, "num_attention_heads", 12),
-      max_position_embeddings=_pick(t, "max_position_embeddings", 64),
-      projection_size=_pick(t, "projection_size", hidden),
-      hidden_act=_pick(t, "hidden_act", "gelu_pytorch_tanh"),
-      layer_norm_eps=float(_pick(t, "layer_norm_eps", 1e-6)),
-      pad_token_id=_pick(t, "pad_token_id", 1), bos_token_id=_pick(t, "bos_token_id", 49406),
-      eos_token_id=_pick(t, "eos_token_id", 49407))
+      vocab_size=layers.pick(t, "vocab_size", 32000), hidden_size=hidden,
+      intermediate_size=layers.pick(t, "intermediate_size", 3072),
+      num_hidden_layers=layers.pick(t, "num_hidden_layers", 12),
+      num_attention_heads=layers.pick(t, "num_attention_heads", 12),
+      max_position_embeddings=layers.pick(t, "max_position_embeddings", 64),
+      projection_size=layers.pick(t, "projection_size", hidden),
+      hidden_act=layers.pick(t, "hidden_act", "gelu_pytorch_tanh"),
+      layer_norm_eps=float(layers.pick(t, "layer_norm_eps", 1e-6)),
+      pad_token_id=layers.pick(t, "pad_token_id", 1), bos_token_id=layers.pick(t, "bos_token_id", 49406),
+      eos_token_id=layers.pick(t, "eos_token_id", 49407))
   for name, sub in (("vision_config", vision), ("text_config", text)):
     if sub.hidden_size % sub.num_attention_heads:
       raise ValueError(f"{name}.hidden_size={sub.hidden_size} is not a multiple of "
@@ -171,11 +166,11 @@ class PoolingAttention(nn.Module):
     """q: (B, Q, D), kv: (B, T, D) -> (B, Q, D)."""
     head_dim = self.hidden_size // self.num_heads
     split = lambda y: y.reshape(y.shape[0], y.shape[1], self.num_heads, head_dim)
-    q = split(_dense(self.hidden_size, self.dtype, "q_proj")(q))
-    k = split(_dense(self.hidden_size, self.dtype, "k_proj")(kv))
-    v = split(_dense(self.hidden_size, self.dtype, "v_proj")(kv))
+    q = split(layers.dense(self.hidden_size, self.dtype, "q_proj")(q))
+    k = split(layers.dense(self.hidden_size, self.dtype, "k_proj")(kv))
+    v = split(layers.dense(self.hidden_size, self.dtype, "v_proj")(kv))
     y = jax.nn.dot_product_attention(q, k, v)
-    return _dense(self.hidden_size, self.dtype, "out_proj")(y.reshape(q.shape[0], q.shape[1], -1))
+    return layers.dense(self.hidden_size, self.dtype, "out_proj")(y.reshape(q.shape[0], q.shape[1], -1))
 
 
 class PoolingHead(nn.Module):
@@ -191,7 +186,7 @@ class PoolingHead(nn.Module):
     q = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, cfg.hidden_size))
     y = PoolingAttention(cfg.hidden_size, cfg.num_attention_heads, self.dtype,
                          name="attention")(q, x)
-    h = _layer_norm(cfg.layer_norm_eps, self.dtype, "layernorm")(y)
+    h = layers.layer_norm(cfg.layer_norm_eps, self.dtype, "layernorm")(y)
     y = y + clip_lib.MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, self.dtype,
                          name="mlp")(h)
     return y[:, 0]
@@ -206,21 +201,16 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images):
     cfg = self.cfg
-    want = (cfg.image_size, cfg.image_size, cfg.num_channels)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images must have shape (B, {want[0]}, {want[1]}, {want[2]}) "
-                       f"(NHWC in [0, 1] at the model's resolution), got {images.shape}")
-    mean = jnp.asarray(cfg.image_mean, jnp.float32)
-    std = jnp.asarray(cfg.image_std, jnp.float32)
-    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    x = layers.normalize_images(images, cfg.image_size, cfg.num_channels, cfg.image_mean,
+                                cfg.image_std, self.dtype)
     x = PatchEmbedding(cfg.hidden_size, cfg.patch_size, self.dtype,
                        name="embeddings_patch_embedding")(x)
     num_positions = (cfg.image_size // cfg.patch_size) ** 2
     pos = nn.Embed(num_positions, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                    name="embeddings_position_embedding")
     x = x + pos(jnp.arange(num_positions))[None]
-    x = clip_lib._encoder(cfg, self.dtype, self.remat)(x)  # pylint: disable=protected-access
-    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x)
+    x = clip_lib.encoder(cfg, self.dtype, self.remat)(x)
+    x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x)
     if cfg.use_head:
       return PoolingHead(cfg, self.dtype, name="head")(x)
     return x.mean(axis=1)
@@ -240,9 +230,9 @@ class TextTransformer(nn.Module):
                        f"max_position_embeddings={cfg.max_position_embeddings}, "
                        f"got {input_ids.shape}")
     x = clip_lib.TextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
-    x = clip_lib._encoder(cfg, self.dtype, self.remat)(x)  # pylint: disable=protected-access
-    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
-    return _dense(cfg.projection_size, self.dtype, "head")(x[:, -1])
+    x = clip_lib.encoder(cfg, self.dtype, self.remat)(x)
+    x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
+    return layers.dense(cfg.projection_size, self.dtype, "head")(x[:, -1])
 
 
 class SiglipModule(nn.Module):
@@ -281,6 +271,13 @@ class Siglip:
   methods of clip.CLIP, plus logit_bias)."""
   config: SiglipConfig
   kind = "siglip"  # config.json's model_type
+  task = "classification"  # what evaluate.py measures it with (prsl_jax.tasks)
+  # Top-level param keys per tower (config.train_towers): no separate
+  # projections (the pooling head is in vision_model, the text head in
+  # text_model); logit_bias trains with the text side, as logit_scale does.
+  towers = {"vision": ("vision_model",),
+            "text": ("text_model", "logit_scale", "logit_bias"),
+            "both": ("vision_model", "text_model", "logit_scale", "logit_bias")}
 
   @property
   def module(self) -> SiglipModule:
@@ -336,7 +333,7 @@ def key_map(config):
   (adapt_state_dict); every other name is transformers' own.
   """
   v, t = ("vision_model",), ("text_model",)
-  lnk = clip_lib._layer_norm_keys  # pylint: disable=protected-access
+  lnk = clip_lib.layer_norm_keys
   out = [
       ("vision_model.embeddings.patch_embedding.weight",
        v + ("embeddings_patch_embedding", "kernel"), "conv"),
@@ -344,7 +341,7 @@ def key_map(config):
        v + ("embeddings_patch_embedding", "bias"), "copy"),
       ("vision_model.embeddings.position_embedding.weight",
        v + ("embeddings_position_embedding", "embedding"), "copy"),
-      *clip_lib._encoder_keys("vision_model", v, config.vision.num_hidden_layers),  # pylint: disable=protected-access
+      *clip_lib.encoder_keys("vision_model", v, config.vision.num_hidden_layers),
       *lnk("vision_model.post_layernorm", v + ("post_layernorm",)),
   ]
   if config.vision.use_head:
@@ -362,7 +359,7 @@ def key_map(config):
        t + ("embeddings", "token_embedding", "embedding"), "copy"),
       ("text_model.embeddings.position_embedding.weight",
        t + ("embeddings", "position_embedding", "embedding"), "copy"),
-      *clip_lib._encoder_keys("text_model", t, config.text.num_hidden_layers),  # pylint: disable=protected-access
+      *clip_lib.encoder_keys("text_model", t, config.text.num_hidden_layers),
       *lnk("text_model.final_layer_norm", t + ("final_layer_norm",)),
       ("text_model.head.weight", t + ("head", "kernel"), "linear"),
       ("text_model.head.bias", t + ("head", "bias"), "copy"),
@@ -446,3 +443,6 @@ def from_hf(hf_config, *, image_mean=None, image_std=None, dtype=jnp.float32, re
 
 def vocab_size(model):
   return model.config.text.vocab_size
+
+
+MODEL = Siglip  # the static model class of this kind (models/__init__.py)

@@ -24,9 +24,6 @@ containers only). .safetensors files need no opt-in.
 
 import os
 
-import jax.numpy as jnp
-import numpy as np
-
 from prsl_jax.models import clip as clip_lib
 from prsl_jax.models import open_clip as open_clip_lib
 
@@ -45,7 +42,7 @@ def check_file(path, *, allow_pickle=False):
     raise FileNotFoundError(f"vision weights file not found: {path!r}")
   if path.endswith(PICKLE_SUFFIXES):
     if not allow_pickle:
-      raise convert._pickle_refusal([path])  # pylint: disable=protected-access
+      raise convert.pickle_refusal([path])
   elif not path.endswith(".safetensors"):
     raise ValueError(f"vision weights {path!r}: expected a .safetensors file or a torch "
                      f"pickle ({', '.join(PICKLE_SUFFIXES)}, with allow_pickle)")
@@ -56,11 +53,8 @@ def read(path, *, allow_pickle=False):
   from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
   check_file(path, allow_pickle=allow_pickle)
   path = os.path.expanduser(os.fspath(path))
-  if path.endswith(".safetensors"):
-    state = convert._read_safetensors([path])  # pylint: disable=protected-access
-  else:
-    state = convert._read_pickles([path])  # pylint: disable=protected-access
-  return unnest(state, path)
+  kind = "safetensors" if path.endswith(".safetensors") else "pickle"
+  return unnest(convert.read_tensors(kind, [path]), path)
 
 
 def unnest(state, what="vision weights"):
@@ -94,7 +88,8 @@ def naming(state):
 
 
 def to_hf(state, model):
-  """A vision state dict in any of the three namings -> HF names, checked."""
+  """A vision state dict in any of the three namings -> HF names (open_clip and
+  OpenAI names checked here, HF names by apply)."""
   kind = naming(state)
   if kind in ("openai", "open_clip"):
     kmap = open_clip_lib.vision_key_map(model.config)
@@ -102,14 +97,7 @@ def to_hf(state, model):
       kmap = [(oc[len("visual."):], hf, op) for oc, hf, op in kmap]
     return open_clip_lib.to_hf_state_dict(state, model, kmap=kmap,
                                           what=f"vision weights ({kind} names)")
-  state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-  expected = {hf for hf, _, _ in _hf_vision_map(model)}
-  missing, unexpected = expected - set(state), set(state) - expected
-  if missing or unexpected:
-    raise ValueError("vision weights (hf names) do not match this model's vision tower: "
-                     f"missing [{open_clip_lib._list(missing)}]; "  # pylint: disable=protected-access
-                     f"unexpected [{open_clip_lib._list(unexpected)}]")  # pylint: disable=protected-access
-  return state
+  return state  # names and shapes are checked in apply (convert.from_hf_state_dict)
 
 
 def _hf_vision_map(model):
@@ -132,20 +120,9 @@ def apply(model, params, state):
     raise ValueError(f"vision weights go on a CLIP base; this is a "
                      f"{getattr(model, 'kind', None)!r} model")
   from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
-  hf = to_hf(state, model)
-  shapes = model.param_shapes()
-  vision = {}
-  for name, path, kind in _hf_vision_map(model):
-    x = np.asarray(hf[name])
-    leaf = shapes
-    for p in path:
-      leaf = leaf[p]
-    want = convert._hf_shape(leaf.shape, kind)  # pylint: disable=protected-access
-    if tuple(x.shape) != want:
-      raise ValueError(f"vision weights: tensor {name!r} has shape {tuple(x.shape)} but the "
-                       f"base model expects {want}")
-    convert._set(vision, path,  # pylint: disable=protected-access
-                 jnp.asarray(convert._to_flax(x.astype(np.float32), kind)))  # pylint: disable=protected-access
+  vision = convert.from_hf_state_dict(
+      to_hf(state, model), model, key_map=_hf_vision_map(model),
+      what="vision weights do not match this model's vision tower")
   return {**params, **vision}
 
 
