@@ -152,6 +152,7 @@ def main(argv):
   # Before anything touches a JAX backend (loading a checkpoint does).
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
+  cli.lock_output(s["outdir"], "--outdir")  # one run per folder
   evaluator.run(s, argv=sys.argv)
 
 

@@ -60,6 +60,7 @@ def main(argv):
   trainer.preflight(config, workdir, overrides=overrides)
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
+  cli.lock_output(workdir, "--workdir")  # one run per folder
   out = trainer.run(config, workdir)
   if out["table"]:
     print(f"\nAccuracy (%) on {config.eval.num_examples or 'all'} {config.data.name} "

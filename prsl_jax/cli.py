@@ -190,6 +190,18 @@ def config_key_error(e: BaseException, argv, field_names=()) -> str:
   return f"bad --config: {text}"
 
 
+def lock_output(folder: str, flag: str):
+  """Process 0 takes `folder`'s run lock (prsl_jax.runlock) for the rest of the run.
+
+  Call after the distributed set-up (the process index is known then) and before
+  anything is written. Other processes of a multi-host run write nothing there.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from prsl_jax import runlock  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    runlock.hold(folder, flag=flag)
+
+
 def _interrupt(signum, frame):
   del signum, frame
   raise KeyboardInterrupt
