@@ -6,7 +6,8 @@ r"""Fine-tune a vision-language model with PRSL (and baselines), then compare th
 
 A workdir with a checkpoint resumes from it. Multi-host: add
 --coordinator_address=auto on TPU pods (or host:port --num_processes
---process_id for explicit launches); every host runs the same command.
+--process_id for explicit launches); every host runs the same command, and
+--distributed_timeout (seconds, default 120) bounds the wait for all of them.
 Everything else is the library: prsl_jax.trainer.run(config, workdir).
 """
 
@@ -51,15 +52,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_logs()
   cli.setup_compilation_cache()
-  from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
   from prsl_jax import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   # A bad config, override or workdir stops before any compute.
   trainer.preflight(config, workdir, overrides=overrides)
-  sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+  cli.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   cli.lock_output(workdir, "--workdir")  # one run per folder
   out = trainer.run(config, workdir)
   if out["table"]:

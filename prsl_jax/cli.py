@@ -40,6 +40,10 @@ COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None, "Where (default: $PRSL_JAX_CACHE, else "
     "~/.cache/prsl_jax/jax).")
 
+DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
+    "distributed_timeout", 120, "Multi-host: seconds to wait for every process to join "
+    "before failing with what to check (a pod of many hosts may need more, e.g. 900).")
+
 
 def setup_compilation_cache(cpu_devices=None):
   """The XLA:CPU settings and the persistent compilation cache (unless
@@ -188,6 +192,26 @@ def config_key_error(e: BaseException, argv, field_names=()) -> str:
     return (f"unknown config key in {bad[0]!r}: the config has no field {key!r}{hint}; "
             "an override must name an existing field of the --config file")
   return f"bad --config: {text}"
+
+
+def start_distributed(coordinator_address, num_processes, process_id):
+  """sharding.maybe_initialize_distributed with --distributed_timeout and Ctrl-C.
+
+  Its waiting thread cannot be stopped, and JAX would abort the process from it
+  later: a timeout or Ctrl-C ends the process at once (one line, exit 2 or 130).
+  """
+  from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
+  if DISTRIBUTED_TIMEOUT.value <= 0:
+    raise ValueError(f"--distributed_timeout={DISTRIBUTED_TIMEOUT.value:g} must be > 0 seconds")
+  try:
+    sharding.maybe_initialize_distributed(coordinator_address, num_processes, process_id,
+                                          timeout_s=DISTRIBUTED_TIMEOUT.value)
+  except sharding.DistributedStartError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # pylint: disable=protected-access
 
 
 def lock_output(folder: str, flag: str):
