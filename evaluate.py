@@ -151,8 +151,8 @@ def main(argv):
   # Before anything touches a JAX backend (the preflight's device count does).
   cli.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   evaluator.preflight(s)  # everything that can be checked without compute, first
-  cli.lock_output(s["outdir"], "--outdir")  # one run per folder
-  evaluator.run(s, argv=sys.argv)
+  with cli.lock_output(s["outdir"], "--outdir"):  # one run per folder
+    evaluator.run(s, argv=sys.argv)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ def main(argv):
   # A bad config, override or workdir stops before any compute.
   trainer.preflight(config, workdir, overrides=overrides)
   cli.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  cli.lock_output(workdir, "--workdir")  # one run per folder
-  out = trainer.run(config, workdir)
+  with cli.lock_output(workdir, "--workdir"):  # one run per folder
+    out = trainer.run(config, workdir)
   if out["table"]:
     print(f"\nAccuracy (%) on {config.eval.num_examples or 'all'} {config.data.name} "
           f"{config.data.eval_split} examples; L-inf budgets on [0, 1] pixels:\n")

@@ -11,6 +11,7 @@ The process ends promptly: when background threads are still alive at the end
 come), they get a few seconds, then the process exits without them.
 """
 
+import contextlib
 import difflib
 import logging as std_logging
 import os
@@ -214,16 +215,21 @@ def start_distributed(coordinator_address, num_processes, process_id):
     os._exit(130)  # pylint: disable=protected-access
 
 
+@contextlib.contextmanager
 def lock_output(folder: str, flag: str):
-  """Process 0 takes `folder`'s run lock (prsl_jax.runlock) for the rest of the run.
+  """Process 0 holds `folder`'s run lock (prsl_jax.runlock) inside the block.
 
-  Call after the distributed set-up (the process index is known then) and before
+  Enter after the distributed set-up (the process index is known then) and before
   anything is written. Other processes of a multi-host run write nothing there.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from prsl_jax import runlock  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    runlock.hold(folder, flag=flag)
+  held = jax.process_index() == 0 and runlock.hold(folder, flag=flag)
+  try:
+    yield
+  finally:
+    if held:
+      runlock.release(folder)
 
 
 def _interrupt(signum, frame):

@@ -376,8 +376,9 @@ def run(settings, *, argv=None):
   table = ""
   if jax.process_index() == 0:
     table = _write(outdir, record, title, results, final=True, captioner=captioner)
-  print(f"\n{title}\n\n{table}\nwrote {outdir}/{RESULTS}, results.md, robustness.png",
-        flush=True)
+  if jax.process_index() == 0:  # the only writer
+    print(f"\n{title}\n\n{table}\nwrote {outdir}/{RESULTS}, results.md, robustness.png",
+          flush=True)
   failed = [n for n, r in results.items() if not r.checks.passed]
   if failed:
     print(f"WARNING: soundness checks failed for {failed}; see checks in {RESULTS}")

@@ -4,8 +4,9 @@
 
 The lock is `fcntl.flock` on `<folder>/.prsl_jax.lock`, which records the PID and
 command of its holder. The OS releases it when the process ends, however it
-ends (a kill included), so a dead run never leaves a stale lock; the file itself
-stays and is reused. Two train.py runs, or train.py and evaluate.py, on one folder
+ends (a kill included), so a dead run never leaves a stale lock; `release` (a
+run that ends, with or without an error) also removes the file, and the file a
+killed run leaves is reused. Two train.py runs, or train.py and evaluate.py, on one folder
 would otherwise interleave metrics.jsonl and replace each other's records.
 
 Remote folders (gs://...) and systems without fcntl are not locked.
@@ -55,17 +56,26 @@ def hold(folder: str, *, flag: str = "--workdir") -> bool:
   if path in _HELD:
     return True
   os.makedirs(path, exist_ok=True)
-  # No O_TRUNC: the holder's record must survive a refused open.
-  fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-  f = os.fdopen(fd, "r+b", buffering=0)
-  try:
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    holder = _describe_holder(f)
-    f.close()
-    raise RunLockedError(  # pylint: disable=raise-missing-from
-        f"{flag} {folder!r} is in use by {holder}; wait for that run to end (or stop it), "
-        f"or choose another {flag}") from None
+  lock_path = os.path.join(path, LOCK_NAME)
+  while True:
+    # No O_TRUNC: the holder's record must survive a refused open.
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    f = os.fdopen(fd, "r+b", buffering=0)
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _describe_holder(f)
+      f.close()
+      raise RunLockedError(  # pylint: disable=raise-missing-from
+          f"{flag} {folder!r} is in use by {holder}; wait for that run to end (or stop "
+          f"it), or choose another {flag}") from None
+    try:
+      same = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    f.close()  # its holder removed that file as we opened it: lock the new one
   f.truncate(0)
   f.write(f"PID {os.getpid()} ({' '.join(sys.argv)})\n".encode())
   _HELD[path] = f
@@ -73,7 +83,17 @@ def hold(folder: str, *, flag: str = "--workdir") -> bool:
 
 
 def release(folder: str):
-  """Gives the lock back early (the end of the process does it anyway)."""
-  f = _HELD.pop(os.path.abspath(os.path.expanduser(folder)), None)
+  """Gives the lock back and removes its file (a run that ends normally).
+
+  A killed run leaves the file; its lock is gone with the process, and the next
+  run reuses the file. Removing before unlocking is safe: a process that opened
+  the old file sees that it is no longer the folder's and locks the new one.
+  """
+  path = os.path.abspath(os.path.expanduser(folder))
+  f = _HELD.pop(path, None)
   if f is not None:
+    try:
+      os.unlink(os.path.join(path, LOCK_NAME))
+    except OSError:
+      pass
     f.close()

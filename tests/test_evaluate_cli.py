@@ -295,3 +295,33 @@ def test_class_names_follow_tfds_label_order():
     classnames.get("not_a_set")
   with pytest.raises(ValueError, match="classes"):
     classnames.get("cifar10", [str(i) for i in range(9)])
+
+
+@pytest.mark.heavy(60, alone=False)  # two evaluate.py processes (and the cli_runs fixture)
+def test_two_processes_give_what_one_does(cli_runs, tiny_ckpt, tmp_path):
+  # evaluate.py across hosts: two processes on localhost, process 0 the only
+  # writer, the same per-example outcomes as the one-process run of cli_runs.
+  import portpicker  # pylint: disable=g-import-not-at-top
+  argv = list(cli_runs["digits"])
+  argv[argv.index("--checkpoint") + 1] = tiny_ckpt.path
+  outdir = str(tmp_path / "two")
+  argv[argv.index("--outdir") + 1] = outdir
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      [sys.executable, EVALUATE, *argv, f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={i}", "--distributed_timeout=300"],
+      cwd=REPO, env=processes.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (so, se) in zip(procs, outs):
+    assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
+  assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]
+  two, _ = _outputs(outdir)
+  one, _ = _outputs(cli_runs["digits_out"])
+  a, b = two["models"][tiny_ckpt.path], one["models"][tiny_ckpt.path]
+  assert a["clean_accuracy"] == b["clean_accuracy"]
+  untimed = lambda r: {k: [{f: v for f, v in e.items() if not f.startswith("seconds")}
+                           for e in es] for k, es in r["robust"].items()}
+  assert untimed(a) == untimed(b)  # accuracy and per-example outcomes, every budget
+  assert a["num_devices"] == 2 and b["num_devices"] == 1
+
