@@ -4,7 +4,9 @@ A user error (a bad flag or config value, a missing or broken checkpoint, an
 unprepared dataset, a checkpoint that cannot be written) prints one line naming
 the problem and the fix, and exits with status 2, no traceback; --debug shows
 the traceback. A misspelt flag or --config.key is one line too. Warnings are
-one line each. Ctrl-C prints one line and exits 130.
+one line each. Ctrl-C prints one line and exits 130; SIGTERM (a scheduler's stop)
+checkpoints the training step in progress (prsl_jax.preemption), prints where to
+resume and exits 143.
 
 The process ends promptly: when background threads are still alive at the end
 (orbax's checkpoint writers after a failed save wait for signals that never
@@ -26,6 +28,8 @@ import warnings
 from absl import app
 from absl import flags
 from absl import logging
+
+from prsl_jax import preemption
 
 # Exceptions that mean "the input is wrong", not "prsl_jax is broken".
 # FloatingPointError: the trainer's NaN guard ("loss is nan at step N"), which
@@ -244,8 +248,12 @@ def run(main, argv):
   # which only cancels its task: a Ctrl-C during a checkpoint save could be lost.
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, _interrupt)
+  preemption.install()  # SIGTERM: as Ctrl-C, but a training step's checkpoint first
   try:
     main(argv)
+  except preemption.Preempted as e:
+    print(" ".join(str(e).split()) or "terminated (SIGTERM)", file=sys.stderr, flush=True)
+    exit_now(preemption.EXIT_CODE)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
     exit_now(130)

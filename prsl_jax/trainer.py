@@ -31,6 +31,7 @@ from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
+from prsl_jax import preemption
 from prsl_jax import progress
 from prsl_jax import reports
 from prsl_jax import sharding
@@ -529,6 +530,7 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
   if is_main:
     _trim_metrics(metrics_path, start)
   bar = progress.bar(total=config.total_steps, initial=start, desc=desc, enabled=is_main)
+  preemption.defer(True)  # a SIGTERM from here on waits for the end of its step
   for step in range(start + 1, config.total_steps + 1):
     batch = sharding.to_global(next(train_iter), s.mesh)
     state, metrics = step_fn(state, batch, s.head)
@@ -546,8 +548,12 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
       if is_main:
         with open(metrics_path, "a") as f:
           f.write(json.dumps({"step": step, **metrics}) + "\n")
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
+    stop = preemption.reached(step)  # SIGTERM: every host saves this step, then stops
+    if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
       checkpoints.save(mgr, state, train_iter.get_state())
+    if stop:
+      preemption.stop(mgr, step, workdir)  # waits for the save, raises Preempted
+  preemption.defer(False)
   bar.close()
   checkpoints.finish(mgr)  # raises CheckpointSaveError if a background save failed
   return jax.device_get(state["params"]), int(jax.device_get(state["step"]))
