@@ -89,6 +89,10 @@ class DigitsSource:
   def labels(self):
     return self._labels
 
+  def raw(self, i):
+    """(image as stored, label) of example i, before preprocessing (`check_examples`)."""
+    return self._images[i], int(self._labels[i])
+
   def references(self, i):
     """Reference captions of example i: its class name in every caption template."""
     return [t.format(DIGIT_NAMES[self._labels[i]]) for t in DIGIT_CAPTIONS]
@@ -111,6 +115,12 @@ class _TfdsSource:
 
   def __len__(self):
     return len(self._source)
+
+  def raw(self, i):
+    """(image as stored, label or None) of example i, before preprocessing."""
+    rec = self._source[i]
+    label = None if self._label_key is None else int(rec[self._label_key])
+    return np.asarray(rec[self._image_key]), label
 
   def __getitem__(self, i):
     from prsl_jax import preprocessing  # pylint: disable=g-import-not-at-top
@@ -339,3 +349,61 @@ def eval_batches(source, indices, batch_size: int):
     batch = _collate([source[int(i)] for i in chunk])
     batch["mask"] = np.arange(batch_size) < n
     yield batch
+
+
+# Examples `check_examples` reads of a split used for training (the first ones:
+# a scan of a huge training set would cost more than a short run).
+TRAIN_SCAN = 512
+
+
+def _bad_example(image, label, num_classes):
+  """Why one stored example cannot be used, or None."""
+  if np.issubdtype(image.dtype, np.floating):
+    finite = np.isfinite(image)
+    if not finite.all():
+      return "has NaN or Inf pixels"
+    lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+      return (f"has float pixels in [{lo:g}, {hi:g}], outside [0, 1]; store images as "
+              "uint8 0..255 or floats in [0, 1] (0..255 floats: divide by 255)")
+  elif image.dtype != np.uint8:
+    return f"has {image.dtype} pixels; images must be uint8 (0..255) or float in [0, 1]"
+  if label is not None and num_classes is not None and not 0 <= label < num_classes:
+    return (f"has label {label}, outside the {num_classes} classes 0..{num_classes - 1}; "
+            "fix the labels or the class list")
+  return None
+
+
+def check_split(source, class_names, *, name, split, indices=None):
+  """`check_examples` of `indices` (None: the first TRAIN_SCAN of a training split)."""
+  if indices is None:
+    indices = range(min(len(source), TRAIN_SCAN))
+  check_examples(source, indices, num_classes=len(class_names) if class_names else None,
+                 name=name, split=split)
+
+
+def check_examples(source, indices, *, num_classes, name, split):
+  """Raises ValueError, before any compute, for the first example of `indices`
+  with pixels outside [0, 1] (floats), NaN/Inf pixels or a label outside the classes.
+
+  Reads the examples as stored (`source.raw`; sources without it are skipped).
+
+  Args:
+    source: from `load`.
+    indices: the examples about to be used (for a training split, `TRAIN_SCAN`
+      of them; say so in the message: the rest are not checked).
+    num_classes: len(class_names), or None (no labels).
+    name, split: for the message.
+  """
+  raw = getattr(source, "raw", None)
+  if raw is None:
+    return
+  indices = [int(i) for i in indices]
+  for i in indices:
+    image, label = raw(i)
+    why = _bad_example(np.asarray(image), label, num_classes)
+    if why is not None:
+      scope = (f"all {len(indices)}" if len(indices) == len(source) else
+               f"{len(indices)} of the {len(source)}")
+      raise ValueError(f"dataset {name!r} split {split!r}: example {i} {why} (scanned "
+                       f"{scope} examples about to be used; stopped at the first bad one)")

@@ -341,6 +341,8 @@ def run(settings, *, argv=None):
       raise ValueError(f"dataset {s['dataset']!r} has no class labels to classify")
     if indices is None:
       indices = data.eval_indices(len(source), num, s["seed"])
+      data.check_split(source, class_names, name=s["dataset"], split=s["split"],
+                       indices=indices)  # bad pixels or labels, before any compute
       record.update(indices=[int(i) for i in indices],
                     class_names=list(class_names) if class_names else None)
       what = "Captions" if captioner else "Zero-shot accuracy (%)"

@@ -363,6 +363,13 @@ def setup(config) -> Setup:
   if class_names or config.objective == "captioning":
     eval_source, _ = data.load(config.data.name, config.data.eval_split,
                                image_size=model.image_size, data_dir=data_dir)
+  # Bad pixels or labels are named before any compute (prsl_jax.data.check_examples).
+  data.check_split(train_source, class_names, name=config.data.name,
+                   split=config.data.train_split)
+  if eval_source is not None:
+    data.check_split(eval_source, class_names, name=config.data.name,
+                     split=config.data.eval_split, indices=data.eval_indices(
+                         len(eval_source), config.eval.num_examples or None, config.eval.seed))
   captioner = config.objective == "captioning"
   check_objective_fits(config, model.kind)
   num_classes = {"classification": len(class_names or ()),
