@@ -264,15 +264,43 @@ def _pickle_refusal(files):
       "then read with torch.load(weights_only=True), which needs torch installed.")
 
 
+# Tensors that are integers in HF checkpoints (buffers, not weights).
+_INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "float16", "bfloat16",
+                 "float32", "float64")
+
+
+def _check_dtype(path, name, dtype):
+  """A weight declared with an integer or bool dtype in its header is a broken file."""
+  if str(dtype) in _FLOAT_DTYPES or name.split(".")[-1] in _INTEGER_BUFFERS:
+    return
+  raise ValueError(f"{path}: tensor {name!r} is declared {dtype} in the file's header, but "
+                   "it is a float weight; the file is damaged or was written wrongly: save "
+                   "or download it again")
+
+
+def _check_finite(path, state):
+  for name, value in state.items():
+    if str(value.dtype) in _FLOAT_DTYPES and not np.isfinite(value).all():
+      bad = int(np.size(value) - np.isfinite(value).sum())
+      raise ValueError(f"{path}: tensor {name!r} has {bad} NaN/Inf value(s) of "
+                       f"{np.size(value)}; the checkpoint is broken (a diverged run?): use "
+                       "an earlier one")
+
+
 def _read_safetensors(files):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   state = {}
   for f in files:
     try:
-      state.update(load_file(f))
+      part = load_file(f)
     except Exception as e:  # pylint: disable=broad-except  # SafetensorError, OSError
       raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
                        "it may be truncated: download or save it again") from None
+    for name, value in part.items():
+      _check_dtype(f, name, value.dtype)
+    _check_finite(f, part)
+    state.update(part)
   return state
 
 
@@ -324,6 +352,9 @@ def check_weights(folder, *, allow_pickle=False):
                        "it may be truncated: download or save it again") from None
     if not names:
       raise ValueError(f"{f} holds no tensors")
+    with safe_open(f, framework="np") as handle:
+      for name in names:
+        _check_dtype(f, name, handle.get_slice(name).get_dtype())
 
 
 def _read_pickles(files):
@@ -332,7 +363,9 @@ def _read_pickles(files):
   for f in files:
     sd = torch.load(f, map_location="cpu", weights_only=True)
     # .float() first: numpy has no bfloat16 for torch tensors.
-    state.update({k: v.detach().float().numpy() for k, v in sd.items()})
+    part = {k: v.detach().float().numpy() for k, v in sd.items()}
+    _check_finite(f, part)
+    state.update(part)
   return state
 
 
