@@ -83,6 +83,18 @@ def save(mgr: ocp.CheckpointManager, state, data_state: dict):
     raise _save_error(mgr, f"at step {step} (or an earlier one)", e) from e
 
 
+def nonfinite_loss_message(mgr: ocp.CheckpointManager, loss: float, step: int) -> str:
+  """The trainer's NaN guard's line: which checkpoint a rerun would resume from, if any."""
+  mgr.wait_until_finished()  # a save in flight counts once written
+  kept = mgr.latest_step()
+  if kept is None:
+    return (f"loss is {loss} at step {step}; stopping. No checkpoint was saved before it "
+            f"(none in {mgr.directory}): lower the learning rate or the loss weight and rerun")
+  return (f"loss is {loss} at step {step}; stopping. The last good checkpoint, step {kept}, "
+          f"is kept in {mgr.directory}: a rerun resumes from it (lower the learning rate or "
+          "the loss weight first)")
+
+
 def _remove_tmp_dirs(mgr):
   if jax.process_index() != 0:
     return

@@ -33,7 +33,7 @@ from prsl_jax import preemption
 
 # Exceptions that mean "the input is wrong", not "prsl_jax is broken".
 # FloatingPointError: the trainer's NaN guard ("loss is nan at step N"), which
-# names the step and the checkpoint kept.
+# names the step and the checkpoint kept, or that none was saved.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError, PermissionError, OSError, KeyError, FloatingPointError)
 

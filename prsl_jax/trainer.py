@@ -549,8 +549,7 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
       if eval_now:
         metrics["eval_accuracy"] = clean_accuracy(state["params"])
       if not math.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; stopping "
-                                 f"(the last good checkpoint is kept in {workdir})")
+        raise FloatingPointError(checkpoints.nonfinite_loss_message(mgr, metrics["loss"], step))
       bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"})
       if is_main:
         with open(metrics_path, "a") as f:

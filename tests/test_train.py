@@ -319,3 +319,15 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_same_params(reference
   with open(metrics) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == list(range(1, 7))  # resumed from the SIGTERM's step: nothing repeated
+
+
+@pytest.mark.heavy(15, alone=False)
+def test_nan_loss_says_which_checkpoint_is_kept(tmp_path):
+  # lr 1e30 blows the params up after the first update: the loss logged at step 2
+  # is not finite. Whether a checkpoint was saved before it decides the message.
+  overrides = {"optimizer.lr": 1e30, "total_steps": 3}
+  for every, want in ((2, r"No checkpoint was saved before it \(none in "),
+                      (1, r"The last good checkpoint, step 1, is kept in ")):
+    config = _config(checkpoint_every=every, **overrides)
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 2; stopping\. " + want):
+      trainer.train(config, str(tmp_path / str(every)), trainer.setup(config))
