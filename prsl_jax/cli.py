@@ -52,14 +52,22 @@ DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
 
 def setup_compilation_cache(cpu_devices=None):
   """The XLA:CPU settings and the persistent compilation cache (unless
-  --nocompilation_cache); call before anything runs on a device.
+  --nocompilation_cache); call before anything runs on a device. A cache folder
+  that cannot be written is one warning line, and the run goes on without it.
 
   cpu_devices: host devices for the CPU backend (compilation.set_cpu_flags).
   """
   from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
   compilation.set_cpu_flags(cpu_devices=cpu_devices)
   if COMPILATION_CACHE.value:
-    return compilation.enable_cache(COMPILATION_CACHE_DIR.value)
+    try:
+      return compilation.enable_cache(COMPILATION_CACHE_DIR.value)
+    except OSError as e:  # a read-only HOME: the run goes on, compiling everything
+      where = COMPILATION_CACHE_DIR.value or compilation.default_cache_dir()
+      print(f"warning: no compilation cache: {where} cannot be written "
+            f"({' '.join(str(e).split())}); running without it. Choose a writable folder "
+            "with --compilation_cache_dir=DIR (or $PRSL_JAX_CACHE), or pass "
+            "--nocompilation_cache", file=sys.stderr, flush=True)
   compilation.disable_cache()
   return None
 

@@ -160,6 +160,16 @@ def test_compilation_cache_flags(cli_runs, tmp_path):
                         text=True, timeout=120).stdout.split("DIR ", 1)[1].strip()
          for args in ([], ["--nocompilation_cache"])]
   assert out == [str(tmp_path / "default"), "None"]
+  # A cache folder that cannot be created (a read-only HOME; here under a file,
+  # since root may write anywhere): one warning line, and the run goes on without.
+  (tmp_path / "a_file").write_text("")
+  env = processes.env(PRSL_JAX_CACHE=str(tmp_path / "a_file" / "cache"))
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.stdout.split("DIR ", 1)[1].strip() == "None", proc.stderr[-2000:]
+  line, = proc.stderr.strip().splitlines()
+  assert line.startswith(f"warning: no compilation cache: {tmp_path / 'a_file' / 'cache'} "
+                         "cannot be written") and "--compilation_cache_dir" in line
 
 
 def test_cpu_devices_are_set_before_the_backend_and_the_users_count_wins():
