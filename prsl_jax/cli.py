@@ -178,14 +178,44 @@ def flag_error_line(e: BaseException) -> str:
   return f"{text}; --helpshort lists the flags"
 
 
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def print_help():
+  """The main script's docstring and flags, then prsl_jax.cli's (--help: exit 0)."""
+  main = sys.modules.get("__main__")
+  print((getattr(main, "__doc__", None) or "").strip() + "\n")
+  print(flags.FLAGS.main_module_help())
+  print(flags.FLAGS.module_help(sys.modules[__name__]))
+  print("\n--helpfull lists every flag, absl's and JAX's too.")
+
+
+def config_file_error(e: BaseException) -> str:
+  """The one line for a --config file that cannot be loaded (a syntax error, ...)."""
+  if isinstance(e, SyntaxError):
+    return (f"--config file {e.filename} has a syntax error at line {e.lineno}: {e.msg}; "
+            "fix the file")
+  return (f"--config file cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())}); "
+          "fix the file (--debug shows the traceback)")
+
+
 def parse_flags_or_exit(argv, parse=None):
-  """absl flags_parser: a bad flag is one line and exit 2 (absl prints usage, exit 1)."""
+  """absl flags_parser: a bad flag is one line and exit 2 (absl prints usage, exit 1);
+  --help prints the flags and exits 0."""
+  if any(a in HELP_ARGS for a in argv[1:]):
+    print_help()
+    sys.exit(0)
   try:
     return (parse or flags.FLAGS)(argv)
   except flags.Error as e:
     if "--debug" in argv:
       traceback.print_exc()
     fail(flag_error_line(e))
+  except (SyntaxError, ImportError, AttributeError, NameError, TypeError, ValueError,
+          KeyError, OSError) as e:  # a --config file's own error, raised while loading it
+    if "--debug" in argv:
+      traceback.print_exc()
+    fail(config_file_error(e))
 
 
 def config_key_error(e: BaseException, argv, field_names=()) -> str:

@@ -227,7 +227,13 @@ def check_resume(config, workdir):
   if not os.path.isfile(path):
     return
   with open(path) as f:
-    stored = json.load(f)
+    try:
+      stored = json.load(f)
+    except ValueError as e:
+      stored = e
+  if not isinstance(stored, dict):
+    raise ValueError(f"{path} is not a JSON object (a train.py run's config); the folder "
+                     "holds something else: choose another --workdir")
   changed = config_changes(stored, config)
   if changed:
     raise ValueError(f"{workdir} holds a run with another config ({'; '.join(changed)}); "
