@@ -224,3 +224,14 @@ def test_integer_or_nonfinite_weights_refused_with_the_tensor_named(tiny_ckpt, t
       load_pretrained(folder)
   with pytest.raises(ValueError, match=r"has 2 NaN/Inf value\(s\)"):
     load_pretrained(str(tmp_path / "nan"))
+
+
+def test_pickle_with_code_is_blocked_in_one_line_even_with_opt_in(tiny_ckpt, tmp_path):
+  folder = _copy_config(tiny_ckpt.path, tmp_path)
+  torch.save({"weight": torch.zeros(2), "hook": os.getcwd},  # a callable: code, not data
+             os.path.join(folder, "pytorch_model.bin"))
+  with pytest.raises(ValueError, match=r"holds more than tensors and was not loaded: "
+                     r"torch.load\(weights_only=True\) blocked it \(Trying to load "
+                     r"unsupported GLOBAL posix.getcwd") as e:
+    load_pretrained(folder, allow_pickle=True)
+  assert "\n" not in str(e.value)

@@ -358,10 +358,19 @@ def check_weights(folder, *, allow_pickle=False):
 
 
 def _read_pickles(files):
+  import pickle  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top  # only on explicit opt-in
   state = {}
   for f in files:
-    sd = torch.load(f, map_location="cpu", weights_only=True)
+    try:
+      sd = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: blocked, as it must be
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+      first = next((l for l in lines if "unsupported global" in l.lower()), lines[0])
+      raise ValueError(f"{f} holds more than tensors and was not loaded: torch.load("
+                       f"weights_only=True) blocked it ({first[:200]}); only a file of "
+                       "plain tensors can be read: convert the checkpoint to safetensors "
+                       "where you trust it") from None
     # .float() first: numpy has no bfloat16 for torch tensors.
     part = {k: v.detach().float().numpy() for k, v in sd.items()}
     _check_finite(f, part)
