@@ -56,6 +56,30 @@ def check_writable(workdir: str):
                           "fix its permissions or choose another workdir")
 
 
+REPORT_FILES = ("results.json", "results.md", "robustness.png")
+
+
+def check_outputs_writable(folder: str, flag: str, names=REPORT_FILES):
+  """Fails before compute if the report files could not be written into `folder`
+  at the end of the run (a read-only folder, a folder in a file's place)."""
+  path = os.path.abspath(os.path.expanduser(folder))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise NotADirectoryError(f"{flag} {folder!r} cannot hold the results: {existing} is a "
+                             f"file; choose another {flag}")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f"{flag} {folder!r}: the results ({', '.join(names)}) cannot be "
+                          f"written, {existing} is not writable; fix its permissions or "
+                          f"choose another {flag}")
+  for name in names:
+    target = os.path.join(path, name)
+    if os.path.isdir(target):
+      raise IsADirectoryError(f"{flag} {folder!r}: {target} is a folder where the run writes "
+                              f"its {name}; move it away or choose another {flag}")
+
+
 # Managers made by `manager` and not yet finished: `finish_open` completes them
 # when a run is interrupted between saves.
 _OPEN = weakref.WeakSet()

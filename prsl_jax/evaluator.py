@@ -212,6 +212,7 @@ def preflight(settings):
   if not os.access(parent, os.W_OK | os.X_OK):
     raise PermissionError(f"--outdir {s['outdir']!r} cannot be written ({parent} is not "
                           "writable); choose another folder")
+  checkpoints.check_outputs_writable(outdir, "--outdir")
   losses.check_int("--batch_size", s["batch_size"], minimum=1)
   if s["num_examples"] is not None and s["num_examples"] < 0:
     raise ValueError(f"--num_examples must be >= 0 (0: all), got {s['num_examples']}")
@@ -288,7 +289,12 @@ def model_names(specs):
 
 
 def _write(outdir, record, title, results, final, captioner=False):
-  """results.json and results.md, each replaced atomically."""
+  """results.json and results.md, each replaced atomically; the plot at the end.
+
+  A partial write removes the plot an earlier run (--overwrite) left, so the
+  folder holds one run's files: the previous run's until this run's first write,
+  then this run's.
+  """
   format_table = reports.format_caption_table if captioner else reports.format_table
   table = format_table(results) if results else ""
   for name, text in ((RESULTS, json.dumps(record, indent=1, default=str)),
@@ -297,9 +303,12 @@ def _write(outdir, record, title, results, final, captioner=False):
     with open(tmp, "w") as f:
       f.write(text)
     os.replace(tmp, os.path.join(outdir, name))
+  plot_path = os.path.join(outdir, "robustness.png")
   if final and results:
     plot = reports.plot_captions if captioner else reports.plot
-    plot(results, os.path.join(outdir, "robustness.png"))
+    plot(results, plot_path)
+  elif os.path.exists(plot_path):  # an --overwrite run's earlier plot: never a mix of runs
+    os.remove(plot_path)
   return table
 
 
@@ -331,6 +340,10 @@ def run(settings, *, argv=None):
   indices = None
   title = ""
   captioner = p["kind"] == "vision-encoder-decoder"
+  # Every later checkpoint loads and fits its model before the first is evaluated
+  # (the first is loaded just below): a broken last one must not cost the others' run.
+  for ckpt in p["ckpts"][1:]:
+    load_model(ckpt, s["allow_pickle"])  # raises for a missing, damaged or unfitting one
   for name, ckpt in zip(model_names(p["specs"]), p["ckpts"]):
     print(f"{name}: loading ({ckpt['kind']})", flush=True)
     pretrained, params = load_model(ckpt, s["allow_pickle"])

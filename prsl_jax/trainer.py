@@ -310,6 +310,7 @@ def preflight(config, workdir, overrides=()):
   for split in (config.data.train_split, config.data.eval_split):
     data.check_available(config.data.name, split, data_dir=config.data.data_dir or None)
   check_workdir(workdir)
+  checkpoints.check_outputs_writable(workdir, "--workdir")  # not found after training
   for name in loss_names(config):
     run_dir = os.path.join(workdir, name)
     check_resume(run_config(config, name), run_dir)

@@ -65,3 +65,12 @@ def test_every_base_field_has_a_meaning():
       flat[prefix[:-1]] = value
   walk("", base.base_config().to_dict())
   assert set(flat) == set(base.FIELD_HELP)
+
+
+def test_train_preflight_finds_a_workdir_its_results_cannot_be_written_to(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from prsl_jax import trainer  # pylint: disable=g-import-not-at-top
+  from tests import small_config  # pylint: disable=g-import-not-at-top
+  (tmp_path / "results.md").mkdir()  # found now, not after training
+  with pytest.raises(IsADirectoryError, match=r"results.md is a folder where the run writes"):
+    trainer.preflight(small_config.get_config(), str(tmp_path))

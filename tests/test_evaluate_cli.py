@@ -335,3 +335,23 @@ def test_two_processes_give_what_one_does(cli_runs, tiny_ckpt, tmp_path):
   assert untimed(a) == untimed(b)  # accuracy and per-example outcomes, every budget
   assert a["num_devices"] == 2 and b["num_devices"] == 1
 
+
+
+def test_an_overwrite_run_never_leaves_a_mix_of_two_runs(tmp_path):
+  # An --overwrite run that fails after its first model: its partial results.json
+  # and results.md, and no plot of the previous run beside them.
+  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  for name in ("results.json", "results.md", "robustness.png"):
+    (tmp_path / name).write_text("previous run")
+  evaluator._write(str(tmp_path), {"complete": False}, "title", {}, final=False)  # pylint: disable=protected-access
+  assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+  assert json.loads((tmp_path / "results.json").read_text()) == {"complete": False}
+
+
+def test_a_report_file_in_a_folders_place_is_found_in_the_preflight(tmp_path):
+  from prsl_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  (tmp_path / "robustness.png").mkdir()
+  with pytest.raises(IsADirectoryError, match=r"--outdir .*robustness.png is a folder where "
+                     "the run writes its robustness.png"):
+    checkpoints.check_outputs_writable(str(tmp_path), "--outdir")
+  checkpoints.check_outputs_writable(str(tmp_path / "new" / "sub"), "--workdir")  # creatable
