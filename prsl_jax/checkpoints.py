@@ -256,11 +256,26 @@ def restore_latest_info(mgr: ocp.CheckpointManager, abstract_state, *,
     return dict(state=out["state"], data=out["data"], step=step, unreadable=errors,
                 set_aside=moved)
   if errors:
+    causes = " | ".join(f"step {s}: {m[:300]}" for s, m in errors[:3])
+    if all(_is_damage(m) for _, m in errors):
+      raise ValueError(
+          f"every checkpoint in {mgr.directory} is damaged (its files cannot be read: "
+          f"{causes}); nothing was deleted. Restore the folder from a copy, or move it "
+          "aside to train from the start")
     raise ValueError(
         f"no checkpoint in {mgr.directory} could be restored for this config (different "
-        f"model or optimizer?). Use a new workdir; nothing was deleted. Errors: "
-        + " | ".join(f"step {s}: {m}" for s, m in errors))
+        f"model or optimizer?). Use a new workdir; nothing was deleted. Errors: {causes}")
   return None
+
+
+# What a checkpoint whose files are truncated, overwritten or missing fails with,
+# as opposed to one of another model (a tree or shape mismatch).
+_DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "Error reading", "Byte range", "JSONDecodeError",
+                   "NOT_FOUND", "FileNotFoundError", "Unexpected end", "corrupt")
+
+
+def _is_damage(message: str) -> bool:
+  return any(m in message for m in _DAMAGE_MARKERS)
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state):
@@ -291,16 +306,21 @@ def restore_params_and_step(workdir: str, model=None):
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {path!r}")
   _silence_failed_read_echoes()
+  causes = []
   for step in steps:
     try:
       state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
       params = jax.tree.map(np.asarray, state["state"]["params"])
       break
     except Exception as e:  # pylint: disable=broad-except
-      warnings.warn(f"checkpoint step {step} in {path} unreadable "
-                    f"({_describe(e)}); trying older")
+      causes.append(f"step {step}: {_describe(e)[:300]}")
+      if step != steps[-1]:
+        warnings.warn(f"checkpoint step {step} in {path} unreadable "
+                      f"({_describe(e)}); trying older")
   else:
-    raise ValueError(f"no readable checkpoint in {path!r}")
+    raise ValueError(f"no readable checkpoint in {path!r}, all {len(steps)} damaged "
+                     f"({'; '.join(causes[:2])}); evaluate the run's export/ folder, or "
+                     "retrain")
   if model is not None:
     want = jax.tree.map(lambda x: tuple(x.shape), model.param_shapes())
     got = jax.tree.map(np.shape, params)

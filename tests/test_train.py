@@ -331,3 +331,26 @@ def test_nan_loss_says_which_checkpoint_is_kept(tmp_path):
     config = _config(checkpoint_every=every, **overrides)
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 2; stopping\. " + want):
       trainer.train(config, str(tmp_path / str(every)), trainer.setup(config))
+
+
+def test_the_only_checkpoint_damaged_is_one_true_line(reference, tmp_path, capfd):
+  # Its data files overwritten: training and evaluation both say it is damaged
+  # (not "another config"), in one line, without the reads' tracebacks.
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference[0], workdir)
+  for step in ("2", "4"):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+  for f in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "d", "*"),
+                     recursive=True):
+    with open(f, "wb") as fh:
+      fh.write(b"garbage")
+  capfd.readouterr()
+  config = small_config.get_config()
+  with pytest.raises(ValueError, match=r"every checkpoint in .* is damaged \(its files cannot "
+                     r"be read: step 6: .*nothing was deleted") as e:
+    trainer.train(config, workdir, trainer.setup(config))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match=r"no readable checkpoint in .*, all 1 damaged \(step 6: "):
+    checkpoints.restore_params_and_step(workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["6"]  # nothing renamed
+  assert "Traceback" not in "".join(capfd.readouterr())
