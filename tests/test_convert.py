@@ -235,3 +235,19 @@ def test_pickle_with_code_is_blocked_in_one_line_even_with_opt_in(tiny_ckpt, tmp
                      r"unsupported GLOBAL posix.getcwd") as e:
     load_pretrained(folder, allow_pickle=True)
   assert "\n" not in str(e.value)
+
+
+def test_a_full_disk_during_export_is_one_oserror_and_leaves_the_folder(tiny_clip, tmp_path,
+                                                                         monkeypatch):
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "model.safetensors").write_text("the earlier export")
+  def full(*a, **k):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                          "(os error 28)")
+  monkeypatch.setattr(safetensors.numpy, "save_file", full)
+  with pytest.raises(OSError, match=r"cannot write the model into .*No space left on device"):
+    save_pretrained(tiny_clip.model, tiny_clip.params, str(out))
+  assert os.listdir(out) == ["model.safetensors"]  # no staging folder, nothing replaced
+  assert (out / "model.safetensors").read_text() == "the earlier export"

@@ -500,6 +500,12 @@ def save_pretrained(model, params, out_dir, *, tokenizer=None):
       json.dump(kind.preprocessor_config(model.config), f, indent=2)
     if tokenizer is not None:
       tokenizer.save_pretrained(stage)
+  except Exception as e:  # pylint: disable=broad-except  # ENOSPC arrives as SafetensorError too
+    shutil.rmtree(stage, ignore_errors=True)
+    raise OSError(f"cannot write the model into {out_dir} ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:300]}); its earlier files are left as they "
+                  "were: free space or choose another folder") from e
+  try:
     for name in sorted(os.listdir(stage)):
       os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
   finally:
