@@ -176,7 +176,15 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
   class_names = None
   if keys["label_key"] is not None:
     from prsl_jax import classnames  # pylint: disable=g-import-not-at-top
-    class_names = classnames.get(name, src.dataset_info.features[keys["label_key"]].names)
+    features = src.dataset_info.features
+    feature = features[keys["label_key"]] if keys["label_key"] in features else None
+    if getattr(feature, "names", None) is None:
+      kind = "no 'label' feature" if feature is None else (
+          f"a 'label' feature of type {type(feature).__name__}")
+      raise ValueError(f"TFDS dataset {name!r} has {kind}, not a ClassLabel with class "
+                       "names; zero-shot classification needs them: use a dataset whose "
+                       "'label' is a tfds.features.ClassLabel")
+    class_names = classnames.get(name, feature.names)
   return _TfdsSource(src, image_size, **keys), class_names
 
 

@@ -539,6 +539,40 @@ _BUILDER = textwrap.dedent('''
 ''')
 
 
+_INT_LABELS_BUILDER = textwrap.dedent('''
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    class PrslTestIntLabels(tfds.core.GeneratorBasedBuilder):
+      """Labels as plain integers (no ClassLabel, so no class names)."""
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(4, 4, 3), dtype=np.uint8),
+            "label": tfds.features.Scalar(dtype=np.int64)}))
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"test": self._generate_examples(2)}
+
+      def _generate_examples(self, n):
+        for i in range(n):
+          yield i, {"image": np.zeros((4, 4, 3), np.uint8), "label": i}
+''')
+
+
+def test_tfds_label_that_is_not_a_class_label_is_one_line(tmp_path, monkeypatch):
+  from prsl_jax import data  # pylint: disable=g-import-not-at-top
+  (tmp_path / "prsl_test_int_labels.py").write_text(_INT_LABELS_BUILDER)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import prsl_test_int_labels  # pylint: disable=g-import-not-at-top,unused-import  # registers it
+  data.prepare("prsl_test_int_labels", data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match=r"TFDS dataset 'prsl_test_int_labels' has a 'label' "
+                     r"feature of type Scalar, not a ClassLabel with class names"):
+    data.load("prsl_test_int_labels", "test", image_size=8, data_dir=str(tmp_path / "tfds"))
+
+
 def test_tfds_dataset_prepared_as_documented_is_read(tmp_path, monkeypatch):
   from prsl_jax import data  # pylint: disable=g-import-not-at-top
   (tmp_path / "prsl_test_shapes.py").write_text(_BUILDER)
