@@ -20,6 +20,7 @@ the functions that need it, so `import prsl_jax` stays light.
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -358,7 +359,6 @@ def check_weights(folder, *, allow_pickle=False):
 
 
 def _read_pickles(files):
-  import pickle  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top  # only on explicit opt-in
   state = {}
   for f in files:
