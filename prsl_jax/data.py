@@ -359,9 +359,11 @@ def eval_batches(source, indices, batch_size: int):
     yield batch
 
 
-# Examples `check_examples` reads of a split used for training (the first ones:
-# a scan of a huge training set would cost more than a short run).
+# Examples `check_split` reads as stored, at most: the first of a training split,
+# the first of an evaluation subset (a scan of a huge set, decoding every image,
+# would cost more than a short run; the message says how many were read).
 TRAIN_SCAN = 512
+EVAL_SCAN = 2048
 
 
 def _bad_example(image, label, num_classes):
@@ -383,9 +385,10 @@ def _bad_example(image, label, num_classes):
 
 
 def check_split(source, class_names, *, name, split, indices=None):
-  """`check_examples` of `indices` (None: the first TRAIN_SCAN of a training split)."""
-  if indices is None:
-    indices = range(min(len(source), TRAIN_SCAN))
+  """`check_examples` of the first EVAL_SCAN of `indices` (None: the first TRAIN_SCAN
+  examples of a training split)."""
+  indices = list(range(min(len(source), TRAIN_SCAN)) if indices is None else
+                 indices[:EVAL_SCAN])
   check_examples(source, indices, num_classes=len(class_names) if class_names else None,
                  name=name, split=split)
 
@@ -398,8 +401,8 @@ def check_examples(source, indices, *, num_classes, name, split):
 
   Args:
     source: from `load`.
-    indices: the examples about to be used (for a training split, `TRAIN_SCAN`
-      of them; say so in the message: the rest are not checked).
+    indices: the examples to read (the first of those about to be used; the
+      message says how many were read of the split).
     num_classes: len(class_names), or None (no labels).
     name, split: for the message.
   """
@@ -414,4 +417,5 @@ def check_examples(source, indices, *, num_classes, name, split):
       scope = (f"all {len(indices)}" if len(indices) == len(source) else
                f"{len(indices)} of the {len(source)}")
       raise ValueError(f"dataset {name!r} split {split!r}: example {i} {why} (scanned "
-                       f"{scope} examples about to be used; stopped at the first bad one)")
+                       f"{scope} examples, the first of those about to be used; stopped at "
+                       "the first bad one)")
