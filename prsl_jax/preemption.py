@@ -42,8 +42,7 @@ def _on_sigterm(signum, frame):
   if _state["deferring"] and not _state["requested"]:
     _state["requested"] = True  # the training loop saves this step and stops
     return
-  raise Preempted("terminated (SIGTERM); rerun the same command to resume from the last "
-                  "checkpoint")
+  raise Preempted("terminated (SIGTERM)")  # outside training: as Ctrl-C
 
 
 def install():
