@@ -252,6 +252,9 @@ def start_distributed(coordinator_address, num_processes, process_id):
   except sharding.DistributedStartError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     os._exit(2)  # pylint: disable=protected-access
+  except preemption.Preempted:
+    print("terminated (SIGTERM)", file=sys.stderr, flush=True)
+    os._exit(preemption.EXIT_CODE)  # pylint: disable=protected-access
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
     os._exit(130)  # pylint: disable=protected-access
