@@ -37,7 +37,7 @@ def _describe_holder(f) -> str:
 
 
 def hold(folder: str, *, flag: str = "--workdir") -> bool:
-  """Takes the folder's lock until this process ends (creating the folder).
+  """Takes the folder's lock until this process ends or `release` (creating the folder).
 
   Args:
     folder: the run's output folder.
@@ -55,6 +55,11 @@ def hold(folder: str, *, flag: str = "--workdir") -> bool:
   path = os.path.abspath(os.path.expanduser(folder))
   if path in _HELD:
     return True
+  created = []  # the folders made here, innermost first: `release` removes them if empty
+  missing = path
+  while not os.path.exists(missing):
+    created.append(missing)
+    missing = os.path.dirname(missing)
   os.makedirs(path, exist_ok=True)
   lock_path = os.path.join(path, LOCK_NAME)
   while True:
@@ -78,22 +83,28 @@ def hold(folder: str, *, flag: str = "--workdir") -> bool:
     f.close()  # its holder removed that file as we opened it: lock the new one
   f.truncate(0)
   f.write(f"PID {os.getpid()} ({' '.join(sys.argv)})\n".encode())
-  _HELD[path] = f
+  _HELD[path] = (f, created)
   return True
 
 
 def release(folder: str):
-  """Gives the lock back and removes its file (a run that ends normally).
+  """Gives the lock back and removes its file (a run that ends normally), and the
+  folders `hold` created if they are still empty.
 
   A killed run leaves the file; its lock is gone with the process, and the next
   run reuses the file. Removing before unlocking is safe: a process that opened
   the old file sees that it is no longer the folder's and locks the new one.
   """
   path = os.path.abspath(os.path.expanduser(folder))
-  f = _HELD.pop(path, None)
+  f, created = _HELD.pop(path, (None, []))
   if f is not None:
     try:
       os.unlink(os.path.join(path, LOCK_NAME))
     except OSError:
       pass
     f.close()
+  for made in created:  # a run refused before writing anything leaves no folder behind
+    try:
+      os.rmdir(made)
+    except OSError:
+      break

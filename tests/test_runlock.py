@@ -43,6 +43,10 @@ def test_second_process_refused_then_free_after_kill(holder):
   assert runlock.hold(folder)
   runlock.release(folder)
   assert os.listdir(folder) == []  # a run that ends removes the lock file
+  new = os.path.join(folder, "new", "run")
+  assert runlock.hold(new) and os.listdir(new) == [runlock.LOCK_NAME]
+  runlock.release(new)  # refused before writing anything: no folder left behind
+  assert os.listdir(folder) == []
 
 
 def test_train_and_evaluate_refused_in_one_line(holder, tiny_ckpt):
