@@ -271,9 +271,14 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "float16", "
                  "float32", "float64")
 
 
+# GPT-2's causal-mask buffers (bool or uint8 in older checkpoints; dropped on load).
+_MASK_BUFFER = re.compile(r"(^|\.)(attn|crossattention)\.(bias|masked_bias)$")
+
+
 def _check_dtype(path, name, dtype):
   """A weight declared with an integer or bool dtype in its header is a broken file."""
-  if str(dtype) in _FLOAT_DTYPES or name.split(".")[-1] in _INTEGER_BUFFERS:
+  if (str(dtype) in _FLOAT_DTYPES or name.split(".")[-1] in _INTEGER_BUFFERS
+      or _MASK_BUFFER.search(name)):
     return
   raise ValueError(f"{path}: tensor {name!r} is declared {dtype} in the file's header, but "
                    "it is a float weight; the file is damaged or was written wrongly: save "
