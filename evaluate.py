@@ -94,7 +94,8 @@ FIELDS = ("checkpoint", "dataset", "split", "data_dir", "eps", "suite", "norm",
           "num_examples", "seed", "outdir", "templates", "batch_size", "steps",
           "square_queries", "num_targets", "allow_pickle", "overwrite", "max_length",
           "target_caption", "vision_weights")
-_DASHABLE = FIELDS + ("coordinator_address", "num_processes", "process_id", "cpu_devices")
+_DASHABLE = FIELDS + ("coordinator_address", "num_processes", "process_id", "cpu_devices",
+                      "distributed_timeout", "compilation_cache", "compilation_cache_dir")
 
 
 def undash(argv):
@@ -150,12 +151,11 @@ def main(argv):
   s = settings()
   cli.setup_compilation_cache(cpu_devices=cpu_devices(s["batch_size"]))
   from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
-  from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
+  # Before anything touches a JAX backend (the preflight's device count does).
+  cli.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   checked = evaluator.preflight(s)  # everything that can be checked without compute, first
-  # Before anything touches a JAX backend (loading a checkpoint does).
-  sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
-  evaluator.run(s, argv=sys.argv, checked=checked)
+  with cli.lock_output(s["outdir"], "--outdir"):  # one run per folder
+    evaluator.run(s, argv=sys.argv, checked=checked)
 
 
 if __name__ == "__main__":

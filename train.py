@@ -3,10 +3,12 @@ r"""Fine-tune a vision-language model with PRSL (and baselines), then compare th
   python train.py                                   # embedded default, no download
   python train.py --config configs/vitb32_cifar10.py:adv_prsl --workdir runs/x
   python train.py --config.loss.end=6 --config.total_steps=400
+  python train.py --config configs/vitb32_cifar10.py:prsl --config.help   # the fields
 
 A workdir with a checkpoint resumes from it. Multi-host: add
 --coordinator_address=auto on TPU pods (or host:port --num_processes
---process_id for explicit launches); every host runs the same command.
+--process_id for explicit launches); every host runs the same command, and
+--distributed_timeout (seconds, default 120) bounds the wait for all of them.
 Everything else is the library: prsl_jax.trainer.run(config, workdir).
 """
 
@@ -17,7 +19,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from configs import base
 from prsl_jax import cli
+
+# --config.help lists the config's fields; taken off argv before config_flags,
+# which would read it as an override of a field named 'help'.
+_CONFIG_HELP = "--config.help" in sys.argv
+if _CONFIG_HELP:
+  sys.argv = [a for a in sys.argv if a != "--config.help"]
 
 
 def _define_config_flag():
@@ -46,21 +55,39 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: proces
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
+def config_help(config) -> str:
+  """Every field of `config`: its dotted name, value and meaning (configs/base.py)."""
+  rows = [(k, repr(v), base.FIELD_HELP.get(k, "")) for k, v in
+          sorted(config.copy_and_resolve_references().to_dict().items()) for k, v in
+          _flat(k, v)]
+  width = max(len(k) for k, _, _ in rows)
+  return "\n".join(f"--config.{k.ljust(width)} = {v}" + (f"   # {h}" if h else "")
+                   for k, v, h in rows)
+
+
+def _flat(key, value):
+  if isinstance(value, dict):
+    return [kv for k, v in value.items() for kv in _flat(f"{key}.{k}", v)]
+  return [(key, value)]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG_HELP:
+    print(config_help(_CONFIG.value))
+    return
   cli.quiet_logs()
   cli.setup_compilation_cache()
-  from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
   from prsl_jax import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   # A bad config, override or workdir stops before any compute.
   trainer.preflight(config, workdir, overrides=overrides)
-  sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
-  out = trainer.run(config, workdir, checked=True)  # preflight ran above
+  cli.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  with cli.lock_output(workdir, "--workdir"):  # one run per folder
+    out = trainer.run(config, workdir, checked=True)  # preflight ran above
   if out["table"]:
     print(f"\nAccuracy (%) on {config.eval.num_examples or 'all'} {config.data.name} "
           f"{config.data.eval_split} examples; L-inf budgets on [0, 1] pixels:\n")

@@ -1,6 +1,8 @@
 """Fields every training config has; experiment files import and override these.
 
 An unknown --config.key is an error (the ConfigDict is locked by config_flags).
+`python train.py [--config FILE] --config.help` lists every field of a config with
+its value and its meaning (FIELD_HELP).
 """
 
 import ml_collections
@@ -73,3 +75,63 @@ def base_config():
       suites=("paper", "pgd-ce", "apgd-ce,apgd-t"), steps=10, queries=0, num_targets=3,
       seed=0, max_length=0, target_caption=""))  # captioning: generation length, target
   return c
+
+
+# One line per field, for `train.py --config.help` (an experiment file's extra
+# fields are listed without one).
+FIELD_HELP = {
+    "seed": "seed of the init, the data order and the attacks",
+    "workdir": "output folder (train.py --workdir wins)",
+    "model.path": "HF-format checkpoint: a local folder or a hub id",
+    "model.dtype": "compute dtype (float32, bfloat16); params stay float32",
+    "model.remat": "recompute activations in the backward pass (less memory)",
+    "model.allow_pickle": "accept pytorch_model.bin (a pickle can run code)",
+    "data.name": "'digits' (embedded) or a TFDS dataset prepared as ArrayRecord",
+    "data.train_split": "split to fine-tune on",
+    "data.eval_split": "split of the evaluation subset",
+    "data.data_dir": "TFDS data folder ('' = TFDS's default)",
+    "data.templates": "prompts: 'default' or CLIP's 80 'imagenet' templates",
+    "data.caption_length": "tokens of a training caption incl. its EOS (captioning)",
+    "objective": "classification (zero-shot head), contrastive or captioning",
+    "loss.name": "prsl (the authors'), drsl, ce, or the ablations topk_variance, topk_ce",
+    "loss.start": "PRSL: first wrong-class rank of the window",
+    "loss.end": "PRSL: end (exclusive) of the window of ranks",
+    "loss.weight": "b: weight of PRSL's x (or DRSL's / the ablation's term)",
+    "loss.ce_weight": "a: weight of the cross-entropy term",
+    "loss.group_size": "rows per PRSL group; 0 = the global batch",
+    "loss.k": "topk_variance / topk_ce: wrong classes kept",
+    "loss.renormalize": "topk_variance: renormalise the kept probabilities",
+    "compare_losses": "losses trained from the same start and reported beside the main one",
+    "train_towers": "vision (text frozen), text or both",
+    "adversarial.enabled": "train on PGD images made at every step (TeCoA-style)",
+    "adversarial.eps": "budget of the training attack, on [0, 1] pixels",
+    "adversarial.steps": "PGD steps of the training attack",
+    "adversarial.step_size": "PGD step size (0 = 2.5 eps / steps)",
+    "adversarial.norm": "linf or l2",
+    "adversarial.loss": "objective of the training attack (a loss name)",
+    "optimizer.name": "adamw or sgd",
+    "optimizer.lr": "peak learning rate",
+    "optimizer.weight_decay": "decoupled weight decay",
+    "optimizer.momentum": "sgd momentum",
+    "optimizer.schedule": "learning-rate schedule: cosine or constant",
+    "optimizer.warmup_steps": "linear warm-up steps",
+    "optimizer.grad_clip": "global gradient-norm clip (0 = off)",
+    "batch_size": "global batch, over all devices and hosts",
+    "total_steps": "training steps of each loss",
+    "log_every": "steps between metrics.jsonl lines",
+    "eval_every": "steps between clean-accuracy checks (0 = off)",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_checkpoints": "checkpoints kept per loss",
+    "export": "write each fine-tuned model as an HF folder (export/)",
+    "eval.num_examples": "size of the seeded evaluation subset (0 = the whole split)",
+    "eval.batch_size": "examples per attack call",
+    "eval.eps": "budgets on [0, 1] pixels",
+    "eval.norm": "linf or l2",
+    "eval.suites": "cascades: standard, fast, pgd, paper or comma-separated attacks",
+    "eval.steps": "attack iterations (0 = each attack's default)",
+    "eval.queries": "Square's queries (0 = 5000)",
+    "eval.num_targets": "targets of APGD-T and FAB-T (0 = 9)",
+    "eval.seed": "seed of the subset and the attacks",
+    "eval.max_length": "captioning: generation length (0 = the model's)",
+    "eval.target_caption": "captioning: also attack toward this caption ('' = off)",
+}

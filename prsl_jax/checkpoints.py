@@ -56,6 +56,30 @@ def check_writable(workdir: str):
                           "fix its permissions or choose another workdir")
 
 
+REPORT_FILES = ("results.json", "results.md", "robustness.png")
+
+
+def check_outputs_writable(folder: str, flag: str, names=REPORT_FILES):
+  """Fails before compute if the report files could not be written into `folder`
+  at the end of the run (a read-only folder, a folder in a file's place)."""
+  path = os.path.abspath(os.path.expanduser(folder))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise NotADirectoryError(f"{flag} {folder!r} cannot hold the results: {existing} is a "
+                             f"file; choose another {flag}")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f"{flag} {folder!r}: the results ({', '.join(names)}) cannot be "
+                          f"written, {existing} is not writable; fix its permissions or "
+                          f"choose another {flag}")
+  for name in names:
+    target = os.path.join(path, name)
+    if os.path.isdir(target):
+      raise IsADirectoryError(f"{flag} {folder!r}: {target} is a folder where the run writes "
+                              f"its {name}; move it away or choose another {flag}")
+
+
 # Managers made by `manager` and not yet finished: `finish_open` completes them
 # when a run is interrupted between saves.
 _OPEN = weakref.WeakSet()
@@ -81,6 +105,18 @@ def save(mgr: ocp.CheckpointManager, state, data_state: dict):
                                            data=ocp.args.JsonSave(data_state)))
   except Exception as e:  # pylint: disable=broad-except  # PermissionError, ENOSPC, orbax's
     raise _save_error(mgr, f"at step {step} (or an earlier one)", e) from e
+
+
+def nonfinite_loss_message(mgr: ocp.CheckpointManager, loss: float, step: int) -> str:
+  """The trainer's NaN guard's line: which checkpoint a rerun would resume from, if any."""
+  mgr.wait_until_finished()  # a save in flight counts once written
+  kept = mgr.latest_step()
+  if kept is None:
+    return (f"loss is {loss} at step {step}; stopping. No checkpoint was saved before it "
+            f"(none in {mgr.directory}): lower the learning rate or the loss weight and rerun")
+  return (f"loss is {loss} at step {step}; stopping. The last good checkpoint, step {kept}, "
+          f"is kept in {mgr.directory}: a rerun resumes from it (lower the learning rate or "
+          "the loss weight first)")
 
 
 def _remove_tmp_dirs(mgr):
@@ -220,11 +256,26 @@ def restore_latest_info(mgr: ocp.CheckpointManager, abstract_state, *,
     return dict(state=out["state"], data=out["data"], step=step, unreadable=errors,
                 set_aside=moved)
   if errors:
+    causes = " | ".join(f"step {s}: {m[:300]}" for s, m in errors[:3])
+    if all(_is_damage(m) for _, m in errors):
+      raise ValueError(
+          f"every checkpoint in {mgr.directory} is damaged (its files cannot be read: "
+          f"{causes}); nothing was deleted. Restore the folder from a copy, or move it "
+          "aside to train from the start")
     raise ValueError(
         f"no checkpoint in {mgr.directory} could be restored for this config (different "
-        f"model or optimizer?). Use a new workdir; nothing was deleted. Errors: "
-        + " | ".join(f"step {s}: {m}" for s, m in errors))
+        f"model or optimizer?). Use a new workdir; nothing was deleted. Errors: {causes}")
   return None
+
+
+# What a checkpoint whose files are truncated, overwritten or missing fails with,
+# as opposed to one of another model (a tree or shape mismatch).
+_DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "Error reading", "Byte range", "JSONDecodeError",
+                   "NOT_FOUND", "FileNotFoundError", "Unexpected end", "corrupt")
+
+
+def _is_damage(message: str) -> bool:
+  return any(m in message for m in _DAMAGE_MARKERS)
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state):
@@ -255,16 +306,21 @@ def restore_params_and_step(workdir: str, model=None):
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {path!r}")
   _silence_failed_read_echoes()
+  causes = []
   for step in steps:
     try:
       state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
       params = jax.tree.map(np.asarray, state["state"]["params"])
       break
     except Exception as e:  # pylint: disable=broad-except
-      warnings.warn(f"checkpoint step {step} in {path} unreadable "
-                    f"({_describe(e)}); trying older")
+      causes.append(f"step {step}: {_describe(e)[:300]}")
+      if step != steps[-1]:
+        warnings.warn(f"checkpoint step {step} in {path} unreadable "
+                      f"({_describe(e)}); trying older")
   else:
-    raise ValueError(f"no readable checkpoint in {path!r}")
+    raise ValueError(f"no readable checkpoint in {path!r}, all {len(steps)} damaged "
+                     f"({'; '.join(causes[:2])}); evaluate the run's export/ folder, or "
+                     "retrain")
   if model is not None:
     want = jax.tree.map(lambda x: tuple(x.shape), model.param_shapes())
     got = jax.tree.map(np.shape, params)

@@ -4,13 +4,16 @@ A user error (a bad flag or config value, a missing or broken checkpoint, an
 unprepared dataset, a checkpoint that cannot be written) prints one line naming
 the problem and the fix, and exits with status 2, no traceback; --debug shows
 the traceback. A misspelt flag or --config.key is one line too. Warnings are
-one line each. Ctrl-C prints one line and exits 130.
+one line each. Ctrl-C prints one line and exits 130; SIGTERM (a scheduler's stop)
+checkpoints the training step in progress (prsl_jax.preemption), prints where to
+resume and exits 143.
 
 The process ends promptly: when background threads are still alive at the end
 (orbax's checkpoint writers after a failed save wait for signals that never
 come), they get a few seconds, then the process exits without them.
 """
 
+import contextlib
 import difflib
 import logging as std_logging
 import os
@@ -26,9 +29,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from prsl_jax import preemption
+
 # Exceptions that mean "the input is wrong", not "prsl_jax is broken".
 # FloatingPointError: the trainer's NaN guard ("loss is nan at step N"), which
-# names the step and the checkpoint kept.
+# names the step and the checkpoint kept, or that none was saved.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError, PermissionError, OSError, KeyError, FloatingPointError)
 
@@ -40,17 +45,29 @@ COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None, "Where (default: $PRSL_JAX_CACHE, else "
     "~/.cache/prsl_jax/jax).")
 
+DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
+    "distributed_timeout", 120, "Multi-host: seconds to wait for every process to join "
+    "before failing with what to check (a pod of many hosts may need more, e.g. 900).")
+
 
 def setup_compilation_cache(cpu_devices=None):
   """The XLA:CPU settings and the persistent compilation cache (unless
-  --nocompilation_cache); call before anything runs on a device.
+  --nocompilation_cache); call before anything runs on a device. A cache folder
+  that cannot be written is one warning line, and the run goes on without it.
 
   cpu_devices: host devices for the CPU backend (compilation.set_cpu_flags).
   """
   from prsl_jax import compilation  # pylint: disable=g-import-not-at-top
   compilation.set_cpu_flags(cpu_devices=cpu_devices)
   if COMPILATION_CACHE.value:
-    return compilation.enable_cache(COMPILATION_CACHE_DIR.value)
+    try:
+      return compilation.enable_cache(COMPILATION_CACHE_DIR.value)
+    except OSError as e:  # a read-only HOME: the run goes on, compiling everything
+      where = COMPILATION_CACHE_DIR.value or compilation.default_cache_dir()
+      print(f"warning: no compilation cache: {where} cannot be written "
+            f"({' '.join(str(e).split())}); running without it. Choose a writable folder "
+            "with --compilation_cache_dir=DIR (or $PRSL_JAX_CACHE), or pass "
+            "--nocompilation_cache", file=sys.stderr, flush=True)
   compilation.disable_cache()
   return None
 
@@ -161,14 +178,44 @@ def flag_error_line(e: BaseException) -> str:
   return f"{text}; --helpshort lists the flags"
 
 
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def print_help():
+  """The main script's docstring and flags, then prsl_jax.cli's (--help: exit 0)."""
+  main = sys.modules.get("__main__")
+  print((getattr(main, "__doc__", None) or "").strip() + "\n")
+  print(flags.FLAGS.main_module_help())
+  print(flags.FLAGS.module_help(sys.modules[__name__]))
+  print("\n--helpfull lists every flag, absl's and JAX's too.")
+
+
+def config_file_error(e: BaseException) -> str:
+  """The one line for a --config file that cannot be loaded (a syntax error, ...)."""
+  if isinstance(e, SyntaxError):
+    return (f"--config file {e.filename} has a syntax error at line {e.lineno}: {e.msg}; "
+            "fix the file")
+  return (f"--config file cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())}); "
+          "fix the file (--debug shows the traceback)")
+
+
 def parse_flags_or_exit(argv, parse=None):
-  """absl flags_parser: a bad flag is one line and exit 2 (absl prints usage, exit 1)."""
+  """absl flags_parser: a bad flag is one line and exit 2 (absl prints usage, exit 1);
+  --help prints the flags and exits 0."""
+  if any(a in HELP_ARGS for a in argv[1:]):
+    print_help()
+    sys.exit(0)
   try:
     return (parse or flags.FLAGS)(argv)
   except flags.Error as e:
     if "--debug" in argv:
       traceback.print_exc()
     fail(flag_error_line(e))
+  except (SyntaxError, ImportError, AttributeError, NameError, TypeError, ValueError,
+          KeyError, OSError) as e:  # a --config file's own error, raised while loading it
+    if "--debug" in argv:
+      traceback.print_exc()
+    fail(config_file_error(e))
 
 
 def config_key_error(e: BaseException, argv, field_names=()) -> str:
@@ -190,6 +237,46 @@ def config_key_error(e: BaseException, argv, field_names=()) -> str:
   return f"bad --config: {text}"
 
 
+def start_distributed(coordinator_address, num_processes, process_id):
+  """sharding.maybe_initialize_distributed with --distributed_timeout and Ctrl-C.
+
+  Its waiting thread cannot be stopped, and JAX would abort the process from it
+  later: a timeout or Ctrl-C ends the process at once (one line, exit 2 or 130).
+  """
+  from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
+  if DISTRIBUTED_TIMEOUT.value <= 0:
+    raise ValueError(f"--distributed_timeout={DISTRIBUTED_TIMEOUT.value:g} must be > 0 seconds")
+  try:
+    sharding.maybe_initialize_distributed(coordinator_address, num_processes, process_id,
+                                          timeout_s=DISTRIBUTED_TIMEOUT.value)
+  except sharding.DistributedStartError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access
+  except preemption.Preempted:
+    print("terminated (SIGTERM)", file=sys.stderr, flush=True)
+    os._exit(preemption.EXIT_CODE)  # pylint: disable=protected-access
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def lock_output(folder: str, flag: str):
+  """Process 0 holds `folder`'s run lock (prsl_jax.runlock) inside the block.
+
+  Enter after the distributed set-up (the process index is known then) and before
+  anything is written. Other processes of a multi-host run write nothing there.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from prsl_jax import runlock  # pylint: disable=g-import-not-at-top
+  held = jax.process_index() == 0 and runlock.hold(folder, flag=flag)
+  try:
+    yield
+  finally:
+    if held:
+      runlock.release(folder)
+
+
 def _interrupt(signum, frame):
   del signum, frame
   raise KeyboardInterrupt
@@ -202,8 +289,12 @@ def run(main, argv):
   # which only cancels its task: a Ctrl-C during a checkpoint save could be lost.
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, _interrupt)
+  preemption.install()  # SIGTERM: as Ctrl-C, but a training step's checkpoint first
   try:
     main(argv)
+  except preemption.Preempted as e:
+    print(" ".join(str(e).split()) or "terminated (SIGTERM)", file=sys.stderr, flush=True)
+    exit_now(preemption.EXIT_CODE)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
     exit_now(130)

@@ -102,9 +102,14 @@ def enable_cache(path=None) -> str:
   Every program is cached, however quickly it compiled: the attacks of a small
   model compile in about a second each, and together they are most of a
   short evaluation's wait.
+
+  Raises:
+    OSError: the folder cannot be created or written.
   """
   path = os.path.abspath(os.path.expanduser(path or default_cache_dir()))
   os.makedirs(path, exist_ok=True)
+  if not os.access(path, os.W_OK | os.X_OK):  # JAX would fail at its first write
+    raise PermissionError(f"{path} is not writable")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

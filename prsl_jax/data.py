@@ -89,6 +89,10 @@ class DigitsSource:
   def labels(self):
     return self._labels
 
+  def raw(self, i):
+    """(image as stored, label) of example i, before preprocessing (`check_examples`)."""
+    return self._images[i], int(self._labels[i])
+
   def references(self, i):
     """Reference captions of example i: its class name in every caption template."""
     return [t.format(DIGIT_NAMES[self._labels[i]]) for t in DIGIT_CAPTIONS]
@@ -111,6 +115,12 @@ class _TfdsSource:
 
   def __len__(self):
     return len(self._source)
+
+  def raw(self, i):
+    """(image as stored, label or None) of example i, before preprocessing."""
+    rec = self._source[i]
+    label = None if self._label_key is None else int(rec[self._label_key])
+    return np.asarray(rec[self._image_key]), label
 
   def __getitem__(self, i):
     from prsl_jax import preprocessing  # pylint: disable=g-import-not-at-top
@@ -166,7 +176,15 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
   class_names = None
   if keys["label_key"] is not None:
     from prsl_jax import classnames  # pylint: disable=g-import-not-at-top
-    class_names = classnames.get(name, src.dataset_info.features[keys["label_key"]].names)
+    features = src.dataset_info.features
+    feature = features[keys["label_key"]] if keys["label_key"] in features else None
+    if getattr(feature, "names", None) is None:
+      kind = "no 'label' feature" if feature is None else (
+          f"a 'label' feature of type {type(feature).__name__}")
+      raise ValueError(f"TFDS dataset {name!r} has {kind}, not a ClassLabel with class "
+                       "names; zero-shot classification needs them: use a dataset whose "
+                       "'label' is a tfds.features.ClassLabel")
+    class_names = classnames.get(name, feature.names)
   return _TfdsSource(src, image_size, **keys), class_names
 
 
@@ -339,3 +357,65 @@ def eval_batches(source, indices, batch_size: int):
     batch = _collate([source[int(i)] for i in chunk])
     batch["mask"] = np.arange(batch_size) < n
     yield batch
+
+
+# Examples `check_split` reads as stored, at most: the first of a training split,
+# the first of an evaluation subset (a scan of a huge set, decoding every image,
+# would cost more than a short run; the message says how many were read).
+TRAIN_SCAN = 512
+EVAL_SCAN = 2048
+
+
+def _bad_example(image, label, num_classes):
+  """Why one stored example cannot be used, or None."""
+  if np.issubdtype(image.dtype, np.floating):
+    finite = np.isfinite(image)
+    if not finite.all():
+      return "has NaN or Inf pixels"
+    lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+      return (f"has float pixels in [{lo:g}, {hi:g}], outside [0, 1]; store images as "
+              "uint8 0..255 or floats in [0, 1] (0..255 floats: divide by 255)")
+  elif image.dtype != np.uint8:
+    return f"has {image.dtype} pixels; images must be uint8 (0..255) or float in [0, 1]"
+  if label is not None and num_classes is not None and not 0 <= label < num_classes:
+    return (f"has label {label}, outside the {num_classes} classes 0..{num_classes - 1}; "
+            "fix the labels or the class list")
+  return None
+
+
+def check_split(source, class_names, *, name, split, indices=None):
+  """`check_examples` of the first EVAL_SCAN of `indices` (None: the first TRAIN_SCAN
+  examples of a training split)."""
+  indices = list(range(min(len(source), TRAIN_SCAN)) if indices is None else
+                 indices[:EVAL_SCAN])
+  check_examples(source, indices, num_classes=len(class_names) if class_names else None,
+                 name=name, split=split)
+
+
+def check_examples(source, indices, *, num_classes, name, split):
+  """Raises ValueError, before any compute, for the first example of `indices`
+  with pixels outside [0, 1] (floats), NaN/Inf pixels or a label outside the classes.
+
+  Reads the examples as stored (`source.raw`; sources without it are skipped).
+
+  Args:
+    source: from `load`.
+    indices: the examples to read (the first of those about to be used; the
+      message says how many were read of the split).
+    num_classes: len(class_names), or None (no labels).
+    name, split: for the message.
+  """
+  raw = getattr(source, "raw", None)
+  if raw is None:
+    return
+  indices = [int(i) for i in indices]
+  for i in indices:
+    image, label = raw(i)
+    why = _bad_example(np.asarray(image), label, num_classes)
+    if why is not None:
+      scope = (f"all {len(indices)}" if len(indices) == len(source) else
+               f"{len(indices)} of the {len(source)}")
+      raise ValueError(f"dataset {name!r} split {split!r}: example {i} {why} (scanned "
+                       f"{scope} examples, the first of those about to be used; stopped at "
+                       "the first bad one)")

@@ -205,6 +205,7 @@ def preflight(settings):
   if not os.access(parent, os.W_OK | os.X_OK):
     raise PermissionError(f"--outdir {s['outdir']!r} cannot be written ({parent} is not "
                           "writable); choose another folder")
+  checkpoints.check_outputs_writable(outdir, "--outdir")
   losses.check_int("--batch_size", s["batch_size"], minimum=1)
   if s["num_examples"] is not None and s["num_examples"] < 0:
     raise ValueError(f"--num_examples must be >= 0 (0: all), got {s['num_examples']}")
@@ -288,13 +289,21 @@ def model_names(specs):
 
 
 def _write(outdir, record, title, results, final, task):
-  """results.json and results.md, each replaced atomically."""
+  """results.json and results.md, each replaced atomically; the plot at the end.
+
+  A partial write removes the plot an earlier run (--overwrite) left, so the
+  folder holds one run's files: the previous run's until this run's first write,
+  then this run's.
+  """
   table = task.format_table(results) if results else ""
   for name, text in ((RESULTS, json.dumps(record, indent=1, default=str)),
                      ("results.md", f"{title}\n\n{table}")):
     reports.write_atomic(os.path.join(outdir, name), text)
+  plot_path = os.path.join(outdir, "robustness.png")
   if final and results:
-    task.plot(results, os.path.join(outdir, "robustness.png"))
+    task.plot(results, plot_path)
+  elif os.path.exists(plot_path):  # an --overwrite run's earlier plot: never a mix of runs
+    os.remove(plot_path)
   return table
 
 
@@ -334,6 +343,10 @@ def run(settings, *, argv=None, checked=None):
   indices = None
   title = ""
   task = p["task"]
+  # Every later checkpoint loads and fits its model before the first is evaluated
+  # (the first is loaded just below): a broken last one must not cost the others' run.
+  for ckpt in p["ckpts"][1:]:
+    load_model(ckpt, s["allow_pickle"])  # raises for a missing, damaged or unfitting one
   for name, ckpt in zip(model_names(p["specs"]), p["ckpts"]):
     print(f"{name}: loading ({ckpt['kind']})", flush=True)
     pretrained, params = load_model(ckpt, s["allow_pickle"], s["vision_weights"])
@@ -344,6 +357,8 @@ def run(settings, *, argv=None, checked=None):
       raise ValueError(f"dataset {s['dataset']!r} has no class labels to classify")
     if indices is None:
       indices = data.eval_indices(len(source), num, s["seed"])
+      data.check_split(source, class_names, name=s["dataset"], split=s["split"],
+                       indices=indices)  # bad pixels or labels, before any compute
       record.update(indices=[int(i) for i in indices],
                     class_names=list(class_names) if class_names else None)
       title = (f"{task.title} on {len(indices)} {s['dataset']} {s['split']} examples (seed "
@@ -369,8 +384,9 @@ def run(settings, *, argv=None, checked=None):
   table = ""
   if jax.process_index() == 0:
     table = _write(outdir, record, title, results, final=True, task=task)
-  print(f"\n{title}\n\n{table}\nwrote {outdir}/{RESULTS}, results.md, robustness.png",
-        flush=True)
+  if jax.process_index() == 0:  # the only writer
+    print(f"\n{title}\n\n{table}\nwrote {outdir}/{RESULTS}, results.md, robustness.png",
+          flush=True)
   failed = [n for n, r in results.items() if not r.checks.passed]
   if failed:
     print(f"WARNING: soundness checks failed for {failed}; see checks in {RESULTS}")

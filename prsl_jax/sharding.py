@@ -5,6 +5,9 @@ Params and optimizer state are replicated (P()); batches are split over 'data'
 gradients with lax.pmean.
 """
 
+import math
+import threading
+import time
 from typing import Optional
 
 import jax
@@ -15,25 +18,83 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
+# Seconds jax.distributed.initialize keeps retrying after our own deadline has
+# passed: JAX aborts the process (a C++ stack dump) when its own timeout expires,
+# so ours must always come first.
+_JAX_TIMEOUT_MARGIN_S = 60
+
+
+class DistributedStartError(TimeoutError):
+  """The processes of a multi-host run did not all meet within the timeout."""
+
+
+def parse_coordinator_address(address: str):
+  """'host:port' -> (host, port); a one-line ValueError for anything else."""
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"--coordinator_address={address!r} must be host:port (e.g. "
+                     "10.0.0.2:1234, the address of process 0 and a free port on it) or "
+                     "'auto' (TPU pods, SLURM)")
+  return host, int(port)
+
+
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
-                                 process_id=None):
+                                 process_id=None, *, timeout_s=None):
   """jax.distributed.initialize for multi-host runs; a no-op for one process.
 
   On TPU pods and SLURM/GPU clusters JAX finds the coordinator itself: pass
   coordinator_address='auto'. For explicit launches (e.g. two processes on
   localhost) give all three arguments.
+
+  timeout_s: seconds to wait for every process to join (None: JAX's own 300 s).
+  The wait runs in a thread so that Ctrl-C is honoured; a launch that has not
+  met by then raises DistributedStartError naming the address. The thread
+  cannot be cancelled: the caller should exit the process after that error.
   """
   if coordinator_address is None:
     return
-  if coordinator_address == "auto":
-    jax.distributed.initialize()
-  else:
+  kwargs = {}
+  if coordinator_address != "auto":
+    parse_coordinator_address(coordinator_address)
+    if num_processes is None or process_id is None:
+      raise ValueError(f"--coordinator_address={coordinator_address} needs --num_processes "
+                       "and --process_id (or use --coordinator_address=auto on TPU pods "
+                       "and SLURM)")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+                       f"{num_processes})")
     # CPU collectives across processes need gloo (the default has none); the
     # setting only affects the CPU client, so it is harmless on GPU hosts. It must
     # precede any backend initialisation, hence no platform check here.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  if timeout_s is None:
+    jax.distributed.initialize(**kwargs)
+    return
+  kwargs["initialization_timeout"] = int(math.ceil(timeout_s)) + _JAX_TIMEOUT_MARGIN_S
+  errors = []
+  def start():
+    try:
+      jax.distributed.initialize(**kwargs)
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised below
+      errors.append(e)
+  thread = threading.Thread(target=start, name="jax-distributed-start", daemon=True)
+  thread.start()
+  deadline = time.monotonic() + timeout_s
+  while thread.is_alive() and time.monotonic() < deadline:
+    thread.join(0.1)  # short joins: KeyboardInterrupt reaches this thread between them
+  if thread.is_alive():
+    who = (f"process {process_id} of {num_processes}" if process_id is not None
+           else "this process")
+    raise DistributedStartError(
+        f"the multi-host start-up did not complete within {timeout_s:g} s ({who}, "
+        f"coordinator {coordinator_address}): check that every process was launched with "
+        "the same --coordinator_address and --num_processes and its own --process_id, "
+        "that process 0 runs on that host and the port is free there and reachable from "
+        "here (firewall); big pods may need longer: --distributed_timeout=SECONDS")
+  if errors:
+    raise errors[0]
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -29,6 +29,7 @@ from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
+from prsl_jax import preemption
 from prsl_jax import progress
 from prsl_jax import reports
 from prsl_jax import sharding
@@ -198,7 +199,13 @@ def check_resume(config, workdir):
   if not os.path.isfile(path):
     return
   with open(path) as f:
-    stored = json.load(f)
+    try:
+      stored = json.load(f)
+    except ValueError as e:
+      stored = e
+  if not isinstance(stored, dict):
+    raise ValueError(f"{path} is not a JSON object (a train.py run's config); the folder "
+                     "holds something else: choose another --workdir")
   changed = config_changes(stored, config)
   if changed:
     raise ValueError(f"{workdir} holds a run with another config ({'; '.join(changed)}); "
@@ -278,6 +285,7 @@ def preflight(config, workdir, overrides=()):
   for split in (config.data.train_split, config.data.eval_split):
     data.check_available(config.data.name, split, data_dir=config.data.data_dir or None)
   check_workdir(workdir)
+  checkpoints.check_outputs_writable(workdir, "--workdir")  # not found after training
   for name in loss_names(config):
     run_dir = os.path.join(workdir, name)
     check_resume(run_config(config, name), run_dir)
@@ -337,6 +345,13 @@ def setup(config) -> Setup:
   if class_names or not task.needs_class_names:
     eval_source, _ = data.load(config.data.name, config.data.eval_split,
                                image_size=model.image_size, data_dir=data_dir)
+  # Bad pixels or labels are named before any compute (prsl_jax.data.check_examples).
+  data.check_split(train_source, class_names, name=config.data.name,
+                   split=config.data.train_split)
+  if eval_source is not None:
+    data.check_split(eval_source, class_names, name=config.data.name,
+                     split=config.data.eval_split, indices=data.eval_indices(
+                         len(eval_source), config.eval.num_examples or None, config.eval.seed))
   check_objective_fits(config, model.kind)
   validate(config, num_classes=task.num_classes(config, model, class_names))
   templates = (zeroshot.IMAGENET_TEMPLATES if config.data.templates == "imagenet"
@@ -472,6 +487,7 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
   if is_main:
     _trim_metrics(metrics_path, start)
   bar = progress.bar(total=config.total_steps, initial=start, desc=desc, enabled=is_main)
+  preemption.defer(True)  # a SIGTERM from here on waits for the end of its step
   for step in range(start + 1, config.total_steps + 1):
     batch = sharding.to_global(next(train_iter), s.mesh)
     state, metrics = step_fn(state, batch, s.head)
@@ -483,14 +499,17 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
       if eval_now:
         metrics["eval_accuracy"] = clean_accuracy(state["params"])
       if not math.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; stopping "
-                                 f"(the last good checkpoint is kept in {workdir})")
+        raise FloatingPointError(checkpoints.nonfinite_loss_message(mgr, metrics["loss"], step))
       bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"})
       if is_main:
         with open(metrics_path, "a") as f:
           f.write(json.dumps({"step": step, **metrics}) + "\n")
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
+    stop = preemption.reached(step)  # SIGTERM: every host saves this step, then stops
+    if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
       checkpoints.save(mgr, state, train_iter.get_state())
+    if stop:
+      preemption.stop(mgr, step, workdir)  # waits for the save, raises Preempted
+  preemption.defer(False)
   bar.close()
   checkpoints.finish(mgr)  # raises CheckpointSaveError if a background save failed
   return jax.device_get(state["params"]), int(jax.device_get(state["step"]))

@@ -24,6 +24,7 @@ import numpy as np
 
 from configs import digits_captioning
 from prsl_jax import compilation
+from prsl_jax import runlock
 from prsl_jax import trainer
 
 SEEDS = (0, 1, 2)
@@ -124,6 +125,10 @@ def main(argv=None):
   args = parse_args(argv)
   compilation.set_cpu_flags()  # train.py's XLA:CPU settings (prsl_jax/compilation.py)
   os.makedirs(args.outdir, exist_ok=True)
+  try:
+    runlock.hold(args.outdir, flag="--outdir")  # one study per folder
+  except runlock.RunLockedError as e:
+    raise SystemExit(f"error: {e}") from None
   t0 = time.time()
   seeds = SEEDS[:1] if args.quick else SEEDS
   records = [run_seed(s, args.outdir, args.quick) for s in seeds]

@@ -79,6 +79,7 @@ from prsl_jax import compilation
 from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
+from prsl_jax import runlock
 from prsl_jax import trainer
 from prsl_jax import zeroshot
 from prsl_jax.models import clip as clip_lib
@@ -599,6 +600,10 @@ def main(argv=None):
   study = QUICK if args.quick else STUDY
   outdir = args.outdir or ("runs/study_quick" if args.quick else "runs/study")
   os.makedirs(outdir, exist_ok=True)
+  try:
+    runlock.hold(outdir, flag="--outdir")  # one study per folder
+  except runlock.RunLockedError as e:
+    raise SystemExit(f"error: {e}") from None
   previous = previous_invocations(outdir)
   rows = [n for n in ROWS if not args.quick or n in QUICK_ROWS]
   if args.rows:

@@ -10,6 +10,7 @@ per session.
 import dataclasses
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -105,6 +106,20 @@ def write_hf_checkpoint(name, path, seed=0):
       name=name, path=path, vocab_size=config.text_config.vocab_size,
       tokenizer_size=tokenizer_size, eos_token_id=config.text_config.eos_token_id,
       mean=tuple(spec["mean"] or OPENAI_CLIP_MEAN), std=tuple(spec["std"] or OPENAI_CLIP_STD))
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_stay_pytests():
+  """A test that sends SIGINT or SIGTERM sends it to its own child process; none
+  installs handlers in the test process (prsl_jax.cli.run and preemption.install
+  do, in the CLIs), where a later signal would surface inside another test."""
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  yield
+  after = {s: signal.getsignal(s) for s in before}
+  for s, handler in before.items():
+    if after[s] is not handler:
+      signal.signal(s, handler)
+  assert after == before, f"the test changed the process's signal handlers: {after}"
 
 
 @pytest.fixture(scope="session")

@@ -199,3 +199,55 @@ def test_save_rejects_params_that_do_not_fit(tiny_clip, tmp_path):
   with pytest.raises(ValueError, match="visual_projection/kernel"):
     save_pretrained(tiny_clip.model, bad, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")  # validated before touching disk
+
+
+def test_integer_or_nonfinite_weights_refused_with_the_tensor_named(tiny_ckpt, tmp_path):
+  from prsl_jax.models.convert import check_weights  # pylint: disable=g-import-not-at-top
+  name = "vision_model.embeddings.position_embedding.weight"
+  for case in ("int", "nan"):
+    folder = _copy_config(tiny_ckpt.path, tmp_path / case)
+    state = _state(tiny_ckpt.path)
+    if case == "int":  # the header declares an integer type for a float weight
+      state[name] = state[name].astype(np.int32)
+    else:
+      state[name] = state[name].copy()
+      state[name][0, 0] = np.inf
+      state[name][1, 1] = np.nan
+    _write_state(folder, state)
+    if case == "int":  # the preflight's header read finds it, no tensor read
+      with pytest.raises(ValueError, match=rf"tensor '{name}' is declared I32 in the file's "
+                         r"header, but it is a float weight"):
+        check_weights(folder)
+    else:
+      check_weights(folder)  # headers are fine; the values are found at load
+    with pytest.raises(ValueError, match=rf"tensor '{name}' "):
+      load_pretrained(folder)
+  with pytest.raises(ValueError, match=r"has 2 NaN/Inf value\(s\)"):
+    load_pretrained(str(tmp_path / "nan"))
+
+
+def test_pickle_with_code_is_blocked_in_one_line_even_with_opt_in(tiny_ckpt, tmp_path):
+  folder = _copy_config(tiny_ckpt.path, tmp_path)
+  torch.save({"weight": torch.zeros(2), "hook": os.getcwd},  # a callable: code, not data
+             os.path.join(folder, "pytorch_model.bin"))
+  with pytest.raises(ValueError, match=r"holds more than tensors and was not loaded: "
+                     r"torch.load\(weights_only=True\) blocked it \(Trying to load "
+                     r"unsupported GLOBAL posix.getcwd") as e:
+    load_pretrained(folder, allow_pickle=True)
+  assert "\n" not in str(e.value)
+
+
+def test_a_full_disk_during_export_is_one_oserror_and_leaves_the_folder(tiny_clip, tmp_path,
+                                                                         monkeypatch):
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "model.safetensors").write_text("the earlier export")
+  def full(*a, **k):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                          "(os error 28)")
+  monkeypatch.setattr(safetensors.numpy, "save_file", full)
+  with pytest.raises(OSError, match=r"cannot write the model into .*No space left on device"):
+    save_pretrained(tiny_clip.model, tiny_clip.params, str(out))
+  assert os.listdir(out) == ["model.safetensors"]  # no staging folder, nothing replaced
+  assert (out / "model.safetensors").read_text() == "the earlier export"

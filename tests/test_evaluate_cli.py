@@ -160,6 +160,16 @@ def test_compilation_cache_flags(cli_runs, tmp_path):
                         text=True, timeout=120).stdout.split("DIR ", 1)[1].strip()
          for args in ([], ["--nocompilation_cache"])]
   assert out == [str(tmp_path / "default"), "None"]
+  # A cache folder that cannot be created (a read-only HOME; here under a file,
+  # since root may write anywhere): one warning line, and the run goes on without.
+  (tmp_path / "a_file").write_text("")
+  env = processes.env(PRSL_JAX_CACHE=str(tmp_path / "a_file" / "cache"))
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.stdout.split("DIR ", 1)[1].strip() == "None", proc.stderr[-2000:]
+  line, = proc.stderr.strip().splitlines()
+  assert line.startswith(f"warning: no compilation cache: {tmp_path / 'a_file' / 'cache'} "
+                         "cannot be written") and "--compilation_cache_dir" in line
 
 
 def test_cpu_devices_are_set_before_the_backend_and_the_users_count_wins():
@@ -295,3 +305,53 @@ def test_class_names_follow_tfds_label_order():
     classnames.get("not_a_set")
   with pytest.raises(ValueError, match="classes"):
     classnames.get("cifar10", [str(i) for i in range(9)])
+
+
+@pytest.mark.heavy(60, alone=False)  # two evaluate.py processes (and the cli_runs fixture)
+def test_two_processes_give_what_one_does(cli_runs, tiny_ckpt, tmp_path):
+  # evaluate.py across hosts: two processes on localhost, process 0 the only
+  # writer, the same per-example outcomes as the one-process run of cli_runs.
+  import portpicker  # pylint: disable=g-import-not-at-top
+  argv = list(cli_runs["digits"])
+  argv[argv.index("--checkpoint") + 1] = tiny_ckpt.path
+  outdir = str(tmp_path / "two")
+  argv[argv.index("--outdir") + 1] = outdir
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      [sys.executable, EVALUATE, *argv, f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={i}", "--distributed_timeout=300"],
+      cwd=REPO, env=processes.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (so, se) in zip(procs, outs):
+    assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
+  assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]
+  two, _ = _outputs(outdir)
+  one, _ = _outputs(cli_runs["digits_out"])
+  a, b = two["models"][tiny_ckpt.path], one["models"][tiny_ckpt.path]
+  assert a["clean_accuracy"] == b["clean_accuracy"]
+  untimed = lambda r: {k: [{f: v for f, v in e.items() if not f.startswith("seconds")}
+                           for e in es] for k, es in r["robust"].items()}
+  assert untimed(a) == untimed(b)  # accuracy and per-example outcomes, every budget
+  assert a["num_devices"] == 2 and b["num_devices"] == 1
+
+
+
+def test_an_overwrite_run_never_leaves_a_mix_of_two_runs(tmp_path):
+  # An --overwrite run that fails after its first model: its partial results.json
+  # and results.md, and no plot of the previous run beside them.
+  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  for name in ("results.json", "results.md", "robustness.png"):
+    (tmp_path / name).write_text("previous run")
+  evaluator._write(str(tmp_path), {"complete": False}, "title", {}, final=False)  # pylint: disable=protected-access
+  assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+  assert json.loads((tmp_path / "results.json").read_text()) == {"complete": False}
+
+
+def test_a_report_file_in_a_folders_place_is_found_in_the_preflight(tmp_path):
+  from prsl_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  (tmp_path / "robustness.png").mkdir()
+  with pytest.raises(IsADirectoryError, match=r"--outdir .*robustness.png is a folder where "
+                     "the run writes its robustness.png"):
+    checkpoints.check_outputs_writable(str(tmp_path), "--outdir")
+  checkpoints.check_outputs_writable(str(tmp_path / "new" / "sub"), "--workdir")  # creatable

@@ -265,8 +265,8 @@ def test_evaluate_cli_bad_input_is_one_line_and_finished_work_is_kept(tmp_path):
   train_out = tmp_path / "train_out"
   train_out.mkdir()
   (train_out / "results.json").write_text(json.dumps({"kind": "train"}))
-  # A run folder whose checkpoint does not fit its model: found only on loading,
-  # after the first model is evaluated.
+  # A run folder whose checkpoint does not fit its model: found on loading, which
+  # happens for every checkpoint before the first is evaluated.
   mismatched = tmp_path / "mismatched_run"
   mismatched.mkdir()
   (mismatched / "config.json").write_text(json.dumps({"model": {"path": TINY}}))
@@ -322,13 +322,11 @@ def test_evaluate_cli_bad_input_is_one_line_and_finished_work_is_kept(tmp_path):
   for path, snap in before.items():
     assert _snapshot(str(path)) == snap, path
 
-  # A failure found only while loading the second model keeps the first's results.
+  # The second checkpoint does not fit its model: found before the first model is
+  # evaluated, so nothing is computed or written.
   code, stderr = out["later_failure"]
   _assert_one_line_error("later_failure", code, stderr, 2, "do not match the model config")
-  with open(os.path.join(kept, "results.json")) as f:
-    record = json.load(f)
-  assert record["complete"] is False and list(record["models"]) == [good]
-  assert 0 <= record["models"][good]["clean_accuracy"] <= 1
+  assert not os.path.exists(os.path.join(kept, "results.json"))
 
 
 # ----------------------------------------------------------------------------
@@ -539,6 +537,40 @@ _BUILDER = textwrap.dedent('''
           pixels = np.full((12, 12, 3), 40 + 80 * (i % 3), np.uint8)
           yield i, {"image": Image.fromarray(pixels), "label": i % 3}
 ''')
+
+
+_INT_LABELS_BUILDER = textwrap.dedent('''
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    class PrslTestIntLabels(tfds.core.GeneratorBasedBuilder):
+      """Labels as plain integers (no ClassLabel, so no class names)."""
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(4, 4, 3), dtype=np.uint8),
+            "label": tfds.features.Scalar(dtype=np.int64)}))
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"test": self._generate_examples(2)}
+
+      def _generate_examples(self, n):
+        for i in range(n):
+          yield i, {"image": np.zeros((4, 4, 3), np.uint8), "label": i}
+''')
+
+
+def test_tfds_label_that_is_not_a_class_label_is_one_line(tmp_path, monkeypatch):
+  from prsl_jax import data  # pylint: disable=g-import-not-at-top
+  (tmp_path / "prsl_test_int_labels.py").write_text(_INT_LABELS_BUILDER)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import prsl_test_int_labels  # pylint: disable=g-import-not-at-top,unused-import  # registers it
+  data.prepare("prsl_test_int_labels", data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match=r"TFDS dataset 'prsl_test_int_labels' has a 'label' "
+                     r"feature of type Scalar, not a ClassLabel with class names"):
+    data.load("prsl_test_int_labels", "test", image_size=8, data_dir=str(tmp_path / "tfds"))
 
 
 def test_tfds_dataset_prepared_as_documented_is_read(tmp_path, monkeypatch):

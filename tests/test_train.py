@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -287,3 +288,69 @@ def test_train_py_end_to_end_prints_table_and_exports(tmp_path):
   start = prsl_jax.load_pretrained(small_config.get_config().model.path)
   a, b = _flat(exported.params), _flat(start.params)
   assert any(not np.array_equal(a[k], b[k]) for k in a if "vision_model" in k)
+
+
+@pytest.mark.heavy(40, alone=False)
+def test_sigterm_saves_the_current_step_and_resumes_to_the_same_params(reference, tmp_path):
+  # What a scheduler sends: SIGTERM to our own child mid-training. The step in
+  # progress ends, is checkpointed (whatever checkpoint_every says), the process
+  # says where to resume and exits 143; the rerun ends bit-identical.
+  _, params = reference
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "p.npz")
+  proc = subprocess.Popen([sys.executable, *WORKER, f"--workdir={workdir}", f"--out={out}",
+                           "--step_delay=1"], env=processes.env(), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and open(metrics).read().strip()):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  step = int(last.split("at step ")[1].split(":")[0])
+  assert last == (f"terminated (SIGTERM) at step {step}: checkpoint saved in "
+                  f"{workdir}/checkpoints; rerun the same command to resume")
+  assert step < 6 and str(step) in os.listdir(os.path.join(workdir, "checkpoints"))
+  assert not os.path.exists(out)
+  _worker(workdir, out)
+  _assert_close(dict(np.load(out)), params, rtol=0, atol=0)
+  with open(metrics) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == list(range(1, 7))  # resumed from the SIGTERM's step: nothing repeated
+
+
+@pytest.mark.heavy(15, alone=False)
+def test_nan_loss_says_which_checkpoint_is_kept(tmp_path):
+  # lr 1e30 blows the params up after the first update: the loss logged at step 2
+  # is not finite. Whether a checkpoint was saved before it decides the message.
+  overrides = {"optimizer.lr": 1e30, "total_steps": 3}
+  for every, want in ((2, r"No checkpoint was saved before it \(none in "),
+                      (1, r"The last good checkpoint, step 1, is kept in ")):
+    config = _config(checkpoint_every=every, **overrides)
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 2; stopping\. " + want):
+      trainer.train(config, str(tmp_path / str(every)), trainer.setup(config))
+
+
+def test_the_only_checkpoint_damaged_is_one_true_line(reference, tmp_path, capfd):
+  # Its data files overwritten: training and evaluation both say it is damaged
+  # (not "another config"), in one line, without the reads' tracebacks.
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference[0], workdir)
+  for step in ("2", "4"):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+  for f in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "d", "*"),
+                     recursive=True):
+    with open(f, "wb") as fh:
+      fh.write(b"garbage")
+  capfd.readouterr()
+  config = small_config.get_config()
+  with pytest.raises(ValueError, match=r"every checkpoint in .* is damaged \(its files cannot "
+                     r"be read: step 6: .*nothing was deleted") as e:
+    trainer.train(config, workdir, trainer.setup(config))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match=r"no readable checkpoint in .*, all 1 damaged \(step 6: "):
+    checkpoints.restore_params_and_step(workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["6"]  # nothing renamed
+  assert "Traceback" not in "".join(capfd.readouterr())

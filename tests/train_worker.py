@@ -4,12 +4,14 @@ Run as a subprocess by test_train.py so that device count, process count and a
 SIGKILL are real (from the repository root, so that configs/ imports):
 
   python -m tests.train_worker --workdir=DIR --out=OUT.npz [--kill_after_save=S]
+      [--step_delay=SECONDS]
       [--coordinator_address host:port --num_processes 2 --process_id i]
       [--config.key=value ...]
 """
 
 import os
 import signal
+import time
 
 from absl import app
 from absl import flags
@@ -18,6 +20,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from prsl_jax import checkpoints
+from prsl_jax import cli
 from prsl_jax import compilation
 from prsl_jax import sharding
 from prsl_jax import trainer
@@ -28,6 +31,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder.")
 _OUT = flags.DEFINE_string("out", None, "Where to save the final params (.npz).")
 _KILL = flags.DEFINE_integer("kill_after_save", 0, "SIGKILL self right after saving this step.")
+_DELAY = flags.DEFINE_float("step_delay", 0, "Sleep this long after each step (so that a "
+                            "test's SIGTERM lands mid-training).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "process count")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
@@ -48,6 +53,16 @@ def main(argv):
         # No wait_until_finished: the async save may be half written, as in a real kill.
         os.kill(os.getpid(), signal.SIGKILL)
     checkpoints.save = save_then_die
+  if _DELAY.value:
+    build = trainer.optimizer_and_step
+    def slow_steps(*args, **kwargs):
+      tx, step_fn = build(*args, **kwargs)
+      def slow_step(*a):
+        out = step_fn(*a)
+        time.sleep(_DELAY.value)
+        return out
+      return tx, slow_step
+    trainer.optimizer_and_step = slow_steps
   setup = trainer.setup(config)
   params, _ = trainer.train(config, _WORKDIR.value, setup)
   if jax.process_index() == 0:
@@ -57,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(lambda argv: cli.run(main, argv))  # the CLIs' handling of errors and signals

@@ -20,6 +20,7 @@ the functions that need it, so `import prsl_jax` stays light.
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -285,15 +286,54 @@ def pickle_refusal(files):
       "then read with torch.load(weights_only=True), which needs torch installed.")
 
 
+# Tensors that are integers in HF checkpoints (buffers, not weights).
+_INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "float16", "bfloat16",
+                 "float32", "float64")
+
+
+# GPT-2's causal-mask buffers (bool or uint8 in older checkpoints; dropped on load).
+_MASK_BUFFER = re.compile(r"(^|\.)(attn|crossattention)\.(bias|masked_bias)$")
+
+
+def _check_dtype(path, name, dtype):
+  """A weight declared with an integer or bool dtype in its header is a broken file."""
+  if (str(dtype) in _FLOAT_DTYPES or name.split(".")[-1] in _INTEGER_BUFFERS
+      or _MASK_BUFFER.search(name)):
+    return
+  raise ValueError(f"{path}: tensor {name!r} is declared {dtype} in the file's header, but "
+                   "it is a float weight; the file is damaged or was written wrongly: save "
+                   "or download it again")
+
+
+def _check_finite(path, state):
+  """Every float array of state (through nested dicts) is finite, else one line."""
+  for name, value in state.items():
+    if isinstance(value, dict):
+      _check_finite(path, {f"{name}.{k}": v for k, v in value.items()})
+      continue
+    if not hasattr(value, "dtype"):  # e.g. an epoch counter beside the tensors
+      continue
+    if str(value.dtype) in _FLOAT_DTYPES and not np.isfinite(value).all():
+      bad = int(np.size(value) - np.isfinite(value).sum())
+      raise ValueError(f"{path}: tensor {name!r} has {bad} NaN/Inf value(s) of "
+                       f"{np.size(value)}; the checkpoint is broken (a diverged run?): use "
+                       "an earlier one")
+
+
 def _read_safetensors(files):
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   state = {}
   for f in files:
     try:
-      state.update(load_file(f))
+      part = load_file(f)
     except Exception as e:  # pylint: disable=broad-except  # SafetensorError, OSError
       raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
                        "it may be truncated: download or save it again") from None
+    for name, value in part.items():
+      _check_dtype(f, name, value.dtype)
+    _check_finite(f, part)
+    state.update(part)
   return state
 
 
@@ -393,14 +433,27 @@ def check_weights(folder, *, allow_pickle=False):
                        "it may be truncated: download or save it again") from None
     if not names:
       raise ValueError(f"{f} holds no tensors")
+    with safe_open(f, framework="np") as handle:
+      for name in names:
+        _check_dtype(f, name, handle.get_slice(name).get_dtype())
 
 
 def _read_pickles(files):
   import torch  # pylint: disable=g-import-not-at-top  # only on explicit opt-in
   state = {}
   for f in files:
-    sd = torch.load(f, map_location="cpu", weights_only=True)
-    state.update(_numpy_tensors(sd))
+    try:
+      sd = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: blocked, as it must be
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+      first = next((l for l in lines if "unsupported global" in l.lower()), lines[0])
+      raise ValueError(f"{f} holds more than tensors and was not loaded: torch.load("
+                       f"weights_only=True) blocked it ({first[:200]}); only a file of "
+                       "plain tensors can be read: convert the checkpoint to safetensors "
+                       "where you trust it") from None
+    part = _numpy_tensors(sd)
+    _check_finite(f, part)
+    state.update(part)
   return state
 
 
@@ -598,6 +651,12 @@ def save_pretrained(model, params, out_dir, *, tokenizer=None, format="hf"):  # 
         json.dump(kind.preprocessor_config(model.config), f, indent=2)
       if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(stage)
+  except Exception as e:  # pylint: disable=broad-except  # ENOSPC arrives as SafetensorError too
+    shutil.rmtree(stage, ignore_errors=True)
+    raise OSError(f"cannot write the model into {out_dir} ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:300]}); its earlier files are left as they "
+                  "were: free space or choose another folder") from e
+  try:
     for name in sorted(os.listdir(stage)):
       os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
   finally:
