@@ -82,10 +82,11 @@ def base_config():
 FIELD_HELP = {
     "seed": "seed of the init, the data order and the attacks",
     "workdir": "output folder (train.py --workdir wins)",
-    "model.path": "HF-format checkpoint: a local folder or a hub id",
+    "model.path": "checkpoint: an HF or open_clip folder, or a hub id",
     "model.dtype": "compute dtype (float32, bfloat16); params stay float32",
     "model.remat": "recompute activations in the backward pass (less memory)",
     "model.allow_pickle": "accept pytorch_model.bin (a pickle can run code)",
+    "model.vision_weights": "file of a vision tower put on the base CLIP ('' = none)",
     "data.name": "'digits' (embedded) or a TFDS dataset prepared as ArrayRecord",
     "data.train_split": "split to fine-tune on",
     "data.eval_split": "split of the evaluation subset",

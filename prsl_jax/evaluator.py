@@ -346,7 +346,8 @@ def run(settings, *, argv=None, checked=None):
   # Every later checkpoint loads and fits its model before the first is evaluated
   # (the first is loaded just below): a broken last one must not cost the others' run.
   for ckpt in p["ckpts"][1:]:
-    load_model(ckpt, s["allow_pickle"])  # raises for a missing, damaged or unfitting one
+    # raises for a missing, damaged or unfitting one (or a vision tower that does not fit it)
+    load_model(ckpt, s["allow_pickle"], s["vision_weights"])
   for name, ckpt in zip(model_names(p["specs"]), p["ckpts"]):
     print(f"{name}: loading ({ckpt['kind']})", flush=True)
     pretrained, params = load_model(ckpt, s["allow_pickle"], s["vision_weights"])

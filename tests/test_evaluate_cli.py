@@ -341,9 +341,11 @@ def test_an_overwrite_run_never_leaves_a_mix_of_two_runs(tmp_path):
   # An --overwrite run that fails after its first model: its partial results.json
   # and results.md, and no plot of the previous run beside them.
   from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  from prsl_jax import tasks  # pylint: disable=g-import-not-at-top
   for name in ("results.json", "results.md", "robustness.png"):
     (tmp_path / name).write_text("previous run")
-  evaluator._write(str(tmp_path), {"complete": False}, "title", {}, final=False)  # pylint: disable=protected-access
+  evaluator._write(str(tmp_path), {"complete": False}, "title", {}, final=False,  # pylint: disable=protected-access
+                   task=tasks.get("classification"))
   assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
   assert json.loads((tmp_path / "results.json").read_text()) == {"complete": False}
 
