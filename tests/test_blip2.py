@@ -8,7 +8,10 @@ The configs differ in what a port can get wrong: OPT pre-LN / post-LN,
 word_embed_proj_dim != hidden_size (project_in/out), Q-Former
 cross-attention in every layer / every second layer, vision qkv biases on /
 off, tied / untied LM head, OPT biases off, the final LayerNorm removed.
-Each checkpoint is built once per module.
+Each checkpoint is built once per module. Its EOS id is chosen from what the
+model generates on the test images (without an EOS), so that some captions end
+early and some run to max_new_tokens. (Random tiny decoders tend to repeat one
+token forever; the seeds and weight scales are ones whose outputs vary.)
 """
 
 import dataclasses
@@ -27,7 +30,7 @@ import transformers
 
 from prsl_jax import losses
 from prsl_jax.models import blip2
-# GEN from prsl_jax.models import blip2_generation as gen
+from prsl_jax.models import blip2_generation as gen
 from prsl_jax.models.convert import load_pretrained, save_pretrained
 
 TOL = dict(atol=2e-5, rtol=0)
@@ -36,6 +39,7 @@ VOCAB = 48
 IMAGE_TOKEN = VOCAB - 1
 MAX_NEW = 6
 NUM_BEAMS = 3
+QUESTION = [5, 9, 13, 7]  # stands for "Question: ... Answer:" tokens
 
 CONFIGS = {
     # Pre-LN OPT, equal widths, tied head, cross-attention in every Q-Former
@@ -47,7 +51,7 @@ CONFIGS = {
                      intermediate_size=24, cross_attention_frequency=1),
         text=dict(hidden_size=32, num_hidden_layers=2, ffn_dim=40, num_attention_heads=4,
                   do_layer_norm_before=True, tie_word_embeddings=True),
-        queries=4, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), seed=0),
+        queries=4, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), seed=2, scale=0.3),
     # Post-LN OPT (350m-style) with word_embed_proj_dim < hidden_size, untied
     # head, no OPT biases, cross-attention every second layer (3 layers),
     # no vision qkv biases, gelu_new vision MLP.
@@ -60,7 +64,7 @@ CONFIGS = {
         text=dict(hidden_size=32, num_hidden_layers=2, ffn_dim=24, num_attention_heads=2,
                   do_layer_norm_before=False, word_embed_proj_dim=16,
                   tie_word_embeddings=False, enable_bias=False),
-        queries=3, mean=None, std=None, seed=1),
+        queries=3, mean=None, std=None, seed=1, scale=0.1),
     # Pre-LN without the final LayerNorm, word_embed_proj_dim < hidden_size
     # with a tied head, cross-attention every second layer (2 layers).
     "preln_nofinal_proj_tied_x2": dict(
@@ -71,7 +75,7 @@ CONFIGS = {
         text=dict(hidden_size=24, num_hidden_layers=1, ffn_dim=32, num_attention_heads=3,
                   do_layer_norm_before=True, _remove_final_layer_norm=True,
                   word_embed_proj_dim=12, tie_word_embeddings=True),
-        queries=2, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=2),
+        queries=2, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=1, scale=0.3),
 }
 
 
@@ -106,7 +110,7 @@ def _build(name, path):
   d = spec["vision"]["hidden_size"]
   with torch.no_grad():
     for pname, p in hf.named_parameters():  # LayerNorms off 1/0, biases off 0
-      p.add_(0.1 * torch.randn_like(p))
+      p.add_(spec["scale"] * torch.randn_like(p))
       if pname.endswith("self_attn.qkv.bias"):
         p[d:2 * d] = 0  # BLIP-2's k bias is zero
   size = spec["vision"]["image_size"]
@@ -114,12 +118,54 @@ def _build(name, path):
       0, 1, (N_IMAGES, size, size, 3)).astype(np.float32)
   mean = spec["mean"] or blip2.BLIP_MEAN
   std = spec["std"] or blip2.BLIP_STD
+  ckpt = Ckpt(name, path, hf, images, tuple(mean), tuple(std))
+  eos = _pick_eos(ckpt)
+  hf.config.text_config.eos_token_id = eos
+  hf.generation_config.eos_token_id = hf.language_model.generation_config.eos_token_id = eos
   hf.save_pretrained(path)
   if spec["mean"] is not None:
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
       json.dump({"image_processor_type": "BlipImageProcessor",
                  "image_mean": list(mean), "image_std": list(std)}, f)
-  return Ckpt(name, path, hf, images, tuple(mean), tuple(std))
+  return ckpt
+
+
+def _vqa_prompt(model):
+  """A batch of "Question: ... Answer:"-like prompts, the second row shorter
+  and padded on the left (as generation needs): (ids, mask) int64."""
+  head = model.prompt_ids(batch_size=1)[0].tolist()
+  pad = model.config.text.pad_token_id
+  rows = [head + QUESTION, [pad] + head + QUESTION[1:]] + [head + QUESTION] * (N_IMAGES - 2)
+  ids = np.asarray(rows, np.int64)
+  mask = np.ones_like(ids)
+  mask[1, 0] = 0
+  return ids, mask
+
+
+def _hf_generate(ckpt, ids=None, mask=None, **kw):
+  """transformers' generate: (B, P + n) with the prompt (P tokens) first."""
+  kwargs = dict(pixel_values=_pixel_values(ckpt.images, ckpt.mean, ckpt.std),
+                do_sample=False, max_new_tokens=MAX_NEW, **kw)
+  if ids is not None:
+    kwargs.update(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  with torch.no_grad():
+    return ckpt.hf.generate(**kwargs).numpy()
+
+
+def _pick_eos(ckpt):
+  """An EOS id for a model that has none yet: a token that ends some greedy
+  captions early but not all (exercises EOS, filling and the early exit)."""
+  out = _hf_generate(ckpt)[:, -MAX_NEW:]
+
+  def first(row, t):
+    hit = np.flatnonzero(row == t)
+    return int(hit[0]) if hit.size else MAX_NEW
+
+  def key(t):
+    ends = [first(r, t) for r in out]
+    return (MAX_NEW in ends and min(ends) < MAX_NEW, len(set(ends)), -t)
+  candidates = sorted(set(out.ravel().tolist()) - {1, 2, IMAGE_TOKEN}, key=key, reverse=True)
+  return candidates[0]
 
 
 @pytest.fixture(scope="module")
@@ -221,22 +267,65 @@ def test_pixel_gradient_matches_torch(ckpts):
 
 def test_bfloat16_keeps_qformer_float32(ckpts):
   ckpt = ckpts("preln_tied_x1")
-  f32 = _load(ckpt.path)
   bf16 = load_pretrained(ckpt.path, dtype=jnp.bfloat16)
+  f32 = _load(ckpt.path)
   jax.tree.map(np.testing.assert_array_equal, bf16.params, f32.params)  # params stay float32
-  ids, mask = _batch(f32.model)
-  lo = _logits(bf16.model, bf16.params, ckpt.images, ids, mask)
-  hi = _logits(f32.model, f32.params, ckpt.images, ids, mask)
-  assert lo.dtype == jnp.float32
-  err = np.abs(np.asarray(lo) - np.asarray(hi)).max()
-  assert 0 < err < 0.05 * np.abs(np.asarray(hi)).max()
-  # The Q-Former computes in float32 whatever the compute dtype: its
-  # intermediates are float32 in a bfloat16 model.
+  ids, mask = _batch(bf16.model)
+  logits = jax.eval_shape(bf16.model.logits, bf16.params, ckpt.images, ids, mask)
+  assert logits.dtype == jnp.float32
+  # The query tokens and the Q-Former compute in float32 whatever the compute
+  # dtype (as transformers keeps them); the vision model does not. Shapes and
+  # dtypes only: no FLOPs.
   module = bf16.model.module
-  _, inter = module.apply({"params": bf16.params}, ckpt.images, method=blip2.Blip2Module.encode,
-                          capture_intermediates=True)
-  qf = inter["intermediates"]["qformer"]
-  dtypes = {x.dtype for x in jax.tree.leaves(qf)}
-  assert dtypes == {jnp.dtype(jnp.float32)}
+  _, inter = jax.eval_shape(
+      lambda p: module.apply({"params": p}, ckpt.images, method=blip2.Blip2Module.encode,
+                             capture_intermediates=True), bf16.params)
+  qf = {x.dtype for x in jax.tree.leaves(inter["intermediates"]["qformer"])}
+  assert qf == {jnp.dtype(jnp.float32)}
   vis = {x.dtype for x in jax.tree.leaves(inter["intermediates"]["vision_model"])}
-  assert jnp.dtype(jnp.bfloat16) in vis
+  assert vis == {jnp.dtype(jnp.bfloat16)}
+  lm = jax.eval_shape(lambda p: bf16.model.prefill(p, ckpt.images, ids, mask,
+                                                   max_new_tokens=2), bf16.params)
+  assert lm[0].dtype == jnp.float32 and lm[1]["k"].dtype == jnp.bfloat16
+
+
+def _assert_generated(ours, ref, prompt_len, fill):
+  """transformers returns the prompt, then the tokens, cropped at its longest
+  sequence; ours is the (B, MAX_NEW) tokens."""
+  ref = ref[:, prompt_len:]
+  assert ours.shape == (ref.shape[0], MAX_NEW) and ours.dtype == np.int32
+  np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+  assert (ours[:, ref.shape[1]:] == fill).all()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("prompt", ["caption", "vqa"])
+def test_greedy_matches_transformers(ckpts, name, prompt):
+  ckpt = ckpts(name)
+  pre = _load(ckpt.path)
+  model, params = pre.model, pre.params
+  ids, mask = _vqa_prompt(model) if prompt == "vqa" else (None, None)
+  ref = _hf_generate(ckpt, ids, mask, num_beams=1)
+  ours = np.asarray(gen.greedy(model, params, ckpt.images, ids, mask, max_new_tokens=MAX_NEW))
+  plen = (ids.shape[1] if ids is not None else model.num_query_tokens + 1)
+  _assert_generated(ours, ref, plen, model.pad_token_id)
+  if prompt == "caption":  # the picked EOS ends some captions early, not all
+    eos = model.eos_token_id
+    assert eos is not None and (ours == eos).any() and not (ours == eos).any(axis=1).all()
+
+
+@pytest.mark.parametrize("name,prompt,kw", [
+    ("preln_tied_x1", "vqa", dict(length_penalty=0.5, early_stopping=True)),
+    ("postln_proj_untied_x2", "vqa", {}),
+    ("preln_nofinal_proj_tied_x2", "caption", dict(early_stopping="never")),
+])
+def test_beam_search_matches_transformers(ckpts, name, prompt, kw):
+  ckpt = ckpts(name)
+  pre = _load(ckpt.path)
+  model, params = pre.model, pre.params
+  ids, mask = _vqa_prompt(model) if prompt == "vqa" else (None, None)
+  ref = _hf_generate(ckpt, ids, mask, num_beams=NUM_BEAMS, **kw)
+  ours = np.asarray(gen.beam_search(model, params, ckpt.images, ids, mask,
+                                    max_new_tokens=MAX_NEW, num_beams=NUM_BEAMS, **kw))
+  plen = ids.shape[1] if ids is not None else model.num_query_tokens + 1
+  _assert_generated(ours, ref, plen, model.pad_token_id)
