@@ -329,3 +329,93 @@ def test_beam_search_matches_transformers(ckpts, name, prompt, kw):
                                     max_new_tokens=MAX_NEW, num_beams=NUM_BEAMS, **kw))
   plen = ids.shape[1] if ids is not None else model.num_query_tokens + 1
   _assert_generated(ours, ref, plen, model.pad_token_id)
+
+
+@pytest.mark.parametrize("name", ["preln_tied_x1", "postln_proj_untied_x2"])
+def test_export_round_trip(ckpts, name, tmp_path):
+  # Fine-tuned-like params (every leaf moved) -> HF folder -> transformers
+  # loads it (no missing or unexpected keys) with logits equal to ours; our
+  # loader reads back the same params and config.
+  ckpt = ckpts(name)
+  pre = _load(ckpt.path)
+  model = pre.model
+  leaves, tree = jax.tree.flatten(pre.params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.01 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  out = save_pretrained(model, params, str(tmp_path / "export"))
+  hf, info = transformers.Blip2ForConditionalGeneration.from_pretrained(
+      out, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  hf.eval()
+  state = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
+  d = model.config.vision.hidden_size
+  qkv = [k for k in state if k.endswith("self_attn.qkv.bias")]
+  assert len(qkv) == (model.config.vision.num_hidden_layers if model.config.vision.qkv_bias
+                      else 0)
+  for k in qkv:
+    assert not state[k][d:2 * d].any() and state[k][:d].any()
+  with open(os.path.join(out, "preprocessor_config.json")) as f:
+    pre_cfg = json.load(f)
+  assert (tuple(pre_cfg["image_mean"]), tuple(pre_cfg["image_std"])) == (ckpt.mean, ckpt.std)
+
+  ids, mask = _vqa_prompt(model)
+  ours = np.asarray(_logits(model, params, ckpt.images, ids, mask))
+  exported = Ckpt(name, out, hf, ckpt.images, ckpt.mean, ckpt.std)
+  ref = _hf_logits(exported, ckpt.images, ids, mask)
+  np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], **TOL)
+  back = load_pretrained(out)
+  assert back.model == model
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0, rtol=0), back.params,
+               params)
+
+
+def test_pickle_refused_unless_allowed_and_k_bias_refused(ckpts, tmp_path):
+  ckpt = ckpts("preln_tied_x1")
+  folder = tmp_path / "pickle"
+  folder.mkdir()
+  ckpt.hf.config.save_pretrained(folder)
+  torch.save(ckpt.hf.state_dict(), folder / "pytorch_model.bin")
+  with pytest.raises(ValueError, match="pickle"):
+    load_pretrained(str(folder))
+  loaded = load_pretrained(str(folder), allow_pickle=True)
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, _load(ckpt.path).params)
+
+  # A non-zero key bias (transformers 5 trains one) cannot be represented.
+  bad = tmp_path / "kbias"
+  bad.mkdir()
+  ckpt.hf.config.save_pretrained(bad)
+  state = safetensors.numpy.load_file(os.path.join(ckpt.path, "model.safetensors"))
+  name = "vision_model.encoder.layers.0.self_attn.qkv.bias"
+  d = ckpt.hf.config.vision_config.hidden_size
+  state[name] = state[name].copy()
+  state[name][d] = 0.5
+  safetensors.numpy.save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match="non-zero key bias"):
+    load_pretrained(str(bad))
+
+
+def test_bad_inputs_name_the_problem(ckpts):
+  ckpt = ckpts("preln_tied_x1")
+  pre = _load(ckpt.path)
+  model, params = pre.model, pre.params
+  ids, mask = _batch(model)
+  with pytest.raises(ValueError, match="placeholders"):
+    model.logits(params, ckpt.images, ids[:, 1:], mask[:, 1:])
+  with pytest.raises(ValueError, match="attention_mask shape"):
+    model.logits(params, ckpt.images, ids, mask[:, 1:])
+  with pytest.raises(ValueError, match="images must have shape"):
+    model.logits(params, ckpt.images[:, :4], ids, mask)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    gen.greedy(model, params, ckpt.images, max_new_tokens=0)
+  with pytest.raises(ValueError, match="num_beams"):
+    gen.beam_search(model, params, ckpt.images, max_new_tokens=2, num_beams=0)
+  with pytest.raises(ValueError, match="max_position_embeddings"):
+    gen.greedy(model, params, ckpt.images, max_new_tokens=40)
+  hf = ckpt.hf.config.to_dict()
+  with pytest.raises(ValueError, match="image_token_index"):
+    blip2.config_from_hf(dict(hf, image_token_index=None))
+  with pytest.raises(ValueError, match="'opt'"):
+    blip2.config_from_hf(dict(hf, text_config=dict(hf["text_config"], model_type="t5")))
+  with pytest.raises(ValueError, match="word_embed_proj_dim"):
+    blip2.config_from_hf(dict(hf, text_config=dict(hf["text_config"], word_embed_proj_dim=64)))
