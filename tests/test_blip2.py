@@ -419,3 +419,52 @@ def test_bad_inputs_name_the_problem(ckpts):
     blip2.config_from_hf(dict(hf, text_config=dict(hf["text_config"], model_type="t5")))
   with pytest.raises(ValueError, match="word_embed_proj_dim"):
     blip2.config_from_hf(dict(hf, text_config=dict(hf["text_config"], word_embed_proj_dim=64)))
+
+
+def test_token_prsl_on_answer_tokens(ckpts):
+  # The authors' BLIP-2 objective: PRSL ("DRSL3") over the OPT token logits
+  # of the answer tokens; image placeholders, bos, the question and padding
+  # are ignore_index.
+  ckpt = ckpts("postln_proj_untied_x2")
+  pre = _load(ckpt.path)
+  model, params = pre.model, pre.params
+  # [image] * Q, bos, question, answer, EOS-like end; row 1 right-padded.
+  prompt = model.prompt_ids([QUESTION] * N_IMAGES)
+  p = prompt.shape[1]
+  pad = model.config.text.pad_token_id
+  answers = np.asarray([[11, 12, 5], [13, 5, pad], [14, 15, 5]])
+  ids = np.concatenate([prompt, answers], axis=1).astype(np.int64)
+  mask = np.ones_like(ids)
+  mask[1, -1] = 0
+  loss_mask = mask.copy()
+  loss_mask[:, :p] = 0
+  labels = np.asarray(blip2.lm_labels(ids, loss_mask))
+  assert labels.shape == ids.shape and (labels[:, -1] == -100).all()
+  assert ((labels != -100).sum(axis=1) == loss_mask.sum(axis=1)).all()
+
+  logits = _logits(model, params, ckpt.images, ids, mask)
+  # CE on these labels is transformers' own loss with labels = answer tokens
+  # (it shifts them itself), so the alignment is the one transformers uses.
+  hf_labels = np.where(loss_mask == 1, ids, -100)
+  with torch.no_grad():
+    ref_ce = ckpt.hf(pixel_values=_pixel_values(ckpt.images, ckpt.mean, ckpt.std),
+                     input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                     labels=torch.from_numpy(hf_labels)).loss.item()
+  ce = losses.mean_cross_entropy(logits, labels)
+  np.testing.assert_allclose(ce, ref_ce, atol=1e-5, rtol=0)
+
+  b = 1e-6 * 1e5  # the authors' weight, scaled so the spread term shows
+  prsl = losses.prsl_loss(logits, labels, start=0, end=4, weight=b)
+  v = logits.shape[-1]
+  flat = losses.prsl_loss(logits.reshape(-1, v), labels.reshape(-1), start=0, end=4, weight=b)
+  np.testing.assert_allclose(prsl, flat, atol=1e-6, rtol=0)
+  # float64 reference on the answer rows only.
+  z = np.asarray(logits, np.float64).reshape(-1, v)
+  y = labels.reshape(-1)
+  z, y = z[y != -100], y[y != -100]
+  lse = lambda a: a.max() + np.log(np.exp(a - a.max()).sum())
+  ref = np.mean([lse(r) - r[t] for r, t in zip(z, y)])
+  m = np.asarray([np.sort(np.delete(r, t))[::-1][:4].mean() for r, t in zip(z, y)])
+  ref += b * (len(m) * lse(m) - m.sum())
+  np.testing.assert_allclose(prsl, ref, atol=1e-5, rtol=0)
+  assert abs(prsl - ce) > 1e-3  # the spread term counts
