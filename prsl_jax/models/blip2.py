@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prsl_jax import losses
 from prsl_jax.models import captioner as cap
 
 # Blip2Processor's (BlipImageProcessor's) defaults: OpenAI CLIP's statistics.
@@ -709,7 +710,7 @@ class Blip2:
     if mask is not None and mask.shape != ids.shape:
       raise ValueError(f"attention_mask shape {mask.shape} must equal input_ids shape "
                        f"{ids.shape}")
-    if not isinstance(ids, jax.core.Tracer):
+    if losses.is_concrete(ids):
       counts = np.sum(np.asarray(ids) == c.image_token_id, axis=1)
       if (counts != c.num_query_tokens).any():
         raise ValueError(
