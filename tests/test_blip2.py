@@ -482,18 +482,20 @@ def test_token_prsl_on_answer_tokens(ckpts):
 
 def test_bundled_tiny_blip2_answers_the_digits():
   # The checkpoint scripts/pretrain_tiny_blip2.py makes (prsl_jax/assets/
-  # tiny_blip2) loads with its tokenizer and answers the VQA prompt it was
-  # trained on.
+  # tiny_blip2) loads with its tokenizer and answers the first VQA prompt it
+  # was trained on.
+  import prsl_jax  # pylint: disable=g-import-not-at-top
   from prsl_jax import data  # pylint: disable=g-import-not-at-top
-  from scripts import pretrain_tiny_blip2 as script  # pylint: disable=g-import-not-at-top
-  model, params, tok = load_pretrained(script.TINY_BLIP2)
-  assert tok is not None and tok.convert_tokens_to_ids(script.IMAGE_TOKEN) == model.image_token_id
+  path = os.path.join(os.path.dirname(prsl_jax.TINY_CAPTIONER), "tiny_blip2")
+  model, params, tok = load_pretrained(path)
+  assert tok is not None and tok.convert_tokens_to_ids("<image>") == model.image_token_id
   source, _ = data.load("digits", "test", image_size=model.image_size)
   idx = np.arange(32)
   images = np.stack([source[int(i)]["image"] for i in idx])
-  prompt = model.prompt_ids([tok.encode(script.QUESTIONS[0])] * len(idx))
-  out = np.asarray(gen.greedy(model, params, images, prompt, max_new_tokens=3))
-  answers = [tok.decode(r[:list(r).index(model.eos_token_id)] if model.eos_token_id in r
+  question = tok.encode("Question: what digit is this? Answer:")
+  out = np.asarray(gen.greedy(model, params, images, model.prompt_ids([question] * len(idx)),
+                              max_new_tokens=3))
+  answers = [tok.decode(r[:r.index(model.eos_token_id)] if model.eos_token_id in r
                         else r).strip() for r in out.tolist()]
   right = np.mean([a == data.DIGIT_NAMES[source.labels[i]] for a, i in zip(answers, idx)])
   assert right >= 0.8, answers
