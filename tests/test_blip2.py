@@ -499,3 +499,23 @@ def test_bundled_tiny_blip2_answers_the_digits():
                         else r).strip() for r in out.tolist()]
   right = np.mean([a == data.DIGIT_NAMES[source.labels[i]] for a, i in zip(answers, idx)])
   assert right >= 0.8, answers
+
+
+def test_trainable_mask_covers_the_parts():
+  model = blip2.Blip2(blip2.config_from_hf(dict(
+      transformers.Blip2Config(
+          vision_config=CONFIGS["preln_tied_x1"]["vision"],
+          qformer_config=CONFIGS["preln_tied_x1"]["qformer"],
+          text_config=dict(model_type="opt", vocab_size=VOCAB, hidden_size=32,
+                           num_hidden_layers=1, ffn_dim=16, num_attention_heads=4),
+          num_query_tokens=2, image_token_index=IMAGE_TOKEN).to_dict())))
+  shapes = model.param_shapes()
+  assert set(shapes) == set(blip2.TRAINABLE_PARTS["all"])
+  mask = blip2.trainable_mask(shapes, "authors")
+  leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
+  frozen = {path[0].key for path, on in leaves if not on}
+  assert frozen == {"language_model"}  # the authors froze OPT, nothing else
+  assert all(not on for _, on in jax.tree_util.tree_flatten_with_path(
+      blip2.trainable_mask(shapes, "qformer")["vision_model"])[0])
+  with pytest.raises(ValueError, match="parts="):
+    blip2.trainable_mask(shapes, "decoder")

@@ -749,6 +749,29 @@ class Blip2:
     return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
 
 
+# Which top-level params a fine-tuning run trains (the rest stay frozen).
+# The authors (karlieswift/Mattack, blip2opt/, LAVIS's Blip2OPT with their
+# blip2_caption_opt2.7b.yaml) froze OPT and trained the rest: freeze_vit is
+# False there, so the vision encoder, query tokens, Q-Former and projection
+# train while the PRSL loss is computed on the frozen OPT's token logits.
+TRAINABLE_PARTS = {
+    "authors": ("vision_model", "query_tokens", "qformer", "language_projection"),
+    "qformer": ("query_tokens", "qformer", "language_projection"),  # LAVIS's freeze_vit=True
+    "language_model": ("language_model",),
+    "all": ("vision_model", "query_tokens", "qformer", "language_projection",
+            "language_model"),
+}
+
+
+def trainable_mask(params, parts="authors"):
+  """A pytree of bools like params: True on the leaves of TRAINABLE_PARTS[parts]
+  (for optax.masked / multi_transform)."""
+  if parts not in TRAINABLE_PARTS:
+    raise ValueError(f"parts={parts!r}; expected one of {sorted(TRAINABLE_PARTS)}")
+  keep = TRAINABLE_PARTS[parts]
+  return {k: jax.tree.map(lambda _, t=k in keep: t, v) for k, v in params.items()}
+
+
 def lm_labels(input_ids, loss_mask):
   """Labels aligned with Blip2.logits for a token loss (the authors' targets).
 
