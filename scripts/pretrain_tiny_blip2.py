@@ -13,7 +13,7 @@ trained BLIP-2), on two tasks mixed half and half:
   VQA         [image] * Q, bos, "Question: what digit is this? Answer:"
               (one of QUESTIONS) -> " three", EOS
 
-Deterministic from the seed on CPU. Run it from the repository root:
+Seeded (init and data order). Run it from the repository root:
 
   python -m scripts.pretrain_tiny_blip2 [--out prsl_jax/assets/tiny_blip2] [--steps 1200]
 """

@@ -324,6 +324,15 @@ def test_greedy_matches_transformers(ckpts, name, prompt):
   if prompt == "caption":  # the picked EOS ends some captions early, not all
     eos = model.eos_token_id
     assert eos is not None and (ours == eos).any() and not (ours == eos).any(axis=1).all()
+    # Compiled once per shape: other params and an equal-by-value model (a
+    # fresh load) hit the same compilation.
+    size = gen._greedy._cache_size()  # pylint: disable=protected-access
+    other = jax.device_put(jax.tree.map(lambda x: np.asarray(x) * 0.5, params))
+    twin = load_pretrained(ckpt.path).model
+    assert twin == model and twin is not model
+    again = gen.greedy(twin, other, ckpt.images, max_new_tokens=MAX_NEW)
+    assert gen._greedy._cache_size() == size  # pylint: disable=protected-access
+    assert (np.asarray(again) != ours).any()  # the params did change
 
 
 @pytest.mark.parametrize("name,prompt,kw", [
