@@ -58,7 +58,9 @@ BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # OPTLearnedPositionalEmbedding's offset: row position + 2 holds position.
 OPT_POSITION_OFFSET = 2
 ACTIVATIONS = cap.ACTIVATIONS
-IGNORE_INDEX = -100
+IGNORE_INDEX = losses.IGNORE_INDEX
+_square = cap._square  # pylint: disable=protected-access
+_one_id = cap._one_id  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +214,8 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
       intermediate_size=_pick(v, "intermediate_size", 6144),
       num_hidden_layers=_pick(v, "num_hidden_layers", 39),
       num_attention_heads=_pick(v, "num_attention_heads", 16),
-      image_size=cap._square("vision_config.image_size", _pick(v, "image_size", 224)),  # pylint: disable=protected-access
-      patch_size=cap._square("vision_config.patch_size", _pick(v, "patch_size", 14)),  # pylint: disable=protected-access
+      image_size=_square("vision_config.image_size", _pick(v, "image_size", 224)),
+      patch_size=_square("vision_config.patch_size", _pick(v, "patch_size", 14)),
       num_channels=num_channels,
       hidden_act=_pick(v, "hidden_act", "gelu"),
       layer_norm_eps=float(_pick(v, "layer_norm_eps", 1e-6)),
@@ -245,9 +247,9 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
       activation_function=_pick(t, "activation_function", "relu"),
       enable_bias=bool(_pick(t, "enable_bias", True)),
       tie_word_embeddings=bool(_pick(t, "tie_word_embeddings", True)),
-      bos_token_id=cap._one_id("text_config.bos_token_id", t.get("bos_token_id")),  # pylint: disable=protected-access
-      eos_token_id=cap._one_id("text_config.eos_token_id", t.get("eos_token_id")),  # pylint: disable=protected-access
-      pad_token_id=cap._one_id("text_config.pad_token_id", t.get("pad_token_id")))  # pylint: disable=protected-access
+      bos_token_id=_one_id("text_config.bos_token_id", t.get("bos_token_id")),
+      eos_token_id=_one_id("text_config.eos_token_id", t.get("eos_token_id")),
+      pad_token_id=_one_id("text_config.pad_token_id", t.get("pad_token_id")))
   for name, width, heads in (("vision_config", vision.hidden_size, vision.num_attention_heads),
                              ("qformer_config", qformer.hidden_size,
                               qformer.num_attention_heads),
@@ -362,7 +364,8 @@ class QFormerAttention(nn.Module):
     k = _heads(_dense(d, f32, "key")(kv), n)
     v = _heads(_dense(d, f32, "value")(kv), n)
     y = _attend(q, k, v, None, (d // n) ** -0.5)
-    return _layer_norm(c.layer_norm_eps, f32, "output_LayerNorm")(_dense(d, f32, "output_dense")(y) + x)
+    y = _dense(d, f32, "output_dense")(y)
+    return _layer_norm(c.layer_norm_eps, f32, "output_LayerNorm")(y + x)
 
 
 class QFormerLayer(nn.Module):
