@@ -148,11 +148,11 @@ def main(argv):
   cli.setup_compilation_cache(cpu_devices=cpu_devices(s["batch_size"]))
   from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
   from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
-  evaluator.preflight(s)  # everything that can be checked without compute, first
+  checked = evaluator.preflight(s)  # everything that can be checked without compute, first
   # Before anything touches a JAX backend (loading a checkpoint does).
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
-  evaluator.run(s, argv=sys.argv)
+  evaluator.run(s, argv=sys.argv, checked=checked)
 
 
 if __name__ == "__main__":

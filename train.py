@@ -60,7 +60,7 @@ def main(argv):
   trainer.preflight(config, workdir, overrides=overrides)
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
-  out = trainer.run(config, workdir)
+  out = trainer.run(config, workdir, checked=True)  # preflight ran above
   if out["table"]:
     print(f"\nAccuracy (%) on {config.eval.num_examples or 'all'} {config.data.name} "
           f"{config.data.eval_split} examples; L-inf budgets on [0, 1] pixels:\n")

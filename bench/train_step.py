@@ -77,7 +77,8 @@ def jax_step(pretrained, cls, config, x, y):
   run feeds each new state to the next call.
   """
   from prsl_jax import sharding  # pylint: disable=g-import-not-at-top
-  from prsl_jax import trainer  # pylint: disable=g-import-not-at-top
+  from prsl_jax import losses  # pylint: disable=g-import-not-at-top
+  from prsl_jax import tasks  # pylint: disable=g-import-not-at-top
   from prsl_jax import training  # pylint: disable=g-import-not-at-top
   model, params, _ = pretrained
   mesh = sharding.make_mesh()
@@ -86,8 +87,8 @@ def jax_step(pretrained, cls, config, x, y):
   holder = {"state": sharding.replicate(training.init_state(params, tx, config.seed), mesh)}
   batch = sharding.to_global({"image": x, "label": y}, mesh)
   head = sharding.replicate({"class_emb": cls}, mesh)
-  step = training.make_train_step(mesh, model=model, objective=config.objective,
-                                  loss_fn=trainer.batch_loss_fn(config.loss),
+  step = training.make_train_step(mesh, model=model, task=tasks.get(config.objective),
+                                  loss_fn=losses.from_config(config.loss),
                                   adversarial=config.adversarial, tx=tx)
   t0 = time.perf_counter()
   exe = step.lower(holder["state"], batch, head).compile()

@@ -233,6 +233,13 @@ def keyword_survival(clean: list[str], adversarial: list[str],
   return kept / eligible if eligible else math.nan
 
 
+def keyword_accuracy(captions: list[str], keywords: list[str]) -> float:
+  """Fraction in [0, 1] of captions that contain their keyword (whole tokens after
+  `tokenize`, a contiguous run; no stemming), e.g. clean captions naming the class."""
+  hits = [_contains(tokenize(c), tokenize(k)) for c, k in zip(captions, keywords)]
+  return sum(hits) / len(hits)
+
+
 def targeted_success_rate(adversarial: list[str], targets: list[str]) -> float:
   """Fraction in [0, 1] of adversarial captions equal to their target, on tokens.
 

@@ -14,7 +14,9 @@ its EOS):
   targeted    lower the token loss of a target caption (targeted=True).
 
 The parts, each a function of the run: `clean_pass`, `soundness_checks`,
-`eps0_check`, `cascade` (one suite at one budget), `clean_scores`. The cascade
+`eps0_check`, `cascade` (one suite at one budget), `clean_scores`; `evaluate`
+runs them through evaluation's shared skeleton (`evaluation.prepare`,
+`batches`, `sharded`, `perturbation`, `in_ball`, `warn`, `skeleton`). The cascade
 is AutoAttack's, with "robust" meaning "the generated caption did
 not change": each attack of a suite runs only on the examples whose caption
 every earlier attack left unchanged (untargeted), or that no earlier attack
@@ -42,7 +44,6 @@ from jax.sharding import PartitionSpec as P
 
 from prsl_jax import attacks
 from prsl_jax import caption_metrics
-from prsl_jax import compilation
 from prsl_jax import evaluation
 from prsl_jax import losses
 from prsl_jax import progress
@@ -53,8 +54,7 @@ from prsl_jax.models import generation
 IGNORE = losses.IGNORE_INDEX
 DATA = sharding.DATA
 
-# The attacks that work on token logits, and the caption suites.
-CAPTION_ATTACKS = frozenset({"bim", "pgd-ce", "apgd-ce", "fgsm"})
+# The caption suites (of the attacks whose record works on token logits).
 SUITES = {"paper": ("bim",), "strong": ("apgd-ce",), "pgd": ("pgd-ce",)}
 DEFAULT_SUITES = ("paper", "strong")
 
@@ -64,10 +64,11 @@ def make_suite(suite, **kwargs):
   if isinstance(suite, str) and suite in SUITES:
     suite = list(SUITES[suite])
   attack_list = evaluation.make_suite(suite, "linf", **kwargs)
-  unsupported = sorted({a.name for a in attack_list} - CAPTION_ATTACKS)
+  unsupported = sorted(a.name for a in attack_list if not attacks.ATTACKS[a.name].tokens)
   if unsupported:
+    usable = sorted(n for n, r in attacks.ATTACKS.items() if r.tokens)
     raise ValueError(f"{unsupported} attack classifiers, not captioners; for captions use "
-                     f"{sorted(CAPTION_ATTACKS)} or the suites {sorted(SUITES)}")
+                     f"{usable} or the suites {sorted(SUITES)}")
   return attack_list
 
 
@@ -125,10 +126,6 @@ def decode(tokenizer, tokens):
 # ----------------------------------------------------------------------------
 
 
-def _sharded(fn, mesh, in_specs, *args):
-  return evaluation._sharded(fn, mesh, in_specs, *args)  # pylint: disable=protected-access
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "mesh"))
 def _clean_batch(params, x, *, model, max_length, mesh):
   """-> greedy tokens (B, L), max |grad| (B,) and grad finite (B,) of the caption loss."""
@@ -140,7 +137,7 @@ def _clean_batch(params, x, *, model, max_length, mesh):
       return jnp.sum(attacks.ce_objective(model.logits(params, x, dec), labels))
     grad = jax.grad(loss)(x).reshape(x.shape[0], -1)
     return tokens, jnp.max(jnp.abs(grad), axis=1), jnp.all(jnp.isfinite(grad), axis=1)
-  return _sharded(run, mesh, (P(), P(DATA)), params, x)
+  return evaluation.sharded(run, mesh, (P(), P(DATA)), params, x)
 
 
 def per_caption_loss(loss):
@@ -174,20 +171,6 @@ def per_caption_loss(loss):
   return objective
 
 
-def _attack(a, fn, x, y, keys, eps, axis_name, targeted):
-  del axis_name  # the captions' objectives are per caption: no cross-device group
-  objective = "ce" if a.loss is None else per_caption_loss(a.loss)
-  if a.name == "bim":
-    return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=objective, targeted=targeted)
-  if a.name == "fgsm":
-    return attacks.fgsm(fn, x, y, eps=eps, targeted=targeted)
-  if a.name == "pgd-ce":
-    return attacks.pgd(fn, x, y, key=keys, eps=eps, steps=a.steps, restarts=a.restarts,
-                       targeted=targeted)
-  return attacks.apgd(fn, x, y, key=keys, eps=eps, steps=a.steps, restarts=a.restarts,
-                      targeted=targeted)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "attack", "max_length", "targeted",
                                              "mesh"))
 def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, attack,
@@ -197,18 +180,17 @@ def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, a
     fn = lambda z: model.logits(params, z, dec)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
     y = jnp.where(valid[:, None], labels, IGNORE)  # padding rows leave batch losses
-    x_adv = _attack(attack, fn, x, y, keys, eps, axis_name, targeted)
-    delta = (x_adv - x).reshape(x.shape[0], -1)
-    dist = jnp.max(jnp.abs(delta), axis=1)
-    flat = x_adv.reshape(x.shape[0], -1)
-    in_range = (jnp.all(jnp.isfinite(flat), axis=1) & (jnp.min(flat, axis=1) >= 0)
-                & (jnp.max(flat, axis=1) <= 1))
+    # The captions' objectives are per caption: no cross-device group (axis_name).
+    objective = "ce" if attack.loss is None else per_caption_loss(attack.loss)
+    x_adv = attacks.ATTACKS[attack.name].run(
+        attack, fn, x, y, attacks.Call(keys, eps, "linf", objective, toward=targeted))
+    dist, in_range = evaluation.perturbation(x, x_adv, "linf")
     tokens = generation.greedy(model, params, jnp.where(jnp.isfinite(x_adv), x_adv, x),
                                max_length=max_length)
     loss = lambda z: attacks.ce_objective(model.logits(params, z, dec), labels)
     return tokens, dist, in_range, loss(x), loss(x_adv)
   specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(DATA), P(), P())
-  return _sharded(run, mesh, specs, params, x, dec, labels, ids, valid, base_key, eps)
+  return evaluation.sharded(run, mesh, specs, params, x, dec, labels, ids, valid, base_key, eps)
 
 
 # ----------------------------------------------------------------------------
@@ -267,25 +249,6 @@ class CaptionResult:
     return d
 
 
-def _batches(source, indices, positions, batch_size, mesh, extra=None):
-  """Fixed-size image batches on the mesh; `extra` {name: (N, ...)} rows go along."""
-  idx = np.asarray(indices)
-  for start in range(0, len(positions), batch_size):
-    pos = positions[start:start + batch_size]
-    rows = np.concatenate([pos, np.repeat(pos[-1:], batch_size - len(pos))])
-    host = {"image": np.stack([source[int(i)]["image"] for i in idx[rows]]),
-            "id": idx[rows].astype(np.int32),
-            "valid": np.arange(batch_size) < len(pos)}
-    for name, arr in (extra or {}).items():
-      host[name] = np.asarray(arr)[rows]
-    dev = sharding.put_eval_batch(host, mesh)
-    yield dev, host["valid"], rows
-
-
-def _ball_ok(dist, in_range, eps):
-  return in_range & (dist <= eps + 1e-6)
-
-
 @dataclasses.dataclass
 class _Run:
   """What every part of one evaluation shares (static model, arrays, settings)."""
@@ -301,7 +264,9 @@ class _Run:
   bar: object
 
   def batches(self, positions, extra=None):
-    return _batches(self.source, self.indices, positions, self.batch_size, self.mesh, extra)
+    """Fixed-size image batches on the mesh (evaluation.batches); `extra` rows go along."""
+    return evaluation.batches(self.source, self.indices, positions, self.batch_size,
+                              self.mesh, labels=False, extra=extra)
 
 
 @dataclasses.dataclass
@@ -313,7 +278,7 @@ class _Clean:
   labels: np.ndarray       # (N, L-1) labels, IGNORE_INDEX after EOS
   zero_gradient: int
   nonfinite_gradient: int
-  first: tuple             # (device batch, valid, rows, tokens) of the first batch
+  first: tuple             # (evaluation.Batch, tokens) of the first batch
 
 
 def clean_pass(run: _Run) -> _Clean:
@@ -322,13 +287,14 @@ def clean_pass(run: _Run) -> _Clean:
   tokens = np.zeros((n, run.max_length), np.int32)
   zero_grad = nonfinite = 0
   first = None
-  for dev, valid, rows in run.batches(np.arange(n)):
+  for b in run.batches(np.arange(n)):
+    valid, rows = b.host_valid, b.rows
     tok, gmax, gfinite = jax.device_get(_clean_batch(
-        run.params, dev["image"], model=run.model, max_length=run.max_length, mesh=run.mesh))
+        run.params, b.images, model=run.model, max_length=run.max_length, mesh=run.mesh))
     tokens[rows[valid]] = tok[valid]
     zero_grad += int(np.sum((gmax == 0) & gfinite & valid))
     nonfinite += int(np.sum(~gfinite & valid))
-    first = first or (dev, valid, rows, tok)
+    first = first or (b, tok)
     run.bar.update()
   dec, labels = (np.asarray(a) for a in generated_labels(jnp.asarray(tokens),
                                                          run.model.eos_token_id))
@@ -338,21 +304,22 @@ def clean_pass(run: _Run) -> _Clean:
 
 def soundness_checks(run: _Run, clean: _Clean, checks):
   """Deterministic captions and usable input gradients, into `checks`."""
-  dev0, valid0, _, tok0 = clean.first
-  again = jax.device_get(_clean_batch(run.params, dev0["image"], model=run.model,
+  b0, tok0 = clean.first
+  valid0 = b0.host_valid
+  again = jax.device_get(_clean_batch(run.params, b0.images, model=run.model,
                                       max_length=run.max_length, mesh=run.mesh))[0]
   checks.deterministic = bool(np.array_equal(again[valid0], tok0[valid0]))
   if not checks.deterministic:
-    evaluation._warn(checks, "the captioner is not deterministic: two generations on the "  # pylint: disable=protected-access
-                     "same images differ")
+    evaluation.warn(checks, "the captioner is not deterministic: two generations on the "
+                    "same images differ")
   n = len(run.indices)
   checks.zero_gradient_fraction = clean.zero_gradient / n
   checks.nonfinite_gradient_fraction = clean.nonfinite_gradient / n
   checks.gradients_ok = clean.zero_gradient == 0 and clean.nonfinite_gradient == 0
   if not checks.gradients_ok:
-    evaluation._warn(checks, "input gradients of the clean captions' token loss: "  # pylint: disable=protected-access
-                     f"{clean.zero_gradient} of {n} all zero, {clean.nonfinite_gradient} "
-                     "not finite")
+    evaluation.warn(checks, "input gradients of the clean captions' token loss: "
+                    f"{clean.zero_gradient} of {n} all zero, {clean.nonfinite_gradient} "
+                    "not finite")
 
 
 def eps0_check(run: _Run, clean: _Clean, attack_list, checks):
@@ -361,9 +328,10 @@ def eps0_check(run: _Run, clean: _Clean, attack_list, checks):
   for attack in attack_list:
     if attack.name in checks.eps0:
       continue
-    dev, valid, rows = next(run.batches(rows0, {"dec": clean.dec, "labels": clean.labels}))
+    b = next(run.batches(rows0, {"dec": clean.dec, "labels": clean.labels}))
+    valid, rows = b.host_valid, b.rows
     tok, dist, in_range, _, _ = jax.device_get(_attack_batch(
-        run.params, dev["image"], dev["dec"], dev["labels"], dev["id"], dev["valid"],
+        run.params, b.images, b.extra["dec"], b.extra["labels"], b.ids, b.valid,
         evaluation.attack_key(run.seed, 0.0, attack.name), jnp.float32(0.0),
         model=run.model, attack=attack, max_length=run.max_length, targeted=False,
         mesh=run.mesh))
@@ -374,7 +342,7 @@ def eps0_check(run: _Run, clean: _Clean, attack_list, checks):
   checks.eps0_ok = all(v["max_distance"] <= 1e-6 and v["captions_unchanged"] and v["in_range"]
                        for v in checks.eps0.values())
   if not checks.eps0_ok:
-    evaluation._warn(checks, f"at eps=0 the attacks change captions: {checks.eps0}")  # pylint: disable=protected-access
+    evaluation.warn(checks, f"at eps=0 the attacks change captions: {checks.eps0}")
 
 
 def cascade(run: _Run, clean: _Clean, attack_list, eps, *, target=None, refs=None,
@@ -404,12 +372,13 @@ def cascade(run: _Run, clean: _Clean, attack_list, eps, *, target=None, refs=Non
                   + (" (targeted)" if target is not None else ""))
     key = evaluation.attack_key(run.seed, eps,
                                 attack.name + ("-targeted" if target is not None else ""))
-    for dev, valid, rows in run.batches(positions, {"dec": dec, "labels": labels}):
+    for b in run.batches(positions, {"dec": dec, "labels": labels}):
+      valid, rows = b.host_valid, b.rows
       tok, dist, in_range, l0, l1 = jax.device_get(_attack_batch(
-          run.params, dev["image"], dev["dec"], dev["labels"], dev["id"], dev["valid"], key,
+          run.params, b.images, b.extra["dec"], b.extra["labels"], b.ids, b.valid, key,
           jnp.float32(eps), model=run.model, attack=attack, max_length=run.max_length,
           targeted=target is not None, mesh=run.mesh))
-      ok = _ball_ok(dist, in_range, eps)
+      ok = evaluation.in_ball(dist, in_range, eps, "linf", None)
       outside += int(np.sum(~ok & valid))
       texts = decode(run.tokenizer, tok)
       for j in np.flatnonzero(valid):
@@ -456,9 +425,7 @@ def clean_scores(clean: _Clean, refs, keywords):
   if refs:
     out.update(caption_metrics.caption_scores(clean.captions, refs))
   if keywords:
-    out["keyword_accuracy"] = float(np.mean(
-        [caption_metrics._contains(caption_metrics.tokenize(c), caption_metrics.tokenize(k))  # pylint: disable=protected-access
-         for c, k in zip(clean.captions, keywords)]))
+    out["keyword_accuracy"] = caption_metrics.keyword_accuracy(clean.captions, keywords)
   return out
 
 
@@ -488,17 +455,10 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
     suites = {name: make_suite(name) for name in DEFAULT_SUITES}
   for suite in suites.values():
     make_suite([a.name for a in suite])  # token-logit attacks only
-  eps_list = evaluation.check_eps_list(eps_list, "linf")
-  indices = np.asarray(indices, np.int64)
-  if indices.ndim != 1 or not len(indices):
-    raise ValueError(f"indices must be a non-empty 1-D array, got shape {indices.shape}")
-  batch_size = losses.check_int("batch_size", batch_size, minimum=1)
-  max_length = generation._resolve_max_length(model, max_length)  # pylint: disable=protected-access
-  if mesh is not None:
-    if batch_size % mesh.shape[DATA]:
-      raise ValueError(f"batch_size={batch_size} must be divisible by the number of devices "
-                       f"({mesh.shape[DATA]})")
-    params = sharding.replicate(params, mesh, copy=False)
+  inputs = evaluation.prepare(eps_list, indices, batch_size, "linf", mesh, params)
+  eps_list, indices, batch_size, params = (inputs.eps_list, inputs.indices,
+                                           inputs.batch_size, inputs.variables)
+  max_length = generation.resolve_max_length(model, max_length)
   n = len(indices)
   bar = progress.bar(total=-(-n // batch_size), desc="clean captions", enabled=progress_bar)
   run = _Run(model, params, tokenizer, source, indices, batch_size, max_length, seed, mesh,
@@ -508,27 +468,28 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
   keywords = [source.keyword(int(i)) for i in indices] if hasattr(source, "keyword") \
       else None
   checks = evaluation.Checks()
-  with compilation.Timer() as timer:
-    t_clean = time.time()
-    clean = clean_pass(run)
-    soundness_checks(run, clean, checks)
-    eps0_check(run, clean, [a for suite in suites.values() for a in suite], checks)
-    before_attacks, t_attacks = timer.seconds, time.time()
+
+  def cascades(clean, checks):
+    del checks  # the caption cascade flags images outside the ball in its result
     robust = {name: [cascade(run, clean, suite, eps, refs=refs, keywords=keywords)
                      for eps in eps_list] for name, suite in suites.items()}
     targeted = {}
     if target_caption is not None:
       targeted = {name: [cascade(run, clean, suite, eps, target=target_caption)
                          for eps in eps_list] for name, suite in suites.items()}
-  bar.close()
-  # As evaluation.evaluate: compiling (incl. persistent-cache reads) vs attacking.
-  timing = dict(timer.as_dict(), clean_and_checks_seconds=t_attacks - t_clean,
-                attack_seconds=time.time() - t_attacks - (timer.seconds - before_attacks))
+    return robust, targeted
+
+  clean, (robust, targeted), timing = evaluation.skeleton(evaluation.Parts(
+      clean_pass=lambda: clean_pass(run),
+      soundness_checks=lambda clean, checks: soundness_checks(run, clean, checks),
+      eps0_check=lambda clean, checks: eps0_check(
+          run, clean, [a for suite in suites.values() for a in suite], checks),
+      cascades=cascades), checks, bar)
   outside = sum(r.outside_ball for rs in (*robust.values(), *targeted.values()) for r in rs)
   checks.ball_ok = outside == 0
   if outside:
-    evaluation._warn(checks, f"{outside} adversarial images were outside the ball or [0, 1]; "  # pylint: disable=protected-access
-                     "they were not counted")
+    evaluation.warn(checks, f"{outside} adversarial images were outside the ball or [0, 1]; "
+                    "they were not counted")
   return CaptionResult(
       num_examples=n, indices=indices.tolist(), seed=seed, batch_size=batch_size,
       max_length=max_length, clean_captions=clean.captions,

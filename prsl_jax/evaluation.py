@@ -18,6 +18,13 @@ The parts, each a function: `clean_pass` (predictions, input gradients),
 `eps0_check` (every attack at eps = 0 returns the clean images), and `cascade`
 (one suite at one budget). `evaluate` runs them and returns a typed `Result`.
 
+The skeleton every task's evaluation shares (captioners too, prsl_jax.captioning):
+`prepare` (budgets, indices, batch size, mesh), `batches` (fixed-size padded
+batches on the mesh), `sharded` (a per-batch function over the mesh),
+`perturbation` and `in_ball` (the ball checks), `attack_key` (per-example keys),
+`warn` (a failed check), and `skeleton(Parts(...))`, which runs a task's clean
+pass, soundness checks, eps = 0 check and cascades in that order and times them.
+
 Compilation. The model under attack is a value-hashable callable of
 (variables, images) (e.g. zeroshot.Classifier(model)): the jitted batch
 functions below take it, the attack's settings and the mesh as static
@@ -56,7 +63,6 @@ from jax.sharding import PartitionSpec as P
 
 from prsl_jax import attacks
 from prsl_jax import compilation
-from prsl_jax import data as data_lib
 from prsl_jax import losses
 from prsl_jax import progress
 from prsl_jax import sharding
@@ -102,83 +108,8 @@ class Attack:
     return lambda logits, labels: fn(logits, labels, axis_name=axis_name)
 
 
-def _apgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-    del axis_name, target
-    return attacks.apgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
-                        restarts=a.restarts, max_iterations=iterations)
-  return run
-
-
-def _pgd(loss):
-  def run(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-    del axis_name, target
-    return attacks.pgd(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm, loss=loss,
-                       restarts=a.restarts, max_iterations=iterations)
-  return run
-
-
-def target_class(fn, x, y, index, num_targets):
-  """(B,) the index-th most likely wrong class of the clean logits (index traced).
-
-  AutoAttack's order (autopgd_base.py, fab_base.py): target 0 is the runner-up.
-  """
-  top = attacks.core.top_wrong_classes(fn(x), y, num_targets)
-  return jnp.take_along_axis(top, jnp.broadcast_to(index, y.shape)[:, None], axis=1)[:, 0]
-
-
-def _apgd_t(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del axis_name
-  t = target_class(fn, x, y, target, a.num_targets)
-  return attacks.apgd_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                               restarts=a.restarts, target_labels=t,
-                               max_iterations=iterations)
-
-
-def _fab_t(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del axis_name
-  t = target_class(fn, x, y, target, a.num_targets)
-  return attacks.fab_targeted(fn, x, y, key=keys, eps=eps, steps=a.steps, norm=norm,
-                              restarts=a.restarts, target_labels=t,
-                              max_iterations=iterations)
-
-
-def _square(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del axis_name, target
-  return attacks.square(fn, x, y, key=keys, eps=eps, queries=a.queries, norm=norm,
-                        max_iterations=iterations)
-
-
-def _fgsm(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del a, keys, norm, axis_name, target, iterations  # one step; L-inf only (checked)
-  return attacks.fgsm(fn, x, y, eps=eps)
-
-
-def _bim(a, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-  del keys, norm, target  # deterministic, L-inf only (checked up front)
-  return attacks.bim(fn, x, y, eps=eps, steps=a.steps, loss=a.objective(axis_name),
-                     max_iterations=iterations)
-
-
-ATTACKS = {
-    "apgd-ce": _apgd("ce"),
-    "apgd-dlr": _apgd("dlr"),
-    "apgd-t": _apgd_t,
-    "fab-t": _fab_t,
-    "square": _square,
-    "pgd-ce": _pgd("ce"),
-    "pgd-cw": _pgd("cw"),
-    "fgsm": _fgsm,
-    "bim": _bim,
-}
-# Score-based attacks: they never see a gradient, so masking cannot fool them.
-BLACK_BOX = frozenset({"square"})
-LINF_ONLY = frozenset({"fgsm", "bim"})
-# The paper's protocol ('bim') and FGSM never draw random numbers.
-DETERMINISTIC = frozenset({"fgsm", "bim"})
-# Run as AutoAttack runs them: one target at a time, each target only on the
-# points every earlier target (and attack) failed on.
-TARGETED = frozenset({"apgd-t", "fab-t"})
+# The registry of attacks (prsl_jax/attacks/registry.py): one record each.
+ATTACKS = attacks.ATTACKS
 
 SUITES = {
     # AutoAttack's standard version: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square.
@@ -188,11 +119,18 @@ SUITES = {
     # arXiv:2402.03627's attack: 10 sign steps through the model's own training loss.
     "paper": ("bim",),
 }
-DEFAULT_STEPS = {"bim": 10}  # others: AutoAttack's 100
 
 # A black-box attack may break at most this fraction of the points before the
 # masking flag is raised (AutoAttack's checks.py uses the same 0.2%).
 MASKING_TOL = 0.002
+
+
+def suite_spec(spec: str):
+  """One --suite / config.eval.suites entry -> make_suite's `suite`: 'a, b' ->
+  ['a', 'b'] (a list of attacks), else the stripped name (a suite or an attack)."""
+  if "," in spec:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+  return spec.strip()
 
 
 def make_suite(suite, norm="linf", *, steps=None, queries=None, num_targets=None,
@@ -229,8 +167,9 @@ def make_suite(suite, norm="linf", *, steps=None, queries=None, num_targets=None
   if len(set(names)) != len(names):
     raise ValueError(f"attack suite {names} names an attack twice")
   attacks.core.check_choice("norm", norm, attacks.NORMS)
-  if norm != "linf" and LINF_ONLY & set(names):
-    raise ValueError(f"{sorted(LINF_ONLY & set(names))} support norm='linf' only")
+  linf_only = sorted(n for n in names if ATTACKS[n].linf_only)
+  if norm != "linf" and linf_only:
+    raise ValueError(f"{linf_only} support norm='linf' only")
   settings = dict(settings or {})
   stray = sorted(set(settings) - set(names))
   if stray:
@@ -242,12 +181,12 @@ def make_suite(suite, norm="linf", *, steps=None, queries=None, num_targets=None
     loss = (name, tuple(sorted(dict(kwargs).items())))
   out = []
   for name in names:
-    fields = dict(steps=DEFAULT_STEPS.get(name, 100) if steps is None else steps)
+    fields = dict(steps=ATTACKS[name].default_steps if steps is None else steps)
     for field, value in (("queries", queries), ("num_targets", num_targets),
                          ("restarts", restarts)):
       if value is not None:
         fields[field] = value
-    if name == "bim":
+    if ATTACKS[name].training_loss:
       fields["loss"] = loss
     fields.update(settings.get(name, {}))
     bad = sorted(set(fields) - {f.name for f in dataclasses.fields(Attack)})
@@ -258,6 +197,20 @@ def make_suite(suite, norm="linf", *, steps=None, queries=None, num_targets=None
         losses.check_int(f"{name} {field}", fields[field], minimum=1)
     out.append(Attack(name, **fields))
   return tuple(out)
+
+
+# Budgets past these are outside what the field reports (TeCoA: 1/255; FARE:
+# 2/255 and 4/255; RobustBench L2: 0.5 at 32x32) and get a warning.
+TYPICAL_MAX = {"linf": 16 / 255, "l2": 4.0}
+
+
+def warn_unusual_budget(label, eps, norm):
+  """A warning when eps is far above the budgets the field reports (likely 0-255
+  units); label names the budget, e.g. "--eps 8" or "config.eval.eps=8"."""
+  top = TYPICAL_MAX.get(norm)
+  if top is not None and eps > top:
+    warnings.warn(f"{label} is far above the budgets the field reports ({norm} up to "
+                  f"{format_eps(top)}); budgets are in [0, 1] pixel units")
 
 
 def check_eps_list(eps_list, norm="linf"):
@@ -275,8 +228,9 @@ def check_eps_list(eps_list, norm="linf"):
 # ----------------------------------------------------------------------------
 
 
-def _sharded(fn, mesh, in_specs, *args):
-  """fn(*args), or fn per shard of the mesh with its outputs gathered on every device.
+def sharded(fn, mesh, in_specs, *args):
+  """fn(*args, axis_name), or fn per shard of the mesh with its outputs gathered on
+  every device (axis_name DATA); in_specs: one PartitionSpec per argument.
 
   Gathered (replicated) outputs are readable by every process of a multi-host
   run; they are a few numbers per example, so the gather costs nothing.
@@ -292,6 +246,18 @@ def _sharded(fn, mesh, in_specs, *args):
                        check_vma=False)(*args)
 
 
+def perturbation(x, x_adv, norm="linf"):
+  """-> (distance (B,) in `norm`, x_adv finite and in [0, 1] (B,)): the checks of
+  the returned images, run on the device so the images never travel to the host."""
+  delta = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(x.shape[0], -1)
+  dist = (jnp.max(jnp.abs(delta), axis=1) if norm == "linf"
+          else jnp.sqrt(jnp.sum(delta * delta, axis=1)))
+  flat = x_adv.reshape(x.shape[0], -1)
+  in_range = (jnp.all(jnp.isfinite(flat), axis=1) & (jnp.min(flat, axis=1) >= 0)
+              & (jnp.max(flat, axis=1) <= 1))
+  return dist, in_range
+
+
 @functools.partial(jax.jit, static_argnames=("model_fn", "mesh"))
 def _clean_batch(variables, x, y, *, model_fn, mesh):
   """-> logits (B, C), max |grad CE| (B,), grad finite (B,)."""
@@ -303,7 +269,7 @@ def _clean_batch(variables, x, y, *, model_fn, mesh):
     (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(x)
     grad = grad.astype(jnp.float32).reshape(x.shape[0], -1)
     return logits, jnp.max(jnp.abs(grad), axis=1), jnp.all(jnp.isfinite(grad), axis=1)
-  return _sharded(run, mesh, (P(), P(DATA), P(DATA)), variables, x, y)
+  return sharded(run, mesh, (P(), P(DATA), P(DATA)), variables, x, y)
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "mesh"))
@@ -311,7 +277,7 @@ def _logits_batch(variables, x, *, model_fn, mesh):
   def run(variables, x, axis_name):
     del axis_name
     return (model_fn(variables, x).astype(jnp.float32),)
-  return _sharded(run, mesh, (P(), P(DATA)), variables, x)[0]
+  return sharded(run, mesh, (P(), P(DATA)), variables, x)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "attack", "norm", "mesh"))
@@ -329,21 +295,17 @@ def _attack_batch(variables, x, y, ids, valid, base_key, eps, target, iterations
   def run(variables, x, y, ids, valid, base_key, eps, target, iterations, axis_name):
     fn = functools.partial(model_fn, variables)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
-    if attack.name in TARGETED:
+    record = ATTACKS[attack.name]
+    if record.targeted:
       keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, target)
     if attack.loss is not None:
       y = jnp.where(valid, y, losses.IGNORE_INDEX)
-    x_adv = ATTACKS[attack.name](attack, fn, x, y, keys, eps, norm, axis_name, target,
-                                 iterations)
-    delta = (x_adv.astype(jnp.float32) - x.astype(jnp.float32)).reshape(x.shape[0], -1)
-    dist = (jnp.max(jnp.abs(delta), axis=1) if norm == "linf"
-            else jnp.sqrt(jnp.sum(delta * delta, axis=1)))
-    flat = x_adv.reshape(x.shape[0], -1)
-    in_range = (jnp.all(jnp.isfinite(flat), axis=1) & (jnp.min(flat, axis=1) >= 0)
-                & (jnp.max(flat, axis=1) <= 1))
+    call = attacks.Call(keys, eps, norm, attack.objective(axis_name), target, iterations)
+    x_adv = record.run(attack, fn, x, y, call)
+    dist, in_range = perturbation(x, x_adv, norm)
     return fn(x_adv).astype(jnp.float32), dist, in_range
   specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P(), P())
-  return _sharded(run, mesh, specs, variables, x, y, ids, valid, base_key, eps, target,
+  return sharded(run, mesh, specs, variables, x, y, ids, valid, base_key, eps, target,
                   iterations)
 
 
@@ -354,9 +316,15 @@ EPS0_ITERATIONS = 2
 FULL = 2**30
 
 
-def _ball_tol(eps, norm, numel):
-  # float32 rounding of x0 + delta: a few ulps per pixel; for L2 they add up.
+def ball_tol(eps, norm, numel):
+  """How far past eps an image may be and still count as inside the ball: float32
+  rounding of x0 + delta, a few ulps per pixel; for L2 they add up."""
   return 1e-6 if norm == "linf" else 1e-5 * eps + 1e-6 * np.sqrt(numel)
+
+
+def in_ball(dist, in_range, eps, norm, numel):
+  """(B,) bool: the adversarial image is in [0, 1] and within eps (ball_tol)."""
+  return in_range & (dist <= eps + ball_tol(eps, norm, numel))
 
 
 def attack_key(seed, eps, name):
@@ -366,15 +334,16 @@ def attack_key(seed, eps, name):
 
 
 @dataclasses.dataclass
-class _Batch:
+class Batch:
   """One fixed-size evaluation batch: arrays on the mesh, and host bookkeeping."""
   images: Any       # (B, H, W, C') on the devices
-  labels: Any       # (B,) on the devices
+  labels: Any       # (B,) on the devices (None without labels)
   ids: Any          # (B,) source indices on the devices
   valid: Any        # (B,) on the devices
-  host_labels: np.ndarray
+  host_labels: Optional[np.ndarray]
   host_valid: np.ndarray
   rows: np.ndarray  # positions in `indices` of each row (padding repeats the last)
+  extra: dict = dataclasses.field(default_factory=dict)  # {name: (B, ...) on the devices}
 
 
 # No batch shape gives a device fewer rows than this (halving a batch below it
@@ -400,31 +369,40 @@ def bucket_sizes(batch_size, num_devices=1, buckets=2):
   return sizes
 
 
-def _batches(source, indices, positions, batch_size, mesh, sizes=None):
+def batches(source, indices, positions, batch_size, mesh, sizes=None, *, labels=True,
+            extra=None):
   """Batches over source[indices[positions]], placed on the mesh.
 
   Full batches of batch_size, then the remainder padded to the smallest of
-  `sizes` (default: batch_size) that holds it.
+  `sizes` (default: batch_size) that holds it; padding rows repeat the last
+  example and are not valid. labels: read each example's 'label'. extra:
+  {name: (N, ...) array over `indices`} rows that go along (e.g. caption tokens).
   """
   sizes = sorted(sizes or [batch_size])
+  idx = np.asarray(indices)
   full = len(positions) // batch_size * batch_size
   chunks = [(positions[:full], batch_size)] if full else []
   if len(positions) > full:
     rest = positions[full:]
     chunks.append((rest, min(s for s in sizes if s >= len(rest))))
   for chunk, size in chunks:
-    ids = np.asarray(indices)[chunk]
-    for start, batch in zip(range(0, len(ids), size), data_lib.eval_batches(source, ids, size)):
+    for start in range(0, len(chunk), size):
       pos = chunk[start:start + size]
       rows = np.concatenate([pos, np.repeat(pos[-1:], size - len(pos))])
-      host = {"image": batch["image"], "label": batch["label"],
-              "id": np.asarray(indices)[rows].astype(np.int32), "mask": batch["mask"]}
+      items = [source[int(i)] for i in idx[rows]]
+      host = {"image": np.stack([item["image"] for item in items]),
+              "id": idx[rows].astype(np.int32), "mask": np.arange(size) < len(pos)}
+      if labels:
+        host["label"] = np.stack([item["label"] for item in items])
+      for name, arr in (extra or {}).items():
+        host[name] = np.asarray(arr)[rows]
       dev = sharding.put_eval_batch(host, mesh)
-      yield _Batch(dev["image"], dev["label"], dev["id"], dev["mask"], batch["label"],
-                   batch["mask"], rows)
+      yield Batch(dev.pop("image"), dev.pop("label", None), dev.pop("id"), dev.pop("mask"),
+                  host.get("label"), host["mask"], rows, dev)
 
 
-def _warn(checks, message, category=SoundnessWarning):
+def warn(checks, message, category=SoundnessWarning):
+  """Records a failed check in checks.warnings and raises it as a SoundnessWarning."""
   checks.warnings.append(message)
   warnings.warn(message, category, stacklevel=3)
 
@@ -538,7 +516,7 @@ def clean_pass(model_fn, variables, source, indices, *, batch_size, mesh=None, b
   n = len(indices)
   clean = Clean(np.zeros(n, bool), np.zeros(n, np.int64), 0, 0)
   seen = 0
-  for b in _batches(source, indices, np.arange(n), batch_size, mesh):
+  for b in batches(source, indices, np.arange(n), batch_size, mesh):
     logits, gmax, gfinite = jax.device_get(
         _clean_batch(variables, b.images, b.labels, model_fn=model_fn, mesh=mesh))
     valid = b.host_valid
@@ -566,7 +544,7 @@ def soundness_checks(model_fn, variables, clean, checks, *, mesh=None):
   checks.deterministic = bool(np.isfinite(diff) and diff <= 1e-4 * max(1.0, scale))
   checks.logits_max_abs_diff = diff
   if not checks.deterministic:
-    _warn(checks, f"the model is not deterministic: two calls on the same images differ "
+    warn(checks, f"the model is not deterministic: two calls on the same images differ "
           f"by up to {diff:.3g}. Randomised models need EOT attacks; these numbers "
           "overstate robustness.")
   rows_sum = logits0[valid0].sum(axis=-1)
@@ -574,14 +552,14 @@ def soundness_checks(model_fn, variables, clean, checks, *, mesh=None):
                and np.allclose(rows_sum, 1.0, atol=1e-4))
   checks.outputs_are_logits = not probs
   if probs:
-    _warn(checks, "the model seems to return probabilities (rows in [0, 1] summing to 1); "
+    warn(checks, "the model seems to return probabilities (rows in [0, 1] summing to 1); "
           "the attack losses expect logits, and a softmax before them can mask gradients")
   n = len(clean.correct)
   checks.zero_gradient_fraction = clean.zero_gradient / n
   checks.nonfinite_gradient_fraction = clean.nonfinite_gradient / n
   checks.gradients_ok = clean.zero_gradient == 0 and clean.nonfinite_gradient == 0
   if not checks.gradients_ok:
-    _warn(checks, f"input gradients of the cross-entropy at the clean points: "
+    warn(checks, f"input gradients of the cross-entropy at the clean points: "
           f"{clean.zero_gradient} of {n} are all zero and {clean.nonfinite_gradient} not "
           "finite; gradient-based attacks cannot move from there (masked or saturated "
           "gradients), so their robust accuracy is an overestimate")
@@ -599,7 +577,7 @@ def eps0_check(model_fn, variables, source, indices, clean, attack_list, checks,
   numel = int(np.prod(clean.first_batch.images.shape[1:]))
   # The first examples at every size: the clean pass's first batch is the full
   # size's (sizes[0] == its batch size), so only the smaller ones are loaded.
-  probes = [clean.first_batch] + [next(_batches(source, indices, np.arange(min(size, n)),
+  probes = [clean.first_batch] + [next(batches(source, indices, np.arange(min(size, n)),
                                                 size, mesh)) for size in sizes[1:]]
   for attack in attack_list:
     if attack.name in checks.eps0:
@@ -616,11 +594,11 @@ def eps0_check(model_fn, variables, source, indices, clean, attack_list, checks,
       in_range_all &= bool(in_range[valid].all())
     checks.eps0[attack.name] = {"max_distance": dist_max, "prediction_agreement": agree,
                                 "in_range": in_range_all}
-  checks.eps0_ok = all(v["max_distance"] <= _ball_tol(0.0, norm, numel)
+  checks.eps0_ok = all(v["max_distance"] <= ball_tol(0.0, norm, numel)
                        and v["prediction_agreement"] == 1.0 and v["in_range"]
                        for v in checks.eps0.values())
   if not checks.eps0_ok:
-    _warn(checks, f"at eps=0 the attacks do not reproduce the clean predictions: "
+    warn(checks, f"at eps=0 the attacks do not reproduce the clean predictions: "
           f"{checks.eps0}")
 
 
@@ -645,22 +623,22 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
     t_attack = time.time()
     broken[attack.name] = 0
     key = attack_key(seed, eps, attack.name)
-    passes = range(min(attack.num_targets, num_classes - 1)) if attack.name in TARGETED \
-        else range(1)
+    record = ATTACKS[attack.name]
+    passes = range(min(attack.num_targets, num_classes - 1)) if record.targeted else range(1)
     for target in passes:
       positions = np.flatnonzero(robust)
       if bar is not None:
-        what = f" target {target + 1}" if attack.name in TARGETED else ""
+        what = f" target {target + 1}" if record.targeted else ""
         bar.reset(total=-(-len(positions) // batch_size),
                   desc=f"eps={format_eps(eps)} {attack.name}{what}")
-      for b in _batches(source, indices, positions, batch_size, mesh, sizes):
+      for b in batches(source, indices, positions, batch_size, mesh, sizes):
         numel = numel or int(np.prod(b.images.shape[1:]))
         logits, dist, in_range = jax.device_get(_attack_batch(
             variables, b.images, b.labels, b.ids, b.valid, key, jnp.float32(eps),
             jnp.int32(target), jnp.int32(FULL), model_fn=model_fn, attack=attack, norm=norm,
             mesh=mesh))
         valid = b.host_valid
-        ok = in_range & (dist <= eps + _ball_tol(eps, norm, numel))
+        ok = in_range & (dist <= eps + ball_tol(eps, norm, numel))
         outside += int(np.sum(~ok & valid))
         if valid.any():
           excess = max(excess, float(np.max(dist[valid])) - eps)
@@ -668,21 +646,22 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
         robust[b.rows[hit]] = False
         broken_by[b.rows[hit]] = attack.name
         broken[attack.name] += int(hit.sum())
-        if attack.name in BLACK_BOX and white_before:
+        if record.black_box and white_before:
           masked += int(hit.sum())
         if bar is not None:
           bar.update()
           bar.set_postfix(robust_acc=f"{robust.sum() / n:.3f}")
     after[attack.name] = float(robust.mean())
     by_attack[attack.name] = time.time() - t_attack
-    white_before |= attack.name not in BLACK_BOX
+    white_before |= not record.black_box
   masking = masked / n > masking_tol
   if outside:
-    _warn(checks, f"eps={eps:.6g}: {outside} adversarial images were outside the {norm} "
+    warn(checks, f"eps={eps:.6g}: {outside} adversarial images were outside the {norm} "
           f"ball or [0, 1] (by up to {excess:.3g}); they were not counted")
   if masking:
-    _warn(checks, f"eps={eps:.6g}: gradient masking suspected: the black-box attack(s) "
-          f"{sorted(BLACK_BOX & {a.name for a in attack_list})} broke {masked} of {n} "
+    warn(checks, f"eps={eps:.6g}: gradient masking suspected: the black-box attack(s) "
+          f"{sorted(a.name for a in attack_list if ATTACKS[a.name].black_box)} broke "
+          f"{masked} of {n} "
           "points on which every white-box attack before them failed",
           GradientMaskingWarning)
   return EpsResult(
@@ -690,6 +669,78 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
       robust_mask=robust.tolist(), broken_by=broken_by.tolist(), outside_ball=outside,
       max_ball_excess=excess if np.isfinite(excess) else None, gradient_masking=masking,
       masking_fraction=masked / n, seconds=time.time() - t0, seconds_by_attack=by_attack)
+
+
+# ----------------------------------------------------------------------------
+# The skeleton every task's evaluation runs (classifiers here; captioners in
+# prsl_jax.captioning): checked inputs, then its parts in order, timed.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """An evaluation's checked inputs (`prepare`)."""
+  eps_list: list
+  indices: np.ndarray  # (N,) int64
+  batch_size: int
+  num_devices: int
+  variables: Any       # replicated over the mesh when there is one
+
+
+def prepare(eps_list, indices, batch_size, norm, mesh, variables) -> Inputs:
+  """Checks budgets, indices, batch size and mesh; replicates variables on the mesh."""
+  eps_list = check_eps_list(eps_list, norm)
+  indices = np.asarray(indices, dtype=np.int64)
+  if indices.ndim != 1 or not len(indices):
+    raise ValueError(f"indices must be a non-empty 1-D array, got shape {indices.shape}")
+  batch_size = losses.check_int("batch_size", batch_size, minimum=1)
+  num_devices = 1
+  if mesh is not None:
+    if DATA not in mesh.axis_names:
+      raise ValueError(f"mesh must have a '{DATA}' axis, got axes {mesh.axis_names}")
+    num_devices = mesh.shape[DATA]
+    if batch_size % num_devices:
+      raise ValueError(f"batch_size={batch_size} must be divisible by the number of "
+                       f"devices on the mesh's '{DATA}' axis ({num_devices})")
+    # Replicated on every device (a multi-host run needs global arrays).
+    variables = sharding.replicate(variables, mesh, copy=False)
+  return Inputs(eps_list, indices, batch_size, num_devices, variables)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What a task's evaluation supplies to `skeleton`, each a function.
+
+  clean_pass() -> clean: per-example clean outcomes (and what the checks reuse).
+  soundness_checks(clean, checks): determinism, outputs, input gradients.
+  eps0_check(clean, checks): every attack at eps = 0 changes nothing.
+  cascades(clean, checks) -> its per-suite, per-budget results.
+  """
+  clean_pass: Callable
+  soundness_checks: Callable
+  eps0_check: Callable
+  cascades: Callable
+
+
+def skeleton(parts: Parts, checks: Checks, bar=None):
+  """Runs the parts in order; -> (clean, cascades' results, timing).
+
+  timing: compile seconds (JAX's own events, persistent-cache reads included),
+  programs compiled and read from the cache (compilation.Timer), then
+  clean_and_checks_seconds and attack_seconds (wall seconds less compilation).
+  """
+  with compilation.Timer() as timer:
+    t_clean = time.time()
+    clean = parts.clean_pass()
+    parts.soundness_checks(clean, checks)
+    parts.eps0_check(clean, checks)
+    before_attacks, t_attacks = timer.seconds, time.time()
+    results = parts.cascades(clean, checks)
+  if bar is not None:
+    bar.close()
+  timing = dict(timer.as_dict(), clean_and_checks_seconds=t_attacks - t_clean,
+                attack_seconds=time.time() - t_attacks - (timer.seconds - before_attacks))
+  return clean, results, timing
 
 
 def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
@@ -731,48 +782,32 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
     if not suite or not all(isinstance(a, Attack) for a in suite):
       raise ValueError(f"suite {name!r} must be a non-empty tuple of Attack (make_suite)")
     make_suite([a.name for a in suite], norm)  # names and norms
-  eps_list = check_eps_list(eps_list, norm)
-  indices = np.asarray(indices, dtype=np.int64)
-  if indices.ndim != 1 or not len(indices):
-    raise ValueError(f"indices must be a non-empty 1-D array, got shape {indices.shape}")
-  batch_size = losses.check_int("batch_size", batch_size, minimum=1)
+  run = prepare(eps_list, indices, batch_size, norm, mesh, variables)
+  eps_list, indices, batch_size, variables = (run.eps_list, run.indices, run.batch_size,
+                                              run.variables)
   buckets = losses.check_int("buckets", buckets, minimum=1)
-  num_devices = 1
-  if mesh is not None:
-    if DATA not in mesh.axis_names:
-      raise ValueError(f"mesh must have a '{DATA}' axis, got axes {mesh.axis_names}")
-    num_devices = mesh.shape[DATA]
-    if batch_size % num_devices:
-      raise ValueError(f"batch_size={batch_size} must be divisible by the number of "
-                       f"devices on the mesh's '{DATA}' axis ({num_devices})")
-    # Replicated on every device (a multi-host run needs global arrays).
-    variables = sharding.replicate(variables, mesh, copy=False)
   n = len(indices)
   checks = Checks()
-  sizes = bucket_sizes(batch_size, num_devices, buckets)
+  sizes = bucket_sizes(batch_size, run.num_devices, buckets)
+  every_attack = [a for suite in suites.values() for a in suite]
 
   bar = progress.bar(total=-(-n // batch_size), desc="clean", enabled=progress_bar)
-  with compilation.Timer() as timer:
-    t_clean = time.time()
-    clean = clean_pass(model_fn, variables, source, indices, batch_size=batch_size,
-                       mesh=mesh, bar=bar)
-    soundness_checks(model_fn, variables, clean, checks, mesh=mesh)
-    every_attack = [a for suite in suites.values() for a in suite]
-    # eps = 0 runs the cascade's own compiled attacks (eps is traced): after it,
-    # the cascades below compile nothing, whatever the number of budgets.
-    eps0_check(model_fn, variables, source, indices, clean, every_attack, checks, seed=seed,
-               norm=norm, sizes=sizes, mesh=mesh)
-    before_attacks = timer.seconds
-    t_attacks = time.time()
-    robust = {}
-    for name, suite in suites.items():
-      robust[name] = [cascade(model_fn, variables, source, indices, clean, suite, eps,
-                              checks, seed=seed, norm=norm, batch_size=batch_size,
-                              sizes=sizes, mesh=mesh, masking_tol=masking_tol, bar=bar)
-                      for eps in eps_list]
-  bar.close()
-  timing = dict(timer.as_dict(), clean_and_checks_seconds=t_attacks - t_clean,
-                attack_seconds=time.time() - t_attacks - (timer.seconds - before_attacks))
+  clean, robust, timing = skeleton(Parts(
+      clean_pass=lambda: clean_pass(model_fn, variables, source, indices,
+                                    batch_size=batch_size, mesh=mesh, bar=bar),
+      soundness_checks=lambda clean, checks: soundness_checks(model_fn, variables, clean,
+                                                             checks, mesh=mesh),
+      # eps = 0 runs the cascade's own compiled attacks (eps is traced): after it,
+      # the cascades below compile nothing, whatever the number of budgets.
+      eps0_check=lambda clean, checks: eps0_check(
+          model_fn, variables, source, indices, clean, every_attack, checks, seed=seed,
+          norm=norm, sizes=sizes, mesh=mesh),
+      cascades=lambda clean, checks: {
+          name: [cascade(model_fn, variables, source, indices, clean, suite, eps, checks,
+                         seed=seed, norm=norm, batch_size=batch_size, sizes=sizes, mesh=mesh,
+                         masking_tol=masking_tol, bar=bar) for eps in eps_list]
+          for name, suite in suites.items()}), checks, bar)
+  num_devices = run.num_devices
   checks.ball_ok = all(r.outside_ball == 0 for rs in robust.values() for r in rs)
   checks.gradient_masking = any(r.gradient_masking for rs in robust.values() for r in rs)
   return Result(

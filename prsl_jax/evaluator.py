@@ -18,18 +18,17 @@ import platform
 import shlex
 import sys
 import time
-import warnings
 
 import jax
 
 import prsl_jax
-from prsl_jax import captioning
 from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
 from prsl_jax import reports
 from prsl_jax import sharding
+from prsl_jax import tasks
 from prsl_jax import zeroshot
 from prsl_jax.models import convert
 
@@ -39,13 +38,10 @@ DEFAULTS = dict(
     outdir=None, templates="default", batch_size=64, steps=None, square_queries=None,
     num_targets=None, allow_pickle=False, overwrite=False, max_length=None,
     target_caption=None)
-# --suite when none is given: AutoAttack's ensemble for classifiers; the paper's
-# protocol and APGD-CE on the token loss for captioners.
-DEFAULT_SUITES = {"clip": ("standard",), "vision-encoder-decoder": ("paper", "strong")}
+# --suite when none is given: the task's default_suites (AutoAttack's ensemble
+# for classifiers; the paper's protocol and APGD-CE on the token loss for
+# captioners).
 
-# Budgets past these are outside what the field reports (TeCoA: 1/255; FARE:
-# 2/255 and 4/255; RobustBench L2: 0.5 at 32x32) and get a warning.
-TYPICAL_MAX = {"linf": 16 / 255, "l2": 4.0}
 RESULTS = "results.json"
 
 
@@ -63,29 +59,25 @@ def parse_eps(value, norm="linf"):
     if norm == "linf" and e > 1:
       raise ValueError(f"--eps: {item!r} exceeds 1, the whole [0, 1] pixel range; budgets are "
                        "in [0, 1] pixel units (write 4/255, not 4)")
-    if e > TYPICAL_MAX[norm]:
-      warnings.warn(f"--eps {item} is far above the budgets the field reports ({norm} up to "
-                    f"{evaluation.format_eps(TYPICAL_MAX[norm])}); budgets are in [0, 1] "
-                    "pixel units")
+    evaluation.warn_unusual_budget(f"--eps {item}", e, norm)
     eps.append(e)
   if not eps:
     raise ValueError("--eps is empty")
   return eps
 
 
-def parse_suites(value, norm="linf", *, kind="clip", steps=None, queries=None,
-                 num_targets=None, train_loss=None):
-  """--suite values -> {label: tuple of Attack}; each value is one cascade."""
-  values = DEFAULT_SUITES[kind] if value is None else (
+def parse_suites(value, norm="linf", *, task=tasks.TASKS["classification"], steps=None,
+                 queries=None, num_targets=None, train_loss=None):
+  """--suite values -> {label: tuple of Attack}; each value is one cascade of `task`'s."""
+  values = task.default_suites if value is None else (
       [value] if isinstance(value, str) else list(value))
   if not values:
     raise ValueError("--suite is empty")
   out = {}
   for v in values:
-    names = [s.strip() for s in v.split(",") if s.strip()] if "," in v else v.strip()
+    names = evaluation.suite_spec(v)
     kw = dict(steps=steps, queries=queries, num_targets=num_targets, train_loss=train_loss)
-    out[v] = (captioning.make_suite(names, **kw) if kind == "vision-encoder-decoder"
-              else evaluation.make_suite(names, norm, **kw))
+    out[v] = task.make_suite(names, norm, **kw)
   return out
 
 
@@ -150,12 +142,7 @@ def train_loss_of(ckpt):
   loss = ckpt.get("train_loss")
   if not loss or loss.get("name", "ce") == "ce":
     return None
-  name = loss["name"]
-  fields = losses.loss_fields(name)
-  kwargs = {k: loss[k] for k in fields if k in loss}
-  if "group_size" in kwargs:
-    kwargs["group_size"] = kwargs["group_size"] or None
-  return name, kwargs
+  return loss["name"], losses.config_kwargs(loss)
 
 
 def check_folder(folder, allow_pickle):
@@ -240,16 +227,19 @@ def preflight(settings):
     raise ValueError(f"--checkpoint mixes kinds of model {sorted(kinds)}; evaluate "
                      "classifiers (CLIP) and captioners in separate runs")
   kind = kinds.pop()
-  if kind == "vision-encoder-decoder" and s["norm"] != "linf":
-    raise ValueError("captioners are attacked in L-inf only (--norm linf)")
-  parse_suites(s["suite"], s["norm"], kind=kind, steps=s["steps"],
+  task = tasks.for_model(convert.model_class(kind))  # once, from the checkpoint's model
+  if s["norm"] not in task.norms:
+    raise ValueError(f"{kind} models are attacked in {'/'.join(task.norms)} only "
+                     f"(--norm {task.norms[0]})")
+  parse_suites(s["suite"], s["norm"], task=task, steps=s["steps"],
                queries=s["square_queries"], num_targets=s["num_targets"])
   data.check_available(s["dataset"], s["split"], data_dir=s["data_dir"])
   if s["batch_size"] % jax.device_count():
     raise ValueError(f"--batch_size={s['batch_size']} must be divisible by the number of "
                      f"devices ({jax.device_count()})")
   os.makedirs(outdir, exist_ok=True)  # last: a refused run leaves nothing behind
-  return dict(settings=s, specs=specs, ckpts=ckpts, eps=eps, outdir=outdir, kind=kind)
+  return dict(settings=s, specs=specs, ckpts=ckpts, eps=eps, outdir=outdir, kind=kind,
+              task=task)
 
 
 def load_model(ckpt, allow_pickle):
@@ -287,26 +277,29 @@ def model_names(specs):
   return names
 
 
-def _write(outdir, record, title, results, final, captioner=False):
+def _write(outdir, record, title, results, final, task):
   """results.json and results.md, each replaced atomically."""
-  format_table = reports.format_caption_table if captioner else reports.format_table
-  table = format_table(results) if results else ""
+  table = task.format_table(results) if results else ""
   for name, text in ((RESULTS, json.dumps(record, indent=1, default=str)),
                      ("results.md", f"{title}\n\n{table}")):
-    tmp = os.path.join(outdir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(outdir, name))
+    reports.write_atomic(os.path.join(outdir, name), text)
   if final and results:
-    plot = reports.plot_captions if captioner else reports.plot
-    plot(results, os.path.join(outdir, "robustness.png"))
+    task.plot(results, os.path.join(outdir, "robustness.png"))
   return table
 
 
-def run(settings, *, argv=None):
-  """Evaluates every checkpoint; returns the record written to results.json."""
+def run(settings, *, argv=None, checked=None):
+  """Evaluates every checkpoint; returns the record written to results.json.
+
+  checked: what preflight(settings) returned, when the caller ran it already
+  (evaluate.py does, before starting JAX's distributed runtime): it runs once.
+  """
   t0 = time.time()
-  p = preflight(settings)
+  p = preflight(settings) if checked is None else checked
+  s = p["settings"]
+  if s["batch_size"] % jax.device_count():  # every host's devices, once distributed
+    raise ValueError(f"--batch_size={s['batch_size']} must be divisible by the number of "
+                     f"devices ({jax.device_count()})")
   s, eps, outdir = p["settings"], p["eps"], p["outdir"]
   mesh = sharding.make_mesh()
   templates = zeroshot.IMAGENET_TEMPLATES if s["templates"] == "imagenet" else None
@@ -327,42 +320,32 @@ def run(settings, *, argv=None):
       "models": {},
       "complete": False,
   }
-  results, classify = {}, {}
+  results = {}
   indices = None
   title = ""
-  captioner = p["kind"] == "vision-encoder-decoder"
+  task = p["task"]
   for name, ckpt in zip(model_names(p["specs"]), p["ckpts"]):
     print(f"{name}: loading ({ckpt['kind']})", flush=True)
     pretrained, params = load_model(ckpt, s["allow_pickle"])
     model = pretrained.model
     source, class_names = data.load(s["dataset"], s["split"], image_size=model.image_size,
                                     data_dir=s["data_dir"])
-    if not class_names and not captioner:
+    if not class_names and task.needs_class_names:
       raise ValueError(f"dataset {s['dataset']!r} has no class labels to classify")
     if indices is None:
       indices = data.eval_indices(len(source), num, s["seed"])
       record.update(indices=[int(i) for i in indices],
                     class_names=list(class_names) if class_names else None)
-      what = "Captions" if captioner else "Zero-shot accuracy (%)"
-      title = (f"{what} on {len(indices)} {s['dataset']} {s['split']} examples (seed "
+      title = (f"{task.title} on {len(indices)} {s['dataset']} {s['split']} examples (seed "
                f"{s['seed']}); {s['norm']} budgets on [0, 1] pixels.")
-    suites = parse_suites(s["suite"], s["norm"], kind=p["kind"], steps=s["steps"],
+    suites = parse_suites(s["suite"], s["norm"], task=task, steps=s["steps"],
                           queries=s["square_queries"], num_targets=s["num_targets"],
                           train_loss=train_loss_of(ckpt))
-    if captioner:
-      result = captioning.evaluate(
-          model, params, pretrained.tokenizer, source, indices, eps_list=eps, suites=suites,
-          seed=s["seed"], batch_size=s["batch_size"], max_length=s["max_length"],
-          target_caption=s["target_caption"], mesh=mesh)
-    else:
-      class_emb = zeroshot.class_embeddings(model, params, pretrained.tokenizer, class_names,
-                                            templates)
-      # Classifier(model) is equal for equal configs: checkpoints share compilations.
-      fn = classify.setdefault(model, zeroshot.Classifier(model))
-      result = evaluation.evaluate(
-          fn, {"params": params, "class_emb": class_emb}, source, indices, eps_list=eps,
-          suites=suites, norm=s["norm"], seed=s["seed"], batch_size=s["batch_size"],
-          mesh=mesh)
+    result = task.evaluate(
+        model, params, pretrained.tokenizer, source, indices, class_names=class_names,
+        templates=templates, eps_list=eps, suites=suites, norm=s["norm"], seed=s["seed"],
+        batch_size=s["batch_size"], mesh=mesh,
+        options=dict(max_length=s["max_length"], target_caption=s["target_caption"]))
     results[name] = result
     entry = result.to_dict()
     entry.pop("indices")  # stored once, at the top level
@@ -370,12 +353,12 @@ def run(settings, *, argv=None):
     del pretrained, params
     if jax.process_index() == 0:
       record["seconds"] = time.time() - t0
-      _write(outdir, record, title, results, final=False, captioner=captioner)
+      _write(outdir, record, title, results, final=False, task=task)
   record["complete"] = True
   record["seconds"] = time.time() - t0
   table = ""
   if jax.process_index() == 0:
-    table = _write(outdir, record, title, results, final=True, captioner=captioner)
+    table = _write(outdir, record, title, results, final=True, task=task)
   print(f"\n{title}\n\n{table}\nwrote {outdir}/{RESULTS}, results.md, robustness.png",
         flush=True)
   failed = [n for n, r in results.items() if not r.checks.passed]

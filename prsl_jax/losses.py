@@ -40,9 +40,10 @@ NaN weight makes the loss NaN (so the trainer's NaN guard stops the run); they
 are never silently clipped or used.
 """
 
+import dataclasses
 import math
 import operator
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -456,24 +457,33 @@ def _mean_of_rows(row_loss, **kwargs):
   return batch_loss
 
 
-# name -> (function, the keyword arguments it takes from a config, whether it is
-# the authors'). Batch-coupled losses take axis_name themselves; per-row ones are
-# averaged over rows.
-LOSSES = {
-    "ce": (mean_cross_entropy, (), True),
-    "prsl": (prsl_loss, ("start", "end", "weight", "ce_weight", "group_size"), True),
-    "drsl": (drsl_loss, ("weight", "ce_weight"), True),
-    "topk_variance": (topk_variance_loss, ("k", "weight", "renormalize"), False),
-    "topk_ce": (topk_cross_entropy, ("k",), False),
-}
-_PER_ROW = ("topk_variance", "topk_ce")
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """One loss of the registry: everything the rest of the library asks of it.
 
-DESCRIPTIONS = {
-    "ce": "cross-entropy",
-    "prsl": "PRSL (the authors')",
-    "drsl": "DRSL (the authors')",
-    "topk_variance": "top-k probability variance (ours, ablation)",
-    "topk_ce": "top-k cross-entropy (ours, ablation)",
+  fn: the function. fields: the keyword arguments it takes, which are also the
+  config.loss fields it reads (configs/base.py). per_row: fn(logits, labels,
+  **kw) -> (rows,) losses, averaged here over the non-ignored rows; otherwise fn
+  is batch-coupled, a scalar that takes axis_name itself. description: its
+  table label. authors: the paper's authors' loss (else our ablation).
+  """
+  fn: Callable
+  fields: Tuple[str, ...]
+  per_row: bool
+  description: str
+  authors: bool
+
+
+# name -> record. Adding a loss: its function above and one record here.
+LOSSES = {
+    "ce": Loss(mean_cross_entropy, (), False, "cross-entropy", True),
+    "prsl": Loss(prsl_loss, ("start", "end", "weight", "ce_weight", "group_size"), False,
+                 "PRSL (the authors')", True),
+    "drsl": Loss(drsl_loss, ("weight", "ce_weight"), False, "DRSL (the authors')", True),
+    "topk_variance": Loss(topk_variance_loss, ("k", "weight", "renormalize"), True,
+                          "top-k probability variance (ours, ablation)", False),
+    "topk_ce": Loss(topk_cross_entropy, ("k",), True, "top-k cross-entropy (ours, ablation)",
+                    False),
 }
 
 
@@ -481,7 +491,28 @@ def loss_fields(name: str):
   """The keyword arguments loss `name` takes (the config fields it reads)."""
   if name not in LOSSES:
     raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-  return LOSSES[name][1]
+  return LOSSES[name].fields
+
+
+def config_kwargs(loss_config, name=None) -> dict:
+  """The keyword arguments of loss `name` (default loss_config["name"]) from a config.
+
+  loss_config: config.loss (a ConfigDict) or any mapping of its fields, e.g. a
+  run's stored config.json "loss" or an export's prsl_jax_training_loss.json.
+  Fields the loss does not read are left out. The one place where a config's
+  `group_size` 0 (the whole global batch) becomes the loss's None.
+  """
+  name = name or loss_config["name"]
+  kwargs = {k: loss_config[k] for k in loss_fields(name) if k in loss_config}
+  if "group_size" in kwargs:
+    kwargs["group_size"] = kwargs["group_size"] or None  # 0: the whole global batch
+  return kwargs
+
+
+def from_config(loss_config, name=None) -> BatchLoss:
+  """get_loss for config.loss (or loss `name` with config.loss's fields)."""
+  name = name or loss_config["name"]
+  return get_loss(name, **config_kwargs(loss_config, name))
 
 
 def get_loss(name: str, **kwargs) -> BatchLoss:
@@ -512,8 +543,9 @@ def get_loss(name: str, **kwargs) -> BatchLoss:
       raise ValueError(f"the window start:end = {start}:{end} needs start < end")
   if kwargs.get("group_size") is not None:
     kwargs["group_size"] = check_int("group_size", kwargs["group_size"], minimum=1)
-  fn = LOSSES[name][0]
-  if name in _PER_ROW:
+  record = LOSSES[name]
+  fn = record.fn
+  if record.per_row:
     return _mean_of_rows(fn, **kwargs)
 
   def batch_loss(logits, labels, *, axis_name=None):

@@ -1,7 +1,19 @@
 """Tables and plots of evaluation results: classifiers (evaluation.Result) and
-captioners (captioning.CaptionResult), or their to_dict()."""
+captioners (captioning.CaptionResult), or their to_dict(); and the one atomic
+writer of the records beside them (results.json, results.md)."""
+
+import os
 
 from prsl_jax.evaluation import format_eps
+
+
+def write_atomic(path, text):
+  """Writes text to path through a temporary file and a rename: a reader (or a
+  kill) never sees half a file."""
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 SUITE_LABELS = {
     "standard": "AutoAttack standard cascade",

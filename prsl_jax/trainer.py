@@ -19,14 +19,12 @@ import json
 import math
 import os
 import time
-import warnings
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
 import prsl_jax
-from prsl_jax import captioning
 from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
@@ -34,6 +32,7 @@ from prsl_jax import losses
 from prsl_jax import progress
 from prsl_jax import reports
 from prsl_jax import sharding
+from prsl_jax import tasks
 from prsl_jax import training
 from prsl_jax import zeroshot
 from prsl_jax.models import convert
@@ -48,40 +47,24 @@ EVAL_FIELDS = ("eval", "log_every", "eval_every", "export", "keep_checkpoints",
 # ----------------------------------------------------------------------------
 
 
-def loss_kwargs(loss_config, name=None):
-  """The keyword arguments of loss `name` (default loss_config.name) from the config."""
-  name = name or loss_config.name
-  kwargs = {k: loss_config[k] for k in losses.loss_fields(name) if k in loss_config}
-  if "group_size" in kwargs:
-    kwargs["group_size"] = kwargs["group_size"] or None  # 0: the whole global batch
-  return kwargs
-
-
-def batch_loss_fn(loss_config):
-  """The registry's batch loss for config.loss (losses.get_loss)."""
-  return losses.get_loss(loss_config.name, **loss_kwargs(loss_config))
-
-
 def eval_suites(config, loss_config=None):
   """{suite name: tuple of evaluation.Attack} from config.eval.
 
   The paper's suite attacks each model through its own training loss: pass the
   loss config it was trained with (None: cross-entropy, the start model's).
-  Captioning configs take captioning's suites (token-logit attacks).
+  Each task takes its own suites (captioning: token-logit attacks).
   """
   e = config.eval
+  task = tasks.get(config.objective)
   train_loss = None
   if loss_config is not None and loss_config.name != "ce":
-    train_loss = (loss_config.name, loss_kwargs(loss_config))
+    train_loss = (loss_config.name, losses.config_kwargs(loss_config))
   out = {}
   for spec in e.suites:
-    names = [s.strip() for s in spec.split(",") if s.strip()] if "," in spec else spec
+    names = evaluation.suite_spec(spec)
     settings = dict(steps=e.steps or None, queries=e.queries or None,
                     num_targets=e.num_targets or None, train_loss=train_loss)
-    if config.objective == "captioning":
-      out[spec] = captioning.make_suite(names, **settings)
-    else:
-      out[spec] = evaluation.make_suite(names, e.get("norm", "linf"), **settings)
+    out[spec] = task.make_suite(names, e.get("norm", "linf"), **settings)
   return out
 
 
@@ -94,11 +77,6 @@ def _positive(config, *names):
       raise ValueError(f"config.{name} must be an integer >= 1, got {value!r}")
 
 
-def _rows_per_example(config):
-  """Loss rows per example: one, or a caption's tokens for captioning."""
-  return config.data.caption_length if config.objective == "captioning" else 1
-
-
 def validate(config, *, num_classes=None):
   """Stops a bad config before any compute, naming the offending key.
 
@@ -108,20 +86,18 @@ def validate(config, *, num_classes=None):
       dataset's classes; the global batch for contrastive; the vocabulary for
       captioning): checks PRSL's window and k against it.
   """
-  if config.objective not in training.OBJECTIVES:
-    raise ValueError(f"config.objective must be one of {training.OBJECTIVES}, got "
-                     f"{config.objective!r}")
+  task = tasks.get(config.objective)  # a one-line error naming config.objective
   names = [config.loss.name, *config.compare_losses]
   for name in names:
     if name not in losses.LOSSES:
       raise ValueError(f"config.loss.name / compare_losses has unknown loss {name!r}; "
                        f"choose from {sorted(losses.LOSSES)}")
     try:
-      losses.get_loss(name, **loss_kwargs(config.loss, name))  # weights, ints, window
+      losses.get_loss(name, **losses.config_kwargs(config.loss, name))  # weights, ints, window
     except (ValueError, TypeError) as e:
       raise type(e)(f"config.loss ({name}): {e}") from None
     if num_classes is not None:
-      kw = loss_kwargs(config.loss, name)
+      kw = losses.config_kwargs(config.loss, name)
       if "end" in kw:
         losses.check_window(kw.get("start", 0), kw["end"], num_classes)
       if "k" in kw and not 1 <= kw["k"] <= num_classes - 1:
@@ -135,7 +111,7 @@ def validate(config, *, num_classes=None):
     raise ValueError(f"config.eval.num_examples must be >= 0 (0: the whole split), got "
                      f"{config.eval.num_examples}")
   group = config.loss.get("group_size") or 0
-  rows = _rows_per_example(config)
+  rows = task.rows_per_example(config)
   if group and (config.batch_size * rows) % group:
     what = f"{config.batch_size} x {rows} token rows" if rows > 1 else f"{config.batch_size}"
     raise ValueError(f"config.loss.group_size={group} must divide the batch's rows "
@@ -166,16 +142,11 @@ def validate(config, *, num_classes=None):
 
 def _warn_unusual_budgets(config):
   """A warning for budgets far above what the field reports (likely 0-255 units)."""
-  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
   found = [("config.eval.eps", e, config.eval.get("norm", "linf")) for e in config.eval.eps]
   if config.adversarial.enabled:
     found.append(("config.adversarial.eps", config.adversarial.eps, config.adversarial.norm))
   for name, eps, norm in found:
-    top = evaluator.TYPICAL_MAX.get(norm)
-    if top is not None and eps > top:
-      warnings.warn(f"{name}={evaluation.format_eps(eps)} is far above the budgets the "
-                    f"field reports ({norm} up to {evaluation.format_eps(top)}); budgets "
-                    "are in [0, 1] pixel units")
+    evaluation.warn_unusual_budget(f"{name}={evaluation.format_eps(eps)}", eps, norm)
 
 
 def run_config(config, loss_name):
@@ -310,12 +281,9 @@ def preflight(config, workdir, overrides=()):
 
 
 def check_objective_fits(config, model_type):
-  """Captioning needs a captioner; classification and contrastive a CLIP."""
-  captioner = model_type == "vision-encoder-decoder"
-  if (config.objective == "captioning") != captioner:
-    raise ValueError(f"config.objective={config.objective!r} does not fit the {model_type} "
-                     f"checkpoint {config.model.path}: captioning needs a captioner "
-                     "(vision-encoder-decoder), classification/contrastive a CLIP")
+  """The checkpoint's model has what config.objective's task needs (tasks.check_fits)."""
+  tasks.check_fits(tasks.get(config.objective), convert.model_class(model_type),
+                   f"the {model_type} checkpoint {config.model.path}")
 
 
 def with_workdir(config, workdir):
@@ -344,13 +312,15 @@ class Setup:
 
 
 def setup(config) -> Setup:
+  task = tasks.get(config.objective)
   mesh = sharding.make_mesh()
   sharding.check_global_batch(config.batch_size, mesh)
   group = config.loss.get("group_size") or 0
-  if group and (config.batch_size // mesh.devices.size * _rows_per_example(config)) % group:
+  rows = task.rows_per_example(config)
+  if group and (config.batch_size // mesh.devices.size * rows) % group:
     raise ValueError(f"config.loss.group_size={group} must divide each device's rows "
                      f"({config.batch_size} / {mesh.devices.size} devices x "
-                     f"{_rows_per_example(config)} rows per example)")
+                     f"{rows} rows per example)")
   pretrained = prsl_jax.load_pretrained(config.model.path,
                                         allow_pickle=config.model.allow_pickle,
                                         dtype=config.model.dtype, remat=config.model.remat)
@@ -359,29 +329,14 @@ def setup(config) -> Setup:
   train_source, class_names = data.load(config.data.name, config.data.train_split,
                                         image_size=model.image_size, data_dir=data_dir)
   eval_source = None
-  if class_names or config.objective == "captioning":
+  if class_names or not task.needs_class_names:
     eval_source, _ = data.load(config.data.name, config.data.eval_split,
                                image_size=model.image_size, data_dir=data_dir)
-  captioner = config.objective == "captioning"
   check_objective_fits(config, model.kind)
-  num_classes = {"classification": len(class_names or ()),
-                 "contrastive": config.batch_size,
-                 "captioning": model.vocab_size if captioner else None}[config.objective]
-  if config.objective == "classification" and not class_names:
-    raise ValueError(f"dataset {config.data.name!r} has no class names to classify")
-  validate(config, num_classes=num_classes)
+  validate(config, num_classes=task.num_classes(config, model, class_names))
   templates = (zeroshot.IMAGENET_TEMPLATES if config.data.templates == "imagenet"
                else zeroshot.DEFAULT_TEMPLATES)
-  head = {}
-  if config.objective == "classification":
-    if config.train_towers == "vision":
-      head = {"class_emb": zeroshot.class_embeddings(model, params, tokenizer, class_names,
-                                                     templates)}
-    else:
-      ids, mask = zeroshot.tokenize(tokenizer, zeroshot.prompts(class_names, templates),
-                                    model.max_text_length)
-      shape = (len(class_names), len(templates), -1)
-      head = {"prompt_ids": ids.reshape(shape), "prompt_mask": mask.reshape(shape)}
+  head = task.head(config, model, params, tokenizer, class_names, templates)
   return Setup(mesh, pretrained, train_source, eval_source, class_names, tuple(templates),
                sharding.replicate(head, mesh))
 
@@ -391,31 +346,13 @@ def setup(config) -> Setup:
 # ----------------------------------------------------------------------------
 
 
-def _text_fields(config, model, tokenizer):
-  """train_iterator's caption arguments for the objective (none for classification)."""
-  templates = data.DIGIT_CAPTIONS if config.data.name == "digits" else ()
-  if config.objective == "contrastive":
-    def tokenize(texts):
-      ids, mask = zeroshot.tokenize(tokenizer, texts, model.max_text_length)
-      return {"input_ids": ids, "attention_mask": mask}
-  elif config.objective == "captioning":
-    def tokenize(texts):
-      labels = captioning.tokenize_captions(tokenizer, texts,
-                                            length=config.data.caption_length,
-                                            eos_token_id=model.eos_token_id)
-      return captioning.teacher_forcing(model, labels)
-  else:
-    return {}
-  return {"caption_templates": templates, "tokenize": tokenize}
-
-
 def _clean_accuracy_fn(config, s: Setup, model):
   """fn(params) -> clean zero-shot accuracy on the seeded eval subset (host float)."""
   indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
                               config.eval.seed)
   batches = [sharding.put_eval_batch(b, s.mesh)
              for b in data.eval_batches(s.eval_source, indices, config.eval.batch_size)]
-  count = training.make_eval_step(s.mesh, model=model, objective=config.objective)
+  count = training.make_eval_step(s.mesh, model=model, task=tasks.get(config.objective))
 
   def accuracy(params):
     hits = sum(int(count(params, b, s.head)[0]) for b in batches)
@@ -456,18 +393,19 @@ def optimizer_and_step(config, mesh, model, params):
   """(optax tx, training.make_train_step(...)) for config on mesh, built once a setup.
 
   The key is everything the step depends on: the mesh, the static model, the
-  objective, the loss, adversarial and optimizer configs, the schedule length,
+  task, the loss, adversarial and optimizer configs, the schedule length,
   and the params' top-level keys with the trainable ones. The seed is not in it.
   """
   trainable = training.trainable_keys(model, config.train_towers)
   adversarial = config.adversarial if config.adversarial.enabled else None
-  key = (mesh, model, config.objective, config.loss.to_json(),
+  task = tasks.get(config.objective)
+  key = (mesh, model, task, config.loss.to_json(),
          None if adversarial is None else adversarial.to_json(), config.optimizer.to_json(),
          int(config.total_steps), tuple(params), tuple(trainable))
   if key not in _STEPS:
     tx = training.make_optimizer(config.optimizer, config.total_steps, params, trainable)
-    step_fn = training.make_train_step(mesh, model=model, objective=config.objective,
-                                       loss_fn=batch_loss_fn(config.loss),
+    step_fn = training.make_train_step(mesh, model=model, task=task,
+                                       loss_fn=losses.from_config(config.loss),
                                        adversarial=adversarial, tx=tx)
     if len(_STEPS) >= _MAX_STEPS:
       _STEPS.pop(next(iter(_STEPS)))
@@ -500,7 +438,7 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
   train_iter = data.train_iterator(
       s.train_source, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      **_text_fields(config, model, tokenizer))
+      **tasks.get(config.objective).data_fields(config, model, tokenizer))
 
   # Model, optimizer and state, replicated over the mesh.
   tx, step_fn = optimizer_and_step(config, s.mesh, model, params)
@@ -522,7 +460,7 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
     print(f"{desc}: resumed from step {start} of {config.total_steps} ({workdir})", flush=True)
 
   clean_accuracy = None
-  if s.class_names and config.eval_every and config.objective == "classification":
+  if s.class_names and config.eval_every and tasks.get(config.objective).track_accuracy:
     clean_accuracy = _clean_accuracy_fn(config, s, model)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -559,7 +497,8 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
 
 
 def evaluate_models(config, s: Setup, models: dict, loss_configs: dict, *, on_result=None):
-  """Clean and robust accuracy of each model on the same seeded subset.
+  """Clean and robust results of each model on the same seeded subset (the task's
+  evaluation: zero-shot classification, attacks on captions, ...).
 
   Args:
     models: {row name: params}.
@@ -568,50 +507,26 @@ def evaluate_models(config, s: Setup, models: dict, loss_configs: dict, *, on_re
       (run() rewrites the record with it, so a later failure keeps these).
 
   Returns:
-    ({row name: evaluation.Result}, indices).
+    ({row name: the task's result (evaluation.Result, captioning.CaptionResult)},
+    indices).
   """
+  task = tasks.get(config.objective)
   model, _, tokenizer = s.pretrained
   indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
                               config.eval.seed)
-  classify = zeroshot.Classifier(model)  # one compilation for every model below
+  options = dict(max_length=config.eval.get("max_length") or None,
+                 target_caption=config.eval.get("target_caption") or None)
   results = {}
   for name, params in models.items():
-    # The text tower may have trained: class embeddings from each model's own params.
-    class_emb = zeroshot.class_embeddings(model, params, tokenizer, s.class_names,
-                                          s.templates)
-    results[name] = evaluation.evaluate(
-        classify, {"params": params, "class_emb": class_emb}, s.eval_source, indices,
-        eps_list=list(config.eval.eps), suites=eval_suites(config, loss_configs.get(name)),
+    results[name] = task.evaluate(
+        model, params, tokenizer, s.eval_source, indices, class_names=s.class_names,
+        templates=s.templates, eps_list=list(config.eval.eps),
+        suites=eval_suites(config, loss_configs.get(name)),
         norm=config.eval.get("norm", "linf"), seed=config.eval.seed,
-        batch_size=config.eval.batch_size, mesh=s.mesh)
+        batch_size=config.eval.batch_size, mesh=s.mesh, options=options)
     if on_result is not None:
       on_result(results, indices)
   return results, indices
-
-
-def evaluate_captioners(config, s: Setup, models: dict, loss_configs: dict, *,
-                        on_result=None):
-  """Clean captions and caption attacks of each model on the same seeded subset."""
-  model, _, tokenizer = s.pretrained
-  indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
-                              config.eval.seed)
-  results = {}
-  for name, params in models.items():
-    results[name] = captioning.evaluate(
-        model, params, tokenizer, s.eval_source, indices, eps_list=list(config.eval.eps),
-        suites=eval_suites(config, loss_configs.get(name)), seed=config.eval.seed,
-        batch_size=config.eval.batch_size, max_length=config.eval.max_length or None,
-        target_caption=config.eval.target_caption or None, mesh=s.mesh)
-    if on_result is not None:
-      on_result(results, indices)
-  return results, indices
-
-
-def _write_atomic(path, text):
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def report(config, workdir, results, *, indices, extra=None, complete=True):
@@ -620,34 +535,35 @@ def report(config, workdir, results, *, indices, extra=None, complete=True):
   With complete=False (after each model of a run) the record says so and the
   plot waits for the end; each file is replaced atomically.
   """
-  captions = config.objective == "captioning"
-  table = (reports.format_caption_table if captions else reports.format_table)(results)
+  task = tasks.get(config.objective)
+  table = task.format_table(results)
   if jax.process_index() != 0:
     return table
   if complete:
-    (reports.plot_captions if captions else reports.plot)(results,
-                                                    os.path.join(workdir, "robustness.png"))
+    task.plot(results, os.path.join(workdir, "robustness.png"))
   record = {"kind": "train", "config": json.loads(config.to_json_best_effort()),
             "workdir": workdir, "complete": complete,
             "results": {k: r.to_dict() for k, r in results.items()},
             "eval_indices": [int(i) for i in indices], **(extra or {})}
-  _write_atomic(os.path.join(workdir, "results.json"),
-                json.dumps(record, indent=1, default=str))
-  _write_atomic(os.path.join(workdir, "results.md"), table)
+  reports.write_atomic(os.path.join(workdir, "results.json"),
+                       json.dumps(record, indent=1, default=str))
+  reports.write_atomic(os.path.join(workdir, "results.md"), table)
   return table
 
 
-def run(config, workdir: str):
+def run(config, workdir: str, *, checked=False):
   """Fine-tunes with the main loss and each comparison loss, then evaluates them all.
 
-  Checks everything it can first (`preflight`); results.json is rewritten after
+  Checks everything it can first (`preflight`, unless checked=True: the caller
+  ran it, as train.py does before starting JAX's distributed runtime); results.json is rewritten after
   each evaluated model ("complete": false until the last) and records, per loss,
   the step evaluated and the step a resume started from.
 
   Returns:
     {"results": {row: evaluation.Result}, "table": markdown str, "steps": {loss: step}}.
   """
-  preflight(config, workdir)
+  if not checked:
+    preflight(config, workdir)
   config = with_workdir(config, workdir)  # the record names the folder really used
   try:
     return _run(config, workdir)
@@ -677,12 +593,8 @@ def _run(config, workdir):
   # steps: the step each fine-tuned row's params were saved at (what is evaluated).
   extra = {"train_seconds": train_seconds, "steps": steps, "resumed": resumed}
   on_result = lambda r, i: report(config, workdir, r, indices=i, extra=extra, complete=False)
-  if config.objective == "captioning":
-    results, indices = evaluate_captioners(config, s, models, loss_configs,
-                                           on_result=on_result)
-  elif s.class_names:
-    results, indices = evaluate_models(config, s, models, loss_configs, on_result=on_result)
-  else:
-    return {"results": {}, "table": "", "steps": steps}
+  if tasks.get(config.objective).needs_class_names and not s.class_names:
+    return {"results": {}, "table": "", "steps": steps}  # nothing to classify
+  results, indices = evaluate_models(config, s, models, loss_configs, on_result=on_result)
   table = report(config, workdir, results, indices=indices, extra=extra)
   return {"results": results, "table": table, "steps": steps}

@@ -6,18 +6,15 @@ exactly the numbers an uninterrupted one would.
 
 The step is built from top-level pure functions, each of (arrays, *, statics):
 
-  task_logits(params, batch, images, head, *, model, objective)  -> logits, labels
-  batch_loss(params, batch, images, head, *, ..., loss_fn, axis_name) -> loss, metrics
+  batch_loss(params, batch, images, head, *, model, task, loss_fn, axis_name) -> loss, metrics
   adversarial_images(params, batch, head, key, *, ..., adversarial, axis_name) -> images
   apply_gradients(state, grads, *, tx) -> state
   train_step(state, batch, head, *, ...) -> state, metrics
 
 `make_train_step` only partials train_step with the statics, shard_maps it over
-the mesh's 'data' axis and jits it with the state donated. Objectives:
-
-  classification  zero-shot logits (B, C) against class embeddings (head)
-  contrastive     CLIP's image-caption loss, negatives from every device
-  captioning      teacher-forced token logits (B, T, V), labels = caption tokens
+the mesh's 'data' axis and jits it with the state donated. What the step
+scores is the task's (prsl_jax.tasks: its logits, labels and optional loss),
+a value the trainer picks once from config.objective.
 
 The loss is any batch loss of the registry (losses.get_loss): it gets the mesh
 axis, so PRSL's group is the global batch and one device equals eight.
@@ -33,24 +30,10 @@ from jax.sharding import PartitionSpec as P
 from prsl_jax import attacks
 from prsl_jax import losses
 from prsl_jax import sharding
-from prsl_jax import zeroshot
-
-VISION_KEYS = ("vision_model", "visual_projection")
-TEXT_KEYS = ("text_model", "text_projection", "logit_scale")
-# Top-level param keys per tower: CLIP's, and the captioner's (the bridge from
-# encoder to decoder width, when present, trains with the vision tower).
-TOWERS = {
-    "clip": {"vision": VISION_KEYS, "text": TEXT_KEYS, "both": VISION_KEYS + TEXT_KEYS},
-    "vision-encoder-decoder": {"vision": ("encoder", "enc_to_dec_proj"),
-                               "text": ("decoder",),
-                               "both": ("encoder", "enc_to_dec_proj", "decoder")},
-}
-OBJECTIVES = ("classification", "contrastive", "captioning")
-
 
 def trainable_keys(model, train_towers: str):
-  """Top-level param keys the optimizer updates; the rest stays frozen."""
-  towers = TOWERS[model.kind]
+  """Top-level param keys the optimizer updates (model.towers); the rest stays frozen."""
+  towers = model.towers
   if train_towers not in towers:
     raise ValueError(f"train_towers must be one of {sorted(towers)}, got {train_towers!r}")
   return towers[train_towers]
@@ -101,61 +84,25 @@ def init_state(params, tx, seed: int):
 # ----------------------------------------------------------------------------
 
 
-def class_embeddings(model, params, head):
-  """(C, D) class embeddings: fixed (text frozen) or recomputed from the prompts."""
-  if "class_emb" in head:
-    return head["class_emb"]
-  ids, mask = head["prompt_ids"], head["prompt_mask"]  # (C, T, L): C classes, T templates
-  return zeroshot.embed_prompts(model, params, ids.reshape(-1, ids.shape[-1]),
-                                mask.reshape(-1, mask.shape[-1]), ids.shape[0])
-
-
-def _row_offset(batch, axis_name):
-  """The global index of this shard's first row."""
-  n = batch["image"].shape[0]
-  return 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
-
-
-def _gathered_texts(model, params, batch, axis_name):
-  txt = losses.l2_normalize(model.encode_texts(params, batch["input_ids"],
-                                               batch["attention_mask"]))
-  return txt if axis_name is None else jax.lax.all_gather(txt, axis_name, tiled=True)
-
-
-def task_logits(params, batch, images, head, *, model, objective, axis_name=None):
-  """The logits and labels the task scores: (B, C)/(B,) or (B, T, V)/(B, T)."""
-  if objective == "classification":
-    return zeroshot.logits(model, params, class_embeddings(model, params, head),
-                           images), batch["label"]
-  if objective == "contrastive":
-    # Image -> text over the texts of every device: labels are global rows.
-    img = losses.l2_normalize(model.encode_images(params, images))
-    txt = _gathered_texts(model, params, batch, axis_name)
-    labels = _row_offset(batch, axis_name) + jnp.arange(images.shape[0])
-    return model.logit_scale(params) * img @ txt.T, labels
-  if objective == "captioning":
-    return model.logits(params, images, batch["decoder_input_ids"],
-                        batch["decoder_attention_mask"]), batch["labels"]
-  raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-
-
-def batch_loss(params, batch, images, head, *, model, objective, loss_fn, axis_name=None):
+def batch_loss(params, batch, images, head, *, model, task, loss_fn, axis_name=None):
   """The loss of one batch (global over `axis_name`) and its accuracy (this shard's).
+
+  task: a prsl_jax.tasks.Task (its logits, labels and, when it has one, its own
+  loss; else loss_fn of its logits and labels).
 
   Returns:
     (scalar loss, {"accuracy": scalar}); accuracy is top-1 over rows (tokens
     for captioning, ignoring padding), a mean over this shard.
   """
-  if objective == "contrastive":
-    img = model.encode_images(params, images)
-    txt = model.encode_texts(params, batch["input_ids"], batch["attention_mask"])
-    loss = losses.contrastive_loss(img, txt, model.logit_scale(params), loss=loss_fn,
-                                   axis_name=axis_name)
-    logits, labels = task_logits(jax.lax.stop_gradient(params), batch, images, head,
-                                 model=model, objective=objective, axis_name=axis_name)
+  if task.loss is not None:
+    loss = task.loss(params, batch, images, head, model=model, loss_fn=loss_fn,
+                     axis_name=axis_name)
+    logits = task.logits(jax.lax.stop_gradient(params), batch, images, head, model=model,
+                         axis_name=axis_name)
   else:
-    logits, labels = task_logits(params, batch, images, head, model=model,
-                                 objective=objective, axis_name=axis_name)
+    logits = task.logits(params, batch, images, head, model=model, axis_name=axis_name)
+  labels = task.labels(batch, axis_name)
+  if task.loss is None:
     loss = loss_fn(logits, labels, axis_name=axis_name)
   valid = labels != losses.IGNORE_INDEX
   hit = (jnp.argmax(logits, axis=-1) == labels) & valid
@@ -163,7 +110,7 @@ def batch_loss(params, batch, images, head, *, model, objective, loss_fn, axis_n
   return loss, {"accuracy": accuracy}
 
 
-def adversarial_images(params, batch, head, key, *, model, objective, adversarial,
+def adversarial_images(params, batch, head, key, *, model, task, adversarial,
                        axis_name=None):
   """PGD images for this shard against frozen params (TeCoA-style training).
 
@@ -172,14 +119,13 @@ def adversarial_images(params, batch, head, key, *, model, objective, adversaria
   """
   params = jax.lax.stop_gradient(params)
   def logits_fn(x):
-    return task_logits(params, batch, x, head, model=model, objective=objective,
-                       axis_name=axis_name)[0]
-  rows = _row_offset(batch, axis_name) + jnp.arange(batch["image"].shape[0])
-  labels = {"classification": batch.get("label"), "contrastive": rows,
-            "captioning": batch.get("labels")}[objective]
+    return task.logits(params, batch, x, head, model=model, axis_name=axis_name)
+  n = batch["image"].shape[0]
+  rows = (0 if axis_name is None else jax.lax.axis_index(axis_name) * n) + jnp.arange(n)
   keys = jax.vmap(functools.partial(jax.random.fold_in, key))(rows)
-  return attacks.pgd(logits_fn, batch["image"], labels, key=keys, eps=adversarial.eps,
-                     steps=adversarial.steps, step_size=adversarial.get("step_size") or None,
+  return attacks.pgd(logits_fn, batch["image"], task.labels(batch, axis_name), key=keys,
+                     eps=adversarial.eps, steps=adversarial.steps,
+                     step_size=adversarial.get("step_size") or None,
                      norm=adversarial.norm, loss=adversarial.get("loss", "ce"))
 
 
@@ -189,7 +135,7 @@ def apply_gradients(state, grads, *, tx):
           "step": state["step"] + 1, "rng": state["rng"]}
 
 
-def train_step(state, batch, head, *, model, objective, loss_fn, adversarial, tx,
+def train_step(state, batch, head, *, model, task, loss_fn, adversarial, tx,
                axis_name=sharding.DATA):
   """One update: (state, batch, head) -> (state, metrics), per shard.
 
@@ -202,13 +148,11 @@ def train_step(state, batch, head, *, model, objective, loss_fn, adversarial, tx
   key = jax.random.fold_in(state["rng"], state["step"])
   images = batch["image"]
   if adversarial is not None and adversarial.enabled:
-    images = adversarial_images(state["params"], batch, head, key, model=model,
-                                objective=objective, adversarial=adversarial,
-                                axis_name=axis_name)
+    images = adversarial_images(state["params"], batch, head, key, model=model, task=task,
+                                adversarial=adversarial, axis_name=axis_name)
   grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
   (loss, metrics), grads = grad_fn(state["params"], batch, images, head, model=model,
-                                   objective=objective, loss_fn=loss_fn,
-                                   axis_name=axis_name)
+                                   task=task, loss_fn=loss_fn, axis_name=axis_name)
   grads = jax.lax.pmean(grads, axis_name)
   state = apply_gradients(state, grads, tx=tx)
   metrics = jax.lax.pmean(dict(metrics, loss=loss), axis_name)
@@ -218,7 +162,7 @@ def train_step(state, batch, head, *, model, objective, loss_fn, adversarial, tx
   return state, metrics
 
 
-def make_train_step(mesh, *, model, objective, loss_fn, adversarial, tx):
+def make_train_step(mesh, *, model, task, loss_fn, adversarial, tx):
   """jit(shard_map(train_step)): (state, batch, head) -> (state, metrics).
 
   batch: dict of global arrays split over 'data' (sharding.to_global):
@@ -230,7 +174,7 @@ def make_train_step(mesh, *, model, objective, loss_fn, adversarial, tx):
     {"prompt_ids", "prompt_mask": (C, T, L)} (C classes x T templates) to
     recompute the class embeddings in the step (text trained); {} otherwise.
   """
-  step = functools.partial(train_step, model=model, objective=objective, loss_fn=loss_fn,
+  step = functools.partial(train_step, model=model, task=task, loss_fn=loss_fn,
                            adversarial=adversarial, tx=tx, axis_name=sharding.DATA)
   # check_vma=False: with it on, grad w.r.t. replicated params comes back already
   # summed over devices; we keep the explicit pmean, the documented contract.
@@ -240,14 +184,15 @@ def make_train_step(mesh, *, model, objective, loss_fn, adversarial, tx):
   return jax.jit(sharded, donate_argnums=(0,))
 
 
-def make_eval_step(mesh, *, model, objective):
+def make_eval_step(mesh, *, model, task):
   """jit: (params, batch, head) -> (correct rows, counted rows), summed over devices.
 
   batch as for make_train_step plus mask (B,) bool (padding rows are False).
   """
   def shard(params, batch, head):
-    logits, labels = task_logits(params, batch, batch["image"], head, model=model,
-                                 objective=objective, axis_name=sharding.DATA)
+    logits = task.logits(params, batch, batch["image"], head, model=model,
+                         axis_name=sharding.DATA)
+    labels = task.labels(batch, sharding.DATA)
     valid = labels != losses.IGNORE_INDEX
     mask = batch["mask"].reshape(batch["mask"].shape + (1,) * (labels.ndim - 1))
     counted = valid & mask

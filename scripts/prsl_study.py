@@ -67,6 +67,12 @@ from absl import logging
 
 from configs import base
 from configs import study_common
+from scripts.prsl_study_reports import KEY_EPS
+from scripts.prsl_study_reports import eps_key
+from scripts.prsl_study_reports import mean_std
+from scripts.prsl_study_reports import paired
+from scripts.prsl_study_reports import plots
+from scripts.prsl_study_reports import tables
 from prsl_jax import attacks
 from prsl_jax import cli
 from prsl_jax import compilation
@@ -74,14 +80,15 @@ from prsl_jax import data
 from prsl_jax import evaluation
 from prsl_jax import losses
 from prsl_jax import trainer
-from prsl_jax import training
 from prsl_jax import zeroshot
+from prsl_jax.models import clip as clip_lib
 
 # ----------------------------------------------------------------------------
 # The study: rows (configs/study_common.py) and settings.
 # ----------------------------------------------------------------------------
 
 SEEDS = (0, 1, 2)
+VISION_KEYS = clip_lib.CLIP.towers["vision"]  # the tower the study fine-tunes
 START = {"label": "starting model (zero-shot)", "family": "start", "loss": {"name": "ce"},
          "adversarial": False}
 ROWS = {"start": START, **study_common.ROWS}
@@ -116,9 +123,6 @@ QUICK = dict(STUDY, batch_size=16, train_steps=3, adv_train_steps=3, warmup_step
              eval_examples=8, eval_batch_size=8, eps=(2 / 255,), attack_steps=2,
              num_targets=2, square_queries=8, pgd_steps=2, bim_steps=2, ratio_batches=2)
 
-# The eps of the tables' headline comparisons (the one where models differ).
-KEY_EPS = 2 / 255
-
 
 def cpu_seconds():
   """CPU time of this process (all threads), user + system."""
@@ -147,10 +151,6 @@ def same_training(old, new):
     elif key not in new or old[key] != new[key]:
       return False
   return True
-
-
-def eps_key(e):
-  return f"{e * 255:g}/255"
 
 
 class LoadSampler:
@@ -200,10 +200,7 @@ def training_loss(name):
   loss = ROWS[name]["loss"]
   if loss["name"] == "ce":
     return None
-  kwargs = {k: v for k, v in loss.items() if k != "name"}
-  if "group_size" in kwargs:
-    kwargs["group_size"] = kwargs["group_size"] or None  # 0: the whole batch
-  return loss["name"], kwargs
+  return loss["name"], losses.config_kwargs(loss)
 
 
 def penalty_key(name):
@@ -223,8 +220,8 @@ def penalty_fn(name):
   """fn(logits, labels) -> the row's penalty at weight 1 (no CE term)."""
   loss = ROWS[name]["loss"]
   if loss["name"] == "prsl":
-    fn = losses.get_loss("prsl", start=loss["start"], end=loss["end"], weight=1.0,
-                         ce_weight=0.0, group_size=loss.get("group_size") or None)
+    fn = losses.get_loss("prsl", **dict(losses.config_kwargs(loss), weight=1.0,
+                                        ce_weight=0.0))
     return lambda z, y: fn(z, y)
   if loss["name"] == "drsl":
     fn = losses.get_loss("drsl", weight=1.0, ce_weight=0.0)
@@ -290,7 +287,7 @@ def _tree_norm(tree):
 
 
 def gradient_ratios(model, params, class_emb, batches, penalties, *, adv_eps, adv_steps,
-                    trainable_keys=training.VISION_KEYS):
+                    trainable_keys=VISION_KEYS):
   """||grad CE|| / ||grad penalty|| per batch, w.r.t. the logits and the trainable params.
 
   The ratio is the weight b at which b * penalty pulls as hard as the mean CE;
@@ -416,7 +413,7 @@ def clean_metrics(model, params, class_emb, source, study):
   return out
 
 
-def param_change(params, start_params, keys=training.VISION_KEYS):
+def param_change(params, start_params, keys=VISION_KEYS):
   """||theta - theta_start|| / ||theta_start|| over the trainable (vision) params."""
   diff = sq = 0.0
   for k in keys:
@@ -477,25 +474,6 @@ def run_values(r, study):
   return v
 
 
-def mean_std(v):
-  v = np.asarray(v, float)
-  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
-
-
-def fmt(v, scale=100, digits=1, signed=False):
-  if v is None or len(v) == 0:
-    return "–"
-  m, s = mean_std(v)
-  sign = "+" if signed else ""
-  if s is None:
-    return f"{scale * m:{sign}.{digits}f}"
-  return f"{scale * m:{sign}.{digits}f} ± {scale * s:.{digits}f}"
-
-
-def fmt_share(x):
-  return "–" if x is None else (f"{x:.2g}" if x < 10 else f"{x:.0f}")
-
-
 def summarize(rows, results, seeds_of, study):
   """{row: {label, family, n, checks, values: {metric: [per seed]}, seeds}}."""
   summary = {}
@@ -516,259 +494,6 @@ def summarize(rows, results, seeds_of, study):
     summary[name] = {"label": ROWS[name]["label"], "family": ROWS[name]["family"],
                      "n": len(runs), "seeds": seeds, "checks": checks, "values": values}
   return summary
-
-
-def paired(summary, name, metric, ref="ce"):
-  """Per-seed differences metric(name) - metric(ref) over the seeds both have."""
-  a, b = summary.get(name), summary.get(ref)
-  if not a or not b or metric not in a["values"] or metric not in b["values"]:
-    return []
-  va = dict(zip(a["seeds"], a["values"][metric]))
-  vb = dict(zip(b["seeds"], b["values"][metric]))
-  if name == "start":  # one model: compare it with every seed of ref
-    return [va[a["seeds"][0]] - vb[s] for s in b["seeds"]]
-  return [va[s] - vb[s] for s in a["seeds"] if s in vb]
-
-
-def wins(diffs):
-  up = sum(d > 0 for d in diffs)
-  down = sum(d < 0 for d in diffs)
-  return f"{up}↑ {down}↓ {len(diffs) - up - down}="
-
-
-def table(head, rows_):
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  lines += ["| " + " | ".join(r) + " |" for r in rows_]
-  return lines
-
-
-def tables(summary, study, ratios, share):
-  """The study's tables, markdown (mean ± sample std over seeds, n = seeds)."""
-  ek = [eps_key(e) for e in study["eps"]]
-  key = eps_key(KEY_EPS) if KEY_EPS in study["eps"] else ek[0]
-  topk = study["topk_entropy"]
-  n_eval = study["eval_examples"]
-  out = []
-
-  out += [f"## Gradient ratios at the start", "",
-          f"||grad CE|| / ||grad penalty|| at the starting model, on the first "
-          f"{ratios['batches']} training batches of {ratios['rows_per_batch']} (seed 0's "
-          "stream), clean and PGD-2 at "
-          f"{eps_key(study['adv_eps'])}: median [min, max] over batches. The weight b at "
-          "which the penalty pulls as hard as CE; a row's share is b / ratio. Clean "
-          f"accuracy {100 * ratios['clean']['accuracy']:.1f}%, CE "
-          f"{ratios['clean']['ce']['value']['median']:.3g}; PGD-2 accuracy "
-          f"{100 * ratios['pgd']['accuracy']:.1f}%, CE {ratios['pgd']['ce']['value']['median']:.3g}.",
-          ""]
-  rr = []
-  for kind in ("clean", "pgd"):
-    for k, rec in ratios[kind].items():
-      if k in ("accuracy", "ce"):
-        continue
-      f = lambda d: f"{d['median']:.2g} [{d['min']:.2g}, {d['max']:.2g}]"
-      rr.append([kind, k, f"{rec['value']['median']:.4g}", f(rec["ratio_logits"]),
-                 f(rec["ratio_params"])])
-  out += table(["images", "penalty", "value (weight 1)", "ratio w.r.t. logits",
-                "ratio w.r.t. vision params"], rr)
-
-  out += ["", "## Clean and robust accuracy", "",
-          f"Accuracy (%): clean on the whole test split (359 images); robust on a fixed "
-          f"subset of {n_eval} test images, L-inf. 'AA': the standard cascade (APGD-CE, "
-          "APGD-T, FAB-T, Square; worst case per example). 'paper': BIM-10 through the "
-          "model's own training loss. Share: b / ratio at the start (w.r.t. logits). Mean "
-          "± std over the seeds (n).", ""]
-  head = ["row", "share", "n", "clean"] + [f"AA {e}" for e in ek] + \
-      [f"paper {e}" for e in ek] + ["checks"]
-  rr = []
-  for name, s in summary.items():
-    v = s["values"]
-    sh = share.get(name)
-    rr.append([s["label"], fmt_share(sh["logits"]) if sh else "–", str(s["n"]),
-               fmt(v.get("clean_full"))] + [fmt(v.get(f"standard@{e}")) for e in ek]
-              + [fmt(v.get(f"paper@{e}")) for e in ek] + [s["checks"]])
-  out += table(head, rr)
-
-  out += ["", f"## The paper's attack against the cascade, paired with CE ({key})", "",
-          "Robust accuracy (%) and its per-seed difference to the CE row (same seed = same "
-          "data order; the start row against each CE seed). 'paper': BIM-10 through the "
-          "row's own training loss; 'BIM-CE': the same attack through CE; 'PGD-CE': PGD-10 "
-          "through CE, random start; 'AA': the standard cascade. ↑/↓: seeds above/below "
-          "CE.", ""]
-  head = ["row", "paper", "BIM-CE", "PGD-CE", "AA", "paper − CE", "(seeds)", "AA − CE",
-          "(seeds)"]
-  rr = []
-  for name, s in summary.items():
-    v = s["values"]
-    dp, da = paired(summary, name, f"paper@{key}"), paired(summary, name, f"standard@{key}")
-    rr.append([s["label"], fmt(v.get(f"paper@{key}")), fmt(v.get(f"bim-ce@{key}")),
-               fmt(v.get(f"pgd-ce@{key}")), fmt(v.get(f"standard@{key}")),
-               fmt(dp, signed=True) if name != "ce" else "–", wins(dp) if name != "ce" else "",
-               fmt(da, signed=True) if name != "ce" else "–", wins(da) if name != "ce" else ""])
-  out += table(head, rr)
-
-  controls = [n for n in summary if f"bim@{n}@{key}" in summary.get("ce", {"values": {}})["values"]]
-  if controls:
-    out += ["", f"## Control: the paper's attack on models that did not train with the loss "
-            f"({key})", "",
-            "BIM-10 through ROW's training loss, on ROW itself ('ROW'), on the CE models "
-            "(paired by seed) and on the starting model. If the CE model is as 'robust' "
-            "under ROW's loss as ROW is, the paper's number measures the attack objective, "
-            "not the model. Robust accuracy (%).", ""]
-    head = ["row (its loss)", "ROW", "CE models", "start", "ROW − CE models", "(seeds)",
-            "CE models under CE"]
-    rr = []
-    ce, st = summary["ce"], summary.get("start")
-    for name in controls:
-      v = summary[name]["values"]
-      mine = dict(zip(summary[name]["seeds"], v.get(f"paper@{key}", [])))
-      theirs = dict(zip(ce["seeds"], ce["values"][f"bim@{name}@{key}"]))
-      diffs = [mine[s] - theirs[s] for s in mine if s in theirs]
-      rr.append([summary[name]["label"], fmt(v.get(f"paper@{key}")),
-                 fmt(ce["values"][f"bim@{name}@{key}"]),
-                 fmt(st["values"].get(f"bim@{name}@{key}")) if st else "–",
-                 fmt(diffs, signed=True), wins(diffs), fmt(ce["values"].get(f"paper@{key}"))])
-    out += table(head, rr)
-
-  out += ["", "## Every suite at every budget", "",
-          "Robust accuracy (%). 'APGD-CE', 'APGD-T', 'FAB-T': the accuracy after that "
-          "attack of the cascade (cumulative), the last column being the cascade.", ""]
-  for e in ek:
-    head = ["row", f"paper {e}", f"BIM-CE {e}", f"PGD-CE {e}", f"APGD-CE {e}",
-            f"+APGD-T {e}", f"+FAB-T {e}", f"AA {e}"]
-    rr = []
-    for name, s in summary.items():
-      v = s["values"]
-      rr.append([s["label"]] + [fmt(v.get(f"{m}@{e}")) for m in (
-          "paper", "bim-ce", "pgd-ce", "apgd-ce", "apgd-t", "fab-t", "standard")])
-    out += table(head, rr) + [""]
-
-  out += ["## Output diversity and what training moved", "",
-          f"On the clean test split: mean "
-          f"softmax entropy (nats; max {math.log(10):.3f}), entropy of the top-{topk} part "
-          f"(max {math.log(topk):.3f}), PRSL's spread x − n log n for the windows 0:4 and "
-          f"0:9 (batches of {study['batch_size']}, ≥ 0), and ||θ − θ_start|| / ||θ_start|| "
-          "of the vision tower.", ""]
-  head = ["row", "entropy", f"top-{topk} entropy", "spread 0:4", "spread 0:9",
-          "param change"]
-  rr = []
-  for name, s in summary.items():
-    v = s["values"]
-    rr.append([s["label"], fmt(v.get("entropy"), 1, 4), fmt(v.get(f"top{topk}_entropy"), 1, 4),
-               fmt(v.get("spread_0_4"), 1, 3), fmt(v.get("spread_0_9"), 1, 3),
-               fmt(v.get("param_change"), 1, 4)])
-  out += table(head, rr)
-  return "\n".join(out) + "\n"
-
-
-COLORS = {"start": "black", "ce": "tab:blue", "prsl": "tab:orange", "prsl_group": "tab:brown",
-          "drsl": "tab:purple", "ours": "tab:gray", "adv": "tab:green"}
-WINDOW_COLORS = {(0, 4): "tab:orange", (0, 6): "tab:red", (0, 9): "tab:purple",
-                 (4, 9): "tab:olive"}
-
-
-def plots(summary, study, outdir):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  paths = []
-  ek = [eps_key(e) for e in study["eps"]]
-  key = eps_key(KEY_EPS) if KEY_EPS in study["eps"] else ek[0]
-
-  # Robust accuracy vs b, one panel per window: the paper's attack through the row's
-  # own loss, the same attack on the CE models (the control), and the cascade.
-  windows = [w for w in study_common.PRSL_GRID
-             if any(n.startswith(f"prsl_{w[0]}_{w[1]}_b") and n in summary
-                    and ROWS[n]["family"] == "prsl" for n in summary)]
-  if windows and "ce" in summary:
-    fig, axes = plt.subplots(1, len(windows), figsize=(3.6 * len(windows), 3.6), sharey=True,
-                             squeeze=False)
-    ce = summary["ce"]["values"]
-    for ax, w in zip(axes[0], windows):
-      names = [n for n in summary if ROWS[n]["family"] == "prsl"
-               and (ROWS[n]["loss"]["start"], ROWS[n]["loss"]["end"]) == w]
-      bs = [ROWS[n]["loss"]["weight"] for n in names]
-      for metric, style, label in ((f"paper@{key}", "-o", "PRSL model, paper's attack"),
-                                   (f"standard@{key}", "-s", "PRSL model, AA cascade")):
-        ms = [mean_std(summary[n]["values"][metric]) for n in names]
-        ax.errorbar(bs, [100 * m for m, _ in ms], yerr=[100 * (s or 0) for _, s in ms],
-                    fmt=style, color=WINDOW_COLORS[w] if "paper" in metric else "k",
-                    capsize=2, ms=4, label=label)
-      ctl = [(b, mean_std(ce[f"bim@{n}@{key}"])) for n, b in zip(names, bs)
-             if f"bim@{n}@{key}" in ce]
-      if ctl:
-        ax.errorbar([b for b, _ in ctl], [100 * m for _, (m, _) in ctl],
-                    yerr=[100 * (s or 0) for _, (_, s) in ctl], fmt="--^", color="tab:blue",
-                    capsize=2, ms=4, label="CE model, same attack (control)")
-      for metric, ls, label in ((f"paper@{key}", ":", "CE model, BIM-CE"),
-                                (f"standard@{key}", "-.", "CE model, AA cascade")):
-        ax.axhline(100 * mean_std(ce[metric])[0], color="tab:blue", ls=ls, lw=1, label=label)
-      ax.set_xscale("log")
-      ax.set_xlabel("PRSL weight b")
-      ax.set_title(f"window {w[0]}:{w[1]}", fontsize=9)
-      ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"robust accuracy (%) at ε={key}, {study['eval_examples']} images")
-    axes[0][-1].legend(fontsize=6, loc="best")
-    fig.suptitle("The paper's attack (BIM-10 through the model's own loss) vs the standard "
-                 "cascade; mean ± std over seeds", fontsize=9)
-    fig.tight_layout()
-    paths.append(os.path.join(outdir, "weights.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
-
-  # Robust (cascade, and paper) vs clean accuracy at the key eps.
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True, sharey=True)
-  for ax, (metric, title) in zip(axes, (("standard", "standard cascade (AA)"),
-                                        ("paper", "paper's attack (own loss)"))):
-    for name, s in summary.items():
-      v = s["values"]
-      if not v.get(f"{metric}@{key}"):
-        continue
-      (cx, sx), (ry, sy) = mean_std(v["clean_full"]), mean_std(v[f"{metric}@{key}"])
-      ax.errorbar(100 * cx, 100 * ry, xerr=100 * (sx or 0), yerr=100 * (sy or 0), fmt="o",
-                  color=COLORS[s["family"]], ms=5, capsize=2, alpha=0.85)
-      ax.annotate(name.replace("prsl_", "").replace("_b", " b"), (100 * cx, 100 * ry),
-                  fontsize=5, xytext=(3, 2), textcoords="offset points")
-    ax.set_title(f"{title}, ε={key}", fontsize=9)
-    ax.set_xlabel("clean accuracy (%), test split")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel(f"robust accuracy (%), {study['eval_examples']} images")
-  handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in COLORS.items()]
-  axes[1].legend(handles=handles, fontsize=7, loc="best")
-  fig.tight_layout()
-  paths.append(os.path.join(outdir, "tradeoff.png"))
-  fig.savefig(paths[-1], dpi=90)
-  plt.close(fig)
-
-  # Robust accuracy vs eps for a readable subset of rows.
-  shown = [n for n in summary if ROWS[n]["family"] in ("start", "ce", "drsl", "ours", "adv")
-           or n.startswith("prsl_0_4_b") and ROWS[n]["family"] == "prsl"]
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
-  xs = [0.0] + [e * 255 for e in study["eps"]]
-  for ax, (metric, title) in zip(axes, (("standard", "standard cascade (AA)"),
-                                        ("pgd-ce", f"PGD-CE, {study['pgd_steps']} steps"),
-                                        ("paper", "paper: BIM-10, own training loss"))):
-    for name in shown:
-      v = summary[name]["values"]
-      ys = [mean_std(v["clean_subset"])] + [mean_std(v[f"{metric}@{e}"]) for e in ek]
-      ax.errorbar(xs, [100 * m for m, _ in ys], yerr=[100 * (sd or 0) for _, sd in ys],
-                  color=COLORS[summary[name]["family"]], marker="o", ms=3, capsize=2,
-                  alpha=0.8, label=name, lw=1,
-                  ls="--" if summary[name]["family"] == "prsl" else "-")
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("L-inf ε (× 1/255)")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel(f"accuracy (%) on {study['eval_examples']} test images")
-  axes[-1].legend(fontsize=6, ncol=2, loc="lower left")
-  fig.tight_layout()
-  paths.append(os.path.join(outdir, "robust_vs_eps.png"))
-  fig.savefig(paths[-1], dpi=90)
-  plt.close(fig)
-  return paths
-
-
-# ----------------------------------------------------------------------------
-# The run.
-# ----------------------------------------------------------------------------
 
 
 def previous_invocations(outdir):
@@ -795,6 +520,48 @@ def parse_args(argv=None):
   parser.add_argument("--jax_cache", default=None,
                       help="persistent compilation cache (default <outdir>/jax_cache)")
   return parser.parse_args(argv)
+
+
+class RunCache:
+  """One run's resumable record in its folder: study_spec.json, what the run
+  trains and evaluates, and eval.json, its results (present once it finished).
+
+  A rerun reads eval.json instead of running again when the spec is the same; a
+  spec that trains something else is refused; changed evaluation settings drop
+  eval.json, so the trained model is evaluated again.
+  """
+
+  def __init__(self, wd):
+    self.spec_path = os.path.join(wd, "study_spec.json")
+    self.path = os.path.join(wd, "eval.json")
+
+  def load(self):
+    """The finished run's record, or None."""
+    if not os.path.exists(self.path):
+      return None
+    with open(self.path) as f:
+      return json.load(f)
+
+  def save(self, record):
+    with open(self.path, "w") as f:
+      json.dump(record, f, indent=1)
+
+  def write_spec(self, spec):
+    with open(self.spec_path, "w") as f:
+      json.dump(spec, f, indent=2)
+
+  def check(self, spec, wd, label):
+    """Refuses a folder trained otherwise; drops eval.json when evaluation changed."""
+    if not os.path.exists(self.spec_path):
+      return
+    with open(self.spec_path) as f:
+      old = json.load(f)
+    if not same_training(old["train"], spec["train"]):
+      raise SystemExit(f"{wd} holds a model trained with other settings "
+                       "(study_spec.json differs); use a new --outdir")
+    if fingerprint(old["eval"]) != fingerprint(spec["eval"]) and os.path.exists(self.path):
+      print(f"[{label}] evaluation settings changed: evaluating again", flush=True)
+      os.remove(self.path)
 
 
 def _start_record(outdir, eval_spec, seed):
@@ -903,39 +670,25 @@ def main(argv=None):
       spec = json.loads(json.dumps(
           {"row": ROWS[name], "train": None if cfg is None else json.loads(cfg.to_json()),
            "eval": eval_settings(study, suites)}, default=str))
-      spec_path = os.path.join(wd, "study_spec.json")
-      cache = os.path.join(wd, "eval.json")
+      cache = RunCache(wd)
       if args.report_only:
-        if os.path.exists(cache):
-          with open(cache) as f:
-            results[(name, seed)] = json.load(f)
+        if cache.load() is not None:
+          results[(name, seed)] = cache.load()
         continue
-      if os.path.exists(spec_path):
-        with open(spec_path) as f:
-          old = json.load(f)
-        if not same_training(old["train"], spec["train"]):
-          raise SystemExit(f"{wd} holds a model trained with other settings "
-                           "(study_spec.json differs); use a new --outdir")
-        if fingerprint(old["eval"]) != fingerprint(spec["eval"]) and os.path.exists(cache):
-          print(f"[{name} seed {seed}] evaluation settings changed: evaluating again",
-                flush=True)
-          os.remove(cache)
-      if name == "start" and not os.path.exists(cache):
+      cache.check(spec, wd, f"{name} seed {seed}")
+      if name == "start" and cache.load() is None:
         # The starting weights and the evaluation seed are the same for every
         # training seed: its evaluation under another seed is this one.
         done = _start_record(outdir, spec["eval"], seed)
         if done is not None:
-          with open(spec_path, "w") as f:
-            json.dump(spec, f, indent=2)
-          with open(cache, "w") as f:
-            json.dump(done, f, indent=1)
-      if os.path.exists(cache):
-        with open(cache) as f:
-          results[(name, seed)] = json.load(f)
+          cache.write_spec(spec)
+          cache.save(done)
+      cached = cache.load()
+      if cached is not None:
+        results[(name, seed)] = cached
         print(f"[{name} seed {seed}] cached", flush=True)
         continue
-      with open(spec_path, "w") as f:
-        json.dump(spec, f, indent=2)
+      cache.write_spec(spec)
 
       t0, c0 = time.time(), cpu_seconds()
       record = {"row": name, "seed": seed, "load_average_start": os.getloadavg()[0]}
@@ -965,8 +718,7 @@ def main(argv=None):
         json.dump(result.to_dict(), f, default=str)
       record["eval_seconds"], record["eval_cpu_seconds"] = time.time() - t1, cpu_seconds() - c1
       record["load_average"] = os.getloadavg()[0]
-      with open(cache, "w") as f:
-        json.dump(record, f, indent=1)
+      cache.save(record)
       results[(name, seed)] = record
       fresh.add((name, seed))
       rob = record["eval"]["robust"]
@@ -1004,7 +756,7 @@ def write_reports(rows, results, seeds_of, study, outdir, seeds, t_start, cpu_st
   md = tables(summary, study, ratios, share)
   with open(os.path.join(outdir, "study.md"), "w") as f:
     f.write(md)
-  paths = plots(summary, study, outdir)
+  paths = plots(summary, study, outdir, ROWS)
   key = eps_key(KEY_EPS) if KEY_EPS in study["eps"] else eps_key(study["eps"][0])
   start_runs = [results[("start", s)] for s in seeds_of.get("start", ()) if ("start", s) in results]
   current = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t_start)),

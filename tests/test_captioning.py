@@ -19,6 +19,7 @@ from prsl_jax import captioning
 from prsl_jax import data
 from prsl_jax import losses
 from prsl_jax import reports
+from prsl_jax import tasks
 from prsl_jax import trainer
 from prsl_jax import training
 from tests import processes
@@ -56,7 +57,7 @@ def test_token_prsl_through_the_model_equals_the_flattened_loss(tiny, batch):
   np.testing.assert_allclose(token, flat, rtol=1e-6)
   # The trainer's captioning loss is that loss.
   loss, metrics = training.batch_loss(params, batch, batch["image"], {}, model=model,
-                                      objective="captioning",
+                                      task=tasks.get("captioning"),
                                       loss_fn=losses.get_loss("prsl", **kw))
   np.testing.assert_allclose(loss, token, rtol=1e-6)
   assert 0 <= float(metrics["accuracy"]) <= 1

@@ -5,6 +5,7 @@ gradients) on random 6x6 RGB images; a few attack steps. Module-level logits
 functions let evaluation's compile cache serve every test.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from prsl_jax import attacks
 from prsl_jax import evaluation
 from prsl_jax import reports
 from tests import processes
@@ -210,11 +212,12 @@ def test_an_example_draws_the_same_randomness_in_any_batch():
 def test_out_of_ball_images_are_flagged_and_not_counted(lin, monkeypatch):
   params, source, idx = lin
 
-  def too_far(attack, fn, x, y, keys, eps, norm, axis_name, target, iterations):
-    del attack, fn, y, keys, norm, axis_name, target, iterations  # outside, even at eps=0
-    return jnp.clip(x + 2 * eps + 0.01, 0, 1)
+  def too_far(attack, fn, x, y, call):
+    del attack, fn, y  # outside, even at eps=0
+    return jnp.clip(x + 2 * call.eps + 0.01, 0, 1)
 
-  monkeypatch.setitem(evaluation.ATTACKS, "fgsm", too_far)
+  monkeypatch.setitem(evaluation.ATTACKS, "fgsm",
+                      dataclasses.replace(evaluation.ATTACKS["fgsm"], run=too_far))
   with pytest.warns(evaluation.SoundnessWarning):
     r = _evaluate(linear, params, source, idx, eps_list=[8 / 255],
                             suite=["fgsm"], **dict(FAST, batch_size=8))
@@ -538,3 +541,33 @@ def test_paper_suite_is_a_sign_step_along_the_training_loss_on_the_points_still_
                           batch_size=N, progress_bar=False)
   got = np.array([m for m in r.robust["paper"][0].robust_mask], bool)
   np.testing.assert_array_equal(got, want)
+
+
+def test_an_attack_added_by_one_record_runs_in_a_suite(lin, monkeypatch):
+  """A new attack is its function plus one AttackRecord: suites, the cascade, the
+  eps = 0 check and the keys all take it from the registry."""
+  params, source, idx = lin
+
+  def sign_noise(attack, fn, x, y, call):
+    del attack, fn, y  # random corners of the L-inf ball, one per example key
+    noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]))(call.keys)
+    return jnp.clip(x + call.eps * jnp.sign(noise), 0, 1)
+
+  monkeypatch.setitem(evaluation.ATTACKS, "toy", attacks.AttackRecord(sign_noise))
+  eps, seed = 24 / 255, 3
+  r = _evaluate(linear, params, source, idx, eps_list=[eps], suite="toy", seed=seed,
+                **dict(FAST, batch_size=8))
+  assert r["suite"] == ["toy"] and r["checks"]["passed"], r["checks"]
+  assert r["checks"]["eps0"]["toy"]["max_distance"] == 0.0
+  # The same images, drawn here from the documented keys, predict what the cascade saw.
+  x = np.stack([source[int(i)]["image"] for i in idx])
+  y = np.asarray([source[int(i)]["label"] for i in idx])
+  base = evaluation.attack_key(seed, eps, "toy")
+  noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), x.shape[1:]))(
+      jnp.asarray(idx, jnp.int32))
+  adv = np.asarray(jnp.clip(x + eps * jnp.sign(noise), 0, 1))
+  clean_ok = np.asarray(jnp.argmax(linear(params, x), -1)) == y
+  adv_ok = np.asarray(jnp.argmax(linear(params, adv), -1)) == y
+  e = r["robust"][0]
+  assert e["robust_mask"] == (clean_ok & adv_ok).tolist()
+  assert 0 < e["broken"]["toy"] == int(np.sum(clean_ok & ~adv_ok))

@@ -39,6 +39,10 @@ image, so "broken at eps" means what it means for the other attacks.
 Objectives (attacks.objectives) are "higher = stronger attack", per example:
 cross-entropy, the CW margin, DLR (needs C >= 3; targeted DLR C >= 4) and any
 loss of prsl_jax.losses, PRSL included.
+
+The registry (attacks.registry.ATTACKS): one AttackRecord per attack, its
+adapter and flags (black-box, L-inf only, targeted, usable on token logits,
+default steps). Adding an attack is its module here plus one record there.
 """
 
 from prsl_jax.attacks.apgd import apgd
@@ -54,4 +58,7 @@ from prsl_jax.attacks.objectives import dlr_targeted_loss
 from prsl_jax.attacks.pgd import bim
 from prsl_jax.attacks.pgd import fgsm
 from prsl_jax.attacks.pgd import pgd
+from prsl_jax.attacks.registry import ATTACKS
+from prsl_jax.attacks.registry import AttackRecord
+from prsl_jax.attacks.registry import Call
 from prsl_jax.attacks.square import square

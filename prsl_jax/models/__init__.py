@@ -1,2 +1,29 @@
 """Models: CLIP (clip), the ViT-GPT-2 captioner (captioner) and its decoding
-(generation), HF checkpoint conversion (convert), offline tokenizer builders."""
+(generation), BLIP-2 with OPT (blip2, its decoding blip2_generation), HF
+checkpoint conversion (convert), offline tokenizer builders (tokenizer), and
+the layer helpers they share (layers). No module uses another's private names.
+
+The model protocol. A model family is one module here whose static model class
+(a frozen dataclass of its config: hashable, equal by value, a jit static
+argument, holding no arrays; params are always an argument) provides:
+
+  kind          config.json's model_type (a key of convert.MODEL_KINDS)
+  task          the task evaluate.py measures it with (a key of prsl_jax.tasks.TASKS)
+  towers        {"vision", "text", "both"} -> top-level param keys
+                (config.train_towers; the optimizer masks by them)
+  image_size    input resolution S: images are (B, S, S, 3) float32 in [0, 1]
+                and pixel normalisation happens inside the model
+  init(key), param_shapes()
+  and the methods of the tasks it fits (tasks.Task.needs):
+    CLIP-like   encode_images(params, images) -> (B, D),
+                encode_texts(params, ids, mask) -> (B, D), logit_scale(params),
+                max_text_length
+    captioners  logits(params, images, decoder_input_ids, mask) -> (B, T, V),
+                encode, init_cache, decode_step (generation), max_length,
+                max_positions, vocab_size and the special token ids
+
+and the module exposes MODEL (that class) and the conversion functions listed
+at convert.MODEL_KINDS (from_hf, key_map, config_to_hf, preprocessor_config,
+load_tokenizer, vocab_size). Training, generation and conversion use only this
+surface, never a family's config fields.
+"""

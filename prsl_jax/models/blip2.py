@@ -50,17 +50,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from prsl_jax import losses
-from prsl_jax.models import captioner as cap
+from prsl_jax.models import captioner
+from prsl_jax.models import layers
 
 # Blip2Processor's (BlipImageProcessor's) defaults: OpenAI CLIP's statistics.
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # OPTLearnedPositionalEmbedding's offset: row position + 2 holds position.
 OPT_POSITION_OFFSET = 2
-ACTIVATIONS = cap.ACTIVATIONS
 IGNORE_INDEX = losses.IGNORE_INDEX
-_square = cap._square  # pylint: disable=protected-access
-_one_id = cap._one_id  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +158,6 @@ class Blip2Config:
   image_text_hidden_size: int = 256
 
 
-def _pick(d, key, default=None):
-  v = d.get(key, default)
-  return default if v is None else v
-
-
 def config_from_hf(hf_config, *, image_mean=None, image_std=None,
                    dtype=jnp.float32, remat=False):
   """Our Blip2Config from a transformers Blip2Config (or its config.json dict).
@@ -182,74 +175,74 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
   if d.get("model_type") not in (None, "blip-2"):
     raise ValueError(f"hf_config.model_type={d.get('model_type')!r}; expected 'blip-2'")
   v, q, t = (d.get(k) or {} for k in ("vision_config", "qformer_config", "text_config"))
-  if _pick(t, "model_type", "opt") != "opt":
+  if layers.pick(t, "model_type", "opt") != "opt":
     raise ValueError(f"text_config.model_type={t.get('model_type')!r} is not supported; "
                      "expected 'opt' (BLIP-2 OPT; the T5 variants are not ported)")
   if q.get("use_qformer_text_input"):
     raise ValueError("qformer_config.use_qformer_text_input=True is not supported: "
                      "Blip2ForConditionalGeneration never feeds text to the Q-Former")
-  if not _pick(t, "layer_norm_elementwise_affine", True):
+  if not layers.pick(t, "layer_norm_elementwise_affine", True):
     raise ValueError("text_config.layer_norm_elementwise_affine=False is not supported "
                      "(every released OPT has affine LayerNorms)")
-  image_token_id = _pick(d, "image_token_index", d.get("image_token_id"))
+  image_token_id = layers.pick(d, "image_token_index", d.get("image_token_id"))
   if not isinstance(image_token_id, int):
     raise ValueError(f"config has no image_token_index ({image_token_id!r}): transformers 5 "
                      "needs it to place the image; add it to config.json (the "
                      "tokenizer's '<image>' id, 50265 for Salesforce/blip2-opt-*)")
-  for name, act in (("vision_config.hidden_act", _pick(v, "hidden_act", "gelu")),
-                    ("qformer_config.hidden_act", _pick(q, "hidden_act", "gelu")),
+  for name, act in (("vision_config.hidden_act", layers.pick(v, "hidden_act", "gelu")),
+                    ("qformer_config.hidden_act", layers.pick(q, "hidden_act", "gelu")),
                     ("text_config.activation_function",
-                     _pick(t, "activation_function", "relu"))):
-    if act not in ACTIVATIONS:
+                     layers.pick(t, "activation_function", "relu"))):
+    if act not in layers.ACTIVATIONS:
       raise ValueError(f"{name}={act!r} is not supported; expected one of "
-                       f"{sorted(ACTIVATIONS)}")
-  num_channels = _pick(v, "num_channels", 3)
+                       f"{sorted(layers.ACTIVATIONS)}")
+  num_channels = layers.pick(v, "num_channels", 3)
   mean = tuple(float(x) for x in (image_mean if image_mean is not None else BLIP_MEAN))
   std = tuple(float(x) for x in (image_std if image_std is not None else BLIP_STD))
   if len(mean) != num_channels or len(std) != num_channels:
     raise ValueError(f"image_mean {mean} and image_std {std} must have "
                      f"num_channels={num_channels} entries")
   vision = VisionConfig(
-      hidden_size=_pick(v, "hidden_size", 1408),
-      intermediate_size=_pick(v, "intermediate_size", 6144),
-      num_hidden_layers=_pick(v, "num_hidden_layers", 39),
-      num_attention_heads=_pick(v, "num_attention_heads", 16),
-      image_size=_square("vision_config.image_size", _pick(v, "image_size", 224)),
-      patch_size=_square("vision_config.patch_size", _pick(v, "patch_size", 14)),
+      hidden_size=layers.pick(v, "hidden_size", 1408),
+      intermediate_size=layers.pick(v, "intermediate_size", 6144),
+      num_hidden_layers=layers.pick(v, "num_hidden_layers", 39),
+      num_attention_heads=layers.pick(v, "num_attention_heads", 16),
+      image_size=layers.square_side("vision_config.image_size", layers.pick(v, "image_size", 224)),
+      patch_size=layers.square_side("vision_config.patch_size", layers.pick(v, "patch_size", 14)),
       num_channels=num_channels,
-      hidden_act=_pick(v, "hidden_act", "gelu"),
-      layer_norm_eps=float(_pick(v, "layer_norm_eps", 1e-6)),
-      qkv_bias=bool(_pick(v, "qkv_bias", True)),
+      hidden_act=layers.pick(v, "hidden_act", "gelu"),
+      layer_norm_eps=float(layers.pick(v, "layer_norm_eps", 1e-6)),
+      qkv_bias=bool(layers.pick(v, "qkv_bias", True)),
       image_mean=mean, image_std=std)
   qformer = QFormerConfig(
-      hidden_size=_pick(q, "hidden_size", 768),
-      num_hidden_layers=_pick(q, "num_hidden_layers", 12),
-      num_attention_heads=_pick(q, "num_attention_heads", 12),
-      intermediate_size=_pick(q, "intermediate_size", 3072),
-      hidden_act=_pick(q, "hidden_act", "gelu"),
-      layer_norm_eps=float(_pick(q, "layer_norm_eps", 1e-12)),
-      cross_attention_frequency=_pick(q, "cross_attention_frequency", 2),
+      hidden_size=layers.pick(q, "hidden_size", 768),
+      num_hidden_layers=layers.pick(q, "num_hidden_layers", 12),
+      num_attention_heads=layers.pick(q, "num_attention_heads", 12),
+      intermediate_size=layers.pick(q, "intermediate_size", 3072),
+      hidden_act=layers.pick(q, "hidden_act", "gelu"),
+      layer_norm_eps=float(layers.pick(q, "layer_norm_eps", 1e-12)),
+      cross_attention_frequency=layers.pick(q, "cross_attention_frequency", 2),
       encoder_hidden_size=vision.hidden_size,  # as Blip2Config.__post_init__ sets it
-      vocab_size=_pick(q, "vocab_size", 30522),
-      max_position_embeddings=_pick(q, "max_position_embeddings", 512))
-  hidden = _pick(t, "hidden_size", 768)
+      vocab_size=layers.pick(q, "vocab_size", 30522),
+      max_position_embeddings=layers.pick(q, "max_position_embeddings", 512))
+  hidden = layers.pick(t, "hidden_size", 768)
   word = t.get("word_embed_proj_dim")
   text = OPTConfig(
-      vocab_size=_pick(t, "vocab_size", 50272),
+      vocab_size=layers.pick(t, "vocab_size", 50272),
       hidden_size=hidden,
-      num_hidden_layers=_pick(t, "num_hidden_layers", 12),
-      ffn_dim=_pick(t, "ffn_dim", 3072),
-      num_attention_heads=_pick(t, "num_attention_heads", 12),
-      max_position_embeddings=_pick(t, "max_position_embeddings", 2048),
-      do_layer_norm_before=bool(_pick(t, "do_layer_norm_before", True)),
-      remove_final_layer_norm=bool(_pick(t, "_remove_final_layer_norm", False)),
+      num_hidden_layers=layers.pick(t, "num_hidden_layers", 12),
+      ffn_dim=layers.pick(t, "ffn_dim", 3072),
+      num_attention_heads=layers.pick(t, "num_attention_heads", 12),
+      max_position_embeddings=layers.pick(t, "max_position_embeddings", 2048),
+      do_layer_norm_before=bool(layers.pick(t, "do_layer_norm_before", True)),
+      remove_final_layer_norm=bool(layers.pick(t, "_remove_final_layer_norm", False)),
       word_embed_proj_dim=None if word in (None, hidden) else word,
-      activation_function=_pick(t, "activation_function", "relu"),
-      enable_bias=bool(_pick(t, "enable_bias", True)),
-      tie_word_embeddings=bool(_pick(t, "tie_word_embeddings", True)),
-      bos_token_id=_one_id("text_config.bos_token_id", t.get("bos_token_id")),
-      eos_token_id=_one_id("text_config.eos_token_id", t.get("eos_token_id")),
-      pad_token_id=_one_id("text_config.pad_token_id", t.get("pad_token_id")))
+      activation_function=layers.pick(t, "activation_function", "relu"),
+      enable_bias=bool(layers.pick(t, "enable_bias", True)),
+      tie_word_embeddings=bool(layers.pick(t, "tie_word_embeddings", True)),
+      bos_token_id=layers.one_id("text_config.bos_token_id", t.get("bos_token_id")),
+      eos_token_id=layers.one_id("text_config.eos_token_id", t.get("eos_token_id")),
+      pad_token_id=layers.one_id("text_config.pad_token_id", t.get("pad_token_id")))
   for name, width, heads in (("vision_config", vision.hidden_size, vision.num_attention_heads),
                              ("qformer_config", qformer.hidden_size,
                               qformer.num_attention_heads),
@@ -269,9 +262,9 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
                      f"{text.vocab_size}-token vocabulary")
   return Blip2Config(
       vision=vision, qformer=qformer, text=text,
-      num_query_tokens=_pick(d, "num_query_tokens", 32),
+      num_query_tokens=layers.pick(d, "num_query_tokens", 32),
       image_token_id=image_token_id,
-      image_text_hidden_size=_pick(d, "image_text_hidden_size", 256),
+      image_text_hidden_size=layers.pick(d, "image_text_hidden_size", 256),
       dtype=jnp.dtype(dtype), remat=bool(remat))
 
 
@@ -279,10 +272,6 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
 # Modules.
 # ----------------------------------------------------------------------------
 
-_dense = cap._dense  # pylint: disable=protected-access
-_layer_norm = cap._layer_norm  # pylint: disable=protected-access
-_attend = cap._attend  # pylint: disable=protected-access
-_heads = cap._heads  # pylint: disable=protected-access
 
 
 class VisionAttention(nn.Module):
@@ -294,13 +283,14 @@ class VisionAttention(nn.Module):
   def __call__(self, x):
     c = self.cfg
     d, n = c.hidden_size, c.num_attention_heads
-    qkv = _dense(3 * d, self.dtype, "qkv", use_bias=False)(x)
+    qkv = layers.dense(3 * d, self.dtype, "qkv", use_bias=False)(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     if c.qkv_bias:
       q = q + self.param("q_bias", nn.initializers.zeros, (d,), jnp.float32).astype(q.dtype)
       v = v + self.param("v_bias", nn.initializers.zeros, (d,), jnp.float32).astype(v.dtype)
-    y = _attend(_heads(q, n), _heads(k, n), _heads(v, n), None, (d // n) ** -0.5)
-    return _dense(d, self.dtype, "projection")(y)
+    q, k, v = (layers.split_heads(t, n) for t in (q, k, v))
+    y = layers.attend(q, k, v, None, (d // n) ** -0.5)
+    return layers.dense(d, self.dtype, "projection")(y)
 
 
 class VisionLayer(nn.Module):
@@ -311,11 +301,11 @@ class VisionLayer(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.cfg
-    h = _layer_norm(c.layer_norm_eps, self.dtype, "layer_norm1")(x)
+    h = layers.layer_norm(c.layer_norm_eps, self.dtype, "layer_norm1")(x)
     x = x + VisionAttention(c, self.dtype, name="self_attn")(h)
-    h = _layer_norm(c.layer_norm_eps, self.dtype, "layer_norm2")(x)
-    h = ACTIVATIONS[c.hidden_act](_dense(c.intermediate_size, self.dtype, "fc1")(h))
-    return x + _dense(c.hidden_size, self.dtype, "fc2")(h)
+    h = layers.layer_norm(c.layer_norm_eps, self.dtype, "layer_norm2")(x)
+    h = layers.ACTIVATIONS[c.hidden_act](layers.dense(c.intermediate_size, self.dtype, "fc1")(h))
+    return x + layers.dense(c.hidden_size, self.dtype, "fc2")(h)
 
 
 class VisionModel(nn.Module):
@@ -335,7 +325,7 @@ class VisionModel(nn.Module):
     mean = jnp.asarray(c.image_mean, jnp.float32)
     std = jnp.asarray(c.image_std, jnp.float32)
     x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
-    x = cap.ViTPatchEmbedding(c.hidden_size, c.patch_size, self.dtype,
+    x = captioner.ViTPatchEmbedding(c.hidden_size, c.patch_size, self.dtype,
                               name="patch_embedding")(x)
     init = nn.initializers.truncated_normal(0.02)
     cls = self.param("class_embedding", init, (1, 1, c.hidden_size), jnp.float32)
@@ -347,7 +337,7 @@ class VisionModel(nn.Module):
     layer_cls = nn.remat(VisionLayer) if self.remat else VisionLayer
     for i in range(c.num_hidden_layers):
       x = layer_cls(c, self.dtype, name=f"layers_{i}")(x)
-    return _layer_norm(c.layer_norm_eps, self.dtype, "post_layernorm")(x)
+    return layers.layer_norm(c.layer_norm_eps, self.dtype, "post_layernorm")(x)
 
 
 class QFormerAttention(nn.Module):
@@ -360,12 +350,12 @@ class QFormerAttention(nn.Module):
     c, f32 = self.cfg, jnp.float32
     d, n = c.hidden_size, c.num_attention_heads
     kv = x if states is None else states
-    q = _heads(_dense(d, f32, "query")(x), n)
-    k = _heads(_dense(d, f32, "key")(kv), n)
-    v = _heads(_dense(d, f32, "value")(kv), n)
-    y = _attend(q, k, v, None, (d // n) ** -0.5)
-    y = _dense(d, f32, "output_dense")(y)
-    return _layer_norm(c.layer_norm_eps, f32, "output_LayerNorm")(y + x)
+    q = layers.split_heads(layers.dense(d, f32, "query")(x), n)
+    k = layers.split_heads(layers.dense(d, f32, "key")(kv), n)
+    v = layers.split_heads(layers.dense(d, f32, "value")(kv), n)
+    y = layers.attend(q, k, v, None, (d // n) ** -0.5)
+    y = layers.dense(d, f32, "output_dense")(y)
+    return layers.layer_norm(c.layer_norm_eps, f32, "output_LayerNorm")(y + x)
 
 
 class QFormerLayer(nn.Module):
@@ -379,9 +369,10 @@ class QFormerLayer(nn.Module):
     x = QFormerAttention(c, name="attention")(x)
     if self.cross:
       x = QFormerAttention(c, name="crossattention")(x, states)
-    h = ACTIVATIONS[c.hidden_act](_dense(c.intermediate_size, f32, "intermediate_query")(x))
-    h = _dense(c.hidden_size, f32, "output_query_dense")(h)
-    return _layer_norm(c.layer_norm_eps, f32, "output_query_LayerNorm")(h + x)
+    h = layers.dense(c.intermediate_size, f32, "intermediate_query")(x)
+    h = layers.ACTIVATIONS[c.hidden_act](h)
+    h = layers.dense(c.hidden_size, f32, "output_query_dense")(h)
+    return layers.layer_norm(c.layer_norm_eps, f32, "output_query_LayerNorm")(h + x)
 
 
 class QFormer(nn.Module):
@@ -391,7 +382,7 @@ class QFormer(nn.Module):
   @nn.compact
   def __call__(self, queries, states):
     c = self.cfg
-    x = _layer_norm(c.layer_norm_eps, jnp.float32, "layernorm")(queries.astype(jnp.float32))
+    x = layers.layer_norm(c.layer_norm_eps, jnp.float32, "layernorm")(queries.astype(jnp.float32))
     states = states.astype(jnp.float32)
     for i in range(c.num_hidden_layers):
       x = QFormerLayer(c, c.has_cross_attention(i), name=f"layer_{i}")(x, states)
@@ -414,17 +405,17 @@ class OPTAttention(nn.Module):
     """
     c = self.cfg
     d, n, bias = c.hidden_size, c.num_attention_heads, c.enable_bias
-    q = _heads(_dense(d, self.dtype, "q_proj", bias)(x) * c.head_dim ** -0.5, n)
-    k = _heads(_dense(d, self.dtype, "k_proj", bias)(x), n)
-    v = _heads(_dense(d, self.dtype, "v_proj", bias)(x), n)
+    q = layers.split_heads(layers.dense(d, self.dtype, "q_proj", bias)(x) * c.head_dim ** -0.5, n)
+    k = layers.split_heads(layers.dense(d, self.dtype, "k_proj", bias)(x), n)
+    v = layers.split_heads(layers.dense(d, self.dtype, "v_proj", bias)(x), n)
     new = None
     if cache is not None:
       ck, cv, index = cache
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       new = (k, v)
-    y = _attend(q, k, v, mask, 1.0)
-    return _dense(d, self.dtype, "out_proj", bias)(y), new
+    y = layers.attend(q, k, v, mask, 1.0)
+    return layers.dense(d, self.dtype, "out_proj", bias)(y), new
 
 
 class OPTLayer(nn.Module):
@@ -436,16 +427,17 @@ class OPTLayer(nn.Module):
   def __call__(self, x, mask, cache=None):
     c = self.cfg
     pre = c.do_layer_norm_before
-    ln_attn = _layer_norm(1e-5, self.dtype, "self_attn_layer_norm")
-    ln_ffn = _layer_norm(1e-5, self.dtype, "final_layer_norm")
+    ln_attn = layers.layer_norm(1e-5, self.dtype, "self_attn_layer_norm")
+    ln_ffn = layers.layer_norm(1e-5, self.dtype, "final_layer_norm")
     h = ln_attn(x) if pre else x
     h, new = OPTAttention(c, self.dtype, name="self_attn")(h, mask, cache)
     x = x + h
     if not pre:
       x = ln_attn(x)
     h = ln_ffn(x) if pre else x
-    h = ACTIVATIONS[c.activation_function](_dense(c.ffn_dim, self.dtype, "fc1", c.enable_bias)(h))
-    x = x + _dense(c.hidden_size, self.dtype, "fc2", c.enable_bias)(h)
+    h = layers.dense(c.ffn_dim, self.dtype, "fc1", c.enable_bias)(h)
+    h = layers.ACTIVATIONS[c.activation_function](h)
+    x = x + layers.dense(c.hidden_size, self.dtype, "fc2", c.enable_bias)(h)
     if not pre:
       x = ln_ffn(x)
     return x, new
@@ -466,15 +458,15 @@ class OPTForCausalLM(nn.Module):
                                     c.hidden_size, embedding_init=init,
                                     param_dtype=jnp.float32, name="embed_positions")
     if c.has_projections:
-      self.project_in = _dense(c.hidden_size, self.dtype, "project_in", use_bias=False)
-      self.project_out = _dense(c.embed_dim, self.dtype, "project_out", use_bias=False)
+      self.project_in = layers.dense(c.hidden_size, self.dtype, "project_in", use_bias=False)
+      self.project_out = layers.dense(c.embed_dim, self.dtype, "project_out", use_bias=False)
     layer_cls = nn.remat(OPTLayer) if self.remat else OPTLayer
     self.layers = [layer_cls(c, self.dtype, name=f"layers_{i}")
                    for i in range(c.num_hidden_layers)]
     if c.has_final_layer_norm:
-      self.final_layer_norm = _layer_norm(1e-5, self.dtype, "final_layer_norm")
+      self.final_layer_norm = layers.layer_norm(1e-5, self.dtype, "final_layer_norm")
     if not c.tie_word_embeddings:
-      self.lm_head = _dense(c.vocab_size, self.dtype, "lm_head", use_bias=False)
+      self.lm_head = layers.dense(c.vocab_size, self.dtype, "lm_head", use_bias=False)
 
   def embed(self, input_ids):
     """(B, T) int -> (B, T, word_embed_proj_dim) float32 token embeddings."""
@@ -549,7 +541,7 @@ class Blip2Module(nn.Module):
     self.query_tokens = self.param("query_tokens", nn.initializers.zeros,
                                    (1, c.num_query_tokens, c.qformer.hidden_size), jnp.float32)
     self.qformer = QFormer(c.qformer)
-    self.language_projection = _dense(c.text.hidden_size, c.dtype, "language_projection")
+    self.language_projection = layers.dense(c.text.hidden_size, c.dtype, "language_projection")
     self.language_model = OPTForCausalLM(c.text, c.dtype, c.remat)
 
   def encode(self, images):
@@ -595,6 +587,14 @@ class Blip2:
   """
   config: Blip2Config
   kind = "blip-2"  # config.json's model_type
+  task = "captioning"  # what evaluate.py measures it with (prsl_jax.tasks)
+  # Top-level param keys per tower (config.train_towers): 'vision' is
+  # everything before OPT (the authors' setting, TRAINABLE_PARTS['authors']),
+  # 'text' the OPT language model.
+  towers = {"vision": ("vision_model", "query_tokens", "qformer", "language_projection"),
+            "text": ("language_model",),
+            "both": ("vision_model", "query_tokens", "qformer", "language_projection",
+                     "language_model")}
 
   @property
   def module(self) -> Blip2Module:
@@ -628,7 +628,7 @@ class Blip2:
     placeholders per row (see prompt_ids); position t's logits predict token
     t + 1. attention_mask: (B, T), 0 = padding; None = all ones.
     """
-    self._check_ids(input_ids, attention_mask)
+    self.check_ids(input_ids, attention_mask)
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     return self.module.apply({"params": params}, images, input_ids, attention_mask)
@@ -646,7 +646,7 @@ class Blip2:
     Rows are sequences, so beam search reorders a cache with
     jnp.take(x, rows, axis=...) on every per-row array.
     """
-    self._check_ids(input_ids, attention_mask)
+    self.check_ids(input_ids, attention_mask)
     c = self.config
     b, t = input_ids.shape
     if attention_mask is None:
@@ -704,7 +704,9 @@ class Blip2:
                        "on the left and pass an attention_mask")
     return np.asarray([head + list(p) for p in prompts], np.int32)
 
-  def _check_ids(self, ids, mask):
+  def check_ids(self, ids, mask):
+    """Raises unless ids (B, T) fit the positions, mask (B, T) matches, and every
+    concrete row holds exactly num_query_tokens image placeholders."""
     c = self.config
     n = c.text.max_position_embeddings
     if ids.ndim != 2 or ids.shape[1] > n:
@@ -758,11 +760,10 @@ class Blip2:
 # False there, so the vision encoder, query tokens, Q-Former and projection
 # train while the PRSL loss is computed on the frozen OPT's token logits.
 TRAINABLE_PARTS = {
-    "authors": ("vision_model", "query_tokens", "qformer", "language_projection"),
+    "authors": Blip2.towers["vision"],
     "qformer": ("query_tokens", "qformer", "language_projection"),  # LAVIS's freeze_vit=True
-    "language_model": ("language_model",),
-    "all": ("vision_model", "query_tokens", "qformer", "language_projection",
-            "language_model"),
+    "language_model": Blip2.towers["text"],
+    "all": Blip2.towers["both"],
 }
 
 
@@ -802,8 +803,6 @@ def lm_labels(input_ids, loss_mask):
 # original BLIP-2 names) and fused again by export_state_dict.
 # ----------------------------------------------------------------------------
 
-_linear = cap._linear  # pylint: disable=protected-access
-_ln = cap._layer_norm_keys  # pylint: disable=protected-access
 
 
 def key_map(config):
@@ -820,44 +819,44 @@ def key_map(config):
   ]
   for i in range(v.num_hidden_layers):
     h, f = f"vision_model.encoder.layers.{i}", vm + (f"layers_{i}",)
-    out += _linear(f"{h}.self_attn.qkv", f + ("self_attn", "qkv"), bias=False)
+    out += layers.linear_keys(f"{h}.self_attn.qkv", f + ("self_attn", "qkv"), bias=False)
     if v.qkv_bias:
       out += [(f"{h}.self_attn.q_bias", f + ("self_attn", "q_bias"), "copy"),
               (f"{h}.self_attn.v_bias", f + ("self_attn", "v_bias"), "copy")]
-    out += _linear(f"{h}.self_attn.projection", f + ("self_attn", "projection"))
-    out += _ln(f"{h}.layer_norm1", f + ("layer_norm1",))
-    out += _linear(f"{h}.mlp.fc1", f + ("fc1",))
-    out += _linear(f"{h}.mlp.fc2", f + ("fc2",))
-    out += _ln(f"{h}.layer_norm2", f + ("layer_norm2",))
-  out += _ln("vision_model.post_layernorm", vm + ("post_layernorm",))
-  out += _ln("qformer.layernorm", qf + ("layernorm",))
+    out += layers.linear_keys(f"{h}.self_attn.projection", f + ("self_attn", "projection"))
+    out += layers.layer_norm_keys(f"{h}.layer_norm1", f + ("layer_norm1",))
+    out += layers.linear_keys(f"{h}.mlp.fc1", f + ("fc1",))
+    out += layers.linear_keys(f"{h}.mlp.fc2", f + ("fc2",))
+    out += layers.layer_norm_keys(f"{h}.layer_norm2", f + ("layer_norm2",))
+  out += layers.layer_norm_keys("vision_model.post_layernorm", vm + ("post_layernorm",))
+  out += layers.layer_norm_keys("qformer.layernorm", qf + ("layernorm",))
   for i in range(q.num_hidden_layers):
     h, f = f"qformer.encoder.layer.{i}", qf + (f"layer_{i}",)
     for part in ("attention",) + (("crossattention",) if q.has_cross_attention(i) else ()):
       for name in ("query", "key", "value"):
-        out += _linear(f"{h}.{part}.attention.{name}", f + (part, name))
-      out += _linear(f"{h}.{part}.output.dense", f + (part, "output_dense"))
-      out += _ln(f"{h}.{part}.output.LayerNorm", f + (part, "output_LayerNorm"))
-    out += _linear(f"{h}.intermediate_query.dense", f + ("intermediate_query",))
-    out += _linear(f"{h}.output_query.dense", f + ("output_query_dense",))
-    out += _ln(f"{h}.output_query.LayerNorm", f + ("output_query_LayerNorm",))
-  out += _linear("language_projection", ("language_projection",))
+        out += layers.linear_keys(f"{h}.{part}.attention.{name}", f + (part, name))
+      out += layers.linear_keys(f"{h}.{part}.output.dense", f + (part, "output_dense"))
+      out += layers.layer_norm_keys(f"{h}.{part}.output.LayerNorm", f + (part, "output_LayerNorm"))
+    out += layers.linear_keys(f"{h}.intermediate_query.dense", f + ("intermediate_query",))
+    out += layers.linear_keys(f"{h}.output_query.dense", f + ("output_query_dense",))
+    out += layers.layer_norm_keys(f"{h}.output_query.LayerNorm", f + ("output_query_LayerNorm",))
+  out += layers.linear_keys("language_projection", ("language_projection",))
   d = "language_model.model.decoder"
   out += [(f"{d}.embed_tokens.weight", lm + ("embed_tokens", "embedding"), "copy"),
           (f"{d}.embed_positions.weight", lm + ("embed_positions", "embedding"), "copy")]
   if t.has_projections:
-    out += _linear(f"{d}.project_in", lm + ("project_in",), bias=False)
-    out += _linear(f"{d}.project_out", lm + ("project_out",), bias=False)
+    out += layers.linear_keys(f"{d}.project_in", lm + ("project_in",), bias=False)
+    out += layers.linear_keys(f"{d}.project_out", lm + ("project_out",), bias=False)
   for i in range(t.num_hidden_layers):
     h, f = f"{d}.layers.{i}", lm + (f"layers_{i}",)
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      out += _linear(f"{h}.self_attn.{name}", f + ("self_attn", name), t.enable_bias)
-    out += _ln(f"{h}.self_attn_layer_norm", f + ("self_attn_layer_norm",))
-    out += _linear(f"{h}.fc1", f + ("fc1",), t.enable_bias)
-    out += _linear(f"{h}.fc2", f + ("fc2",), t.enable_bias)
-    out += _ln(f"{h}.final_layer_norm", f + ("final_layer_norm",))
+      out += layers.linear_keys(f"{h}.self_attn.{name}", f + ("self_attn", name), t.enable_bias)
+    out += layers.layer_norm_keys(f"{h}.self_attn_layer_norm", f + ("self_attn_layer_norm",))
+    out += layers.linear_keys(f"{h}.fc1", f + ("fc1",), t.enable_bias)
+    out += layers.linear_keys(f"{h}.fc2", f + ("fc2",), t.enable_bias)
+    out += layers.layer_norm_keys(f"{h}.final_layer_norm", f + ("final_layer_norm",))
   if t.has_final_layer_norm:
-    out += _ln(f"{d}.final_layer_norm", lm + ("final_layer_norm",))
+    out += layers.layer_norm_keys(f"{d}.final_layer_norm", lm + ("final_layer_norm",))
   if not t.tie_word_embeddings:
     out += [("language_model.lm_head.weight", lm + ("lm_head", "kernel"), "linear")]
   return out
@@ -971,3 +970,6 @@ def from_hf(hf_config, *, image_mean=None, image_std=None, dtype=jnp.float32, re
 
 def vocab_size(model):
   return model.config.text.vocab_size
+
+
+MODEL = Blip2  # the static model class of this kind (models/__init__.py)

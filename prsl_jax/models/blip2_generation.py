@@ -43,7 +43,7 @@ def _inputs(model, images, input_ids, attention_mask, max_new_tokens):
                      f"{images.shape[0]} images")
   if attention_mask is None:
     attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-  model._check_ids(input_ids, attention_mask)  # pylint: disable=protected-access
+  model.check_ids(input_ids, attention_mask)
   return input_ids, jnp.asarray(attention_mask, jnp.int32), int(max_new_tokens)
 
 
@@ -138,7 +138,7 @@ def _beam_search(model, params, images, input_ids, attention_mask, max_new_token
   b, k, n = images.shape[0], num_beams, max_new_tokens
   w = 2 * k  # beams_to_keep = max(2, 1 + n_eos) * num_beams, n_eos <= 1
   fill = -1 if eos is None else (pad if pad else eos)  # `pad or eos if eos else -1`
-  pow_len = generation._pow_table(n, length_penalty)  # pylint: disable=protected-access
+  pow_len = generation.pow_table(n, length_penalty)
   top_num_beam_mask = jnp.arange(w) < k
 
   # The prompt once per image, its cache and logits repeated per beam

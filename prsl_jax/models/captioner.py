@@ -34,25 +34,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prsl_jax.models import layers
+
 # ViTImageProcessor's defaults (and nlpconnect/vit-gpt2-image-captioning's).
 VIT_MEAN = (0.5, 0.5, 0.5)
 VIT_STD = (0.5, 0.5, 0.5)
 # transformers' GenerationConfig.max_length default.
 HF_DEFAULT_MAX_LENGTH = 20
 
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    # NewGELUActivation, FastGELUActivation and PytorchGELUTanh are all the tanh
-    # form (gelu_fast rounds sqrt(2/pi) to 10 digits: ~1e-11 relative).
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,34 +133,11 @@ class CaptionerConfig:
             and self.decoder.cross_attention_hidden_size is None)
 
 
-def _pick(d, key, default=None):
-  v = d.get(key, default)
-  return default if v is None else v
-
-
 def _first(*values):
   for v in values:
     if v is not None:
       return v
   return None
-
-
-def _one_id(name, v):
-  if v is None or isinstance(v, int):
-    return v
-  if isinstance(v, (list, tuple)) and len(v) == 1 and isinstance(v[0], int):
-    return v[0]
-  raise ValueError(f"{name} must be one int token id (several EOS ids are not "
-                   f"supported), got {v!r}")
-
-
-def _square(name, val):
-  """An int side from an int or an equal (h, w) pair."""
-  if isinstance(val, (list, tuple)) and len(val) == 2 and val[0] == val[1]:
-    val = val[0]
-  if not isinstance(val, int):
-    raise ValueError(f"{name} must be an int (square images and patches), got {val!r}")
-  return val
 
 
 def config_from_hf(hf_config, *, image_mean=None, image_std=None,
@@ -201,50 +167,46 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
   if not g.get("add_cross_attention", False):
     raise ValueError("decoder.add_cross_attention is false: a GPT-2 without "
                      "cross-attention cannot caption (transformers would fail too)")
-  for name, act in (("encoder.hidden_act", _pick(e, "hidden_act", "gelu")),
-                    ("encoder.pooler_act", _pick(e, "pooler_act", "tanh")),
+  for name, act in (("encoder.hidden_act", layers.pick(e, "hidden_act", "gelu")),
+                    ("encoder.pooler_act", layers.pick(e, "pooler_act", "tanh")),
                     ("decoder.activation_function",
-                     _pick(g, "activation_function", "gelu_new"))):
-    if act not in ACTIVATIONS:
+                     layers.pick(g, "activation_function", "gelu_new"))):
+    if act not in layers.ACTIVATIONS:
       raise ValueError(f"{name}={act!r} is not supported; expected one of "
-                       f"{sorted(ACTIVATIONS)}")
-  image_size = _square("encoder.image_size", _pick(e, "image_size", 224))
-  patch_size = _square("encoder.patch_size", _pick(e, "patch_size", 16))
-  num_channels = _pick(e, "num_channels", 3)
-  mean = tuple(float(x) for x in (image_mean if image_mean is not None else VIT_MEAN))
-  std = tuple(float(x) for x in (image_std if image_std is not None else VIT_STD))
-  if len(mean) != num_channels or len(std) != num_channels:
-    raise ValueError(f"image_mean {mean} and image_std {std} must have "
-                     f"num_channels={num_channels} entries")
+                       f"{sorted(layers.ACTIVATIONS)}")
+  image_size = layers.square_side("encoder.image_size", layers.pick(e, "image_size", 224))
+  patch_size = layers.square_side("encoder.patch_size", layers.pick(e, "patch_size", 16))
+  num_channels = layers.pick(e, "num_channels", 3)
+  mean, std = layers.pixel_stats(image_mean, image_std, num_channels, VIT_MEAN, VIT_STD)
   encoder = ViTEncoderConfig(
-      hidden_size=_pick(e, "hidden_size", 768),
-      intermediate_size=_pick(e, "intermediate_size", 3072),
-      num_hidden_layers=_pick(e, "num_hidden_layers", 12),
-      num_attention_heads=_pick(e, "num_attention_heads", 12),
+      hidden_size=layers.pick(e, "hidden_size", 768),
+      intermediate_size=layers.pick(e, "intermediate_size", 3072),
+      num_hidden_layers=layers.pick(e, "num_hidden_layers", 12),
+      num_attention_heads=layers.pick(e, "num_attention_heads", 12),
       image_size=image_size, patch_size=patch_size, num_channels=num_channels,
-      hidden_act=_pick(e, "hidden_act", "gelu"),
-      layer_norm_eps=float(_pick(e, "layer_norm_eps", 1e-12)),
-      qkv_bias=bool(_pick(e, "qkv_bias", True)),
+      hidden_act=layers.pick(e, "hidden_act", "gelu"),
+      layer_norm_eps=float(layers.pick(e, "layer_norm_eps", 1e-12)),
+      qkv_bias=bool(layers.pick(e, "qkv_bias", True)),
       pooler_output_size=e.get("pooler_output_size"),
-      pooler_act=_pick(e, "pooler_act", "tanh"),
+      pooler_act=layers.pick(e, "pooler_act", "tanh"),
       image_mean=mean, image_std=std)
   decoder = GPT2DecoderConfig(
-      vocab_size=_pick(g, "vocab_size", 50257),
-      n_positions=_pick(g, "n_positions", 1024),
-      n_embd=_pick(g, "n_embd", 768),
-      n_layer=_pick(g, "n_layer", 12),
-      n_head=_pick(g, "n_head", 12),
+      vocab_size=layers.pick(g, "vocab_size", 50257),
+      n_positions=layers.pick(g, "n_positions", 1024),
+      n_embd=layers.pick(g, "n_embd", 768),
+      n_layer=layers.pick(g, "n_layer", 12),
+      n_head=layers.pick(g, "n_head", 12),
       n_inner=g.get("n_inner"),
-      activation_function=_pick(g, "activation_function", "gelu_new"),
-      layer_norm_epsilon=float(_pick(g, "layer_norm_epsilon", 1e-5)),
-      scale_attn_weights=bool(_pick(g, "scale_attn_weights", True)),
-      scale_attn_by_inverse_layer_idx=bool(_pick(g, "scale_attn_by_inverse_layer_idx", False)),
-      reorder_and_upcast_attn=bool(_pick(g, "reorder_and_upcast_attn", False)),
-      tie_word_embeddings=bool(_pick(g, "tie_word_embeddings", True)),
+      activation_function=layers.pick(g, "activation_function", "gelu_new"),
+      layer_norm_epsilon=float(layers.pick(g, "layer_norm_epsilon", 1e-5)),
+      scale_attn_weights=bool(layers.pick(g, "scale_attn_weights", True)),
+      scale_attn_by_inverse_layer_idx=bool(layers.pick(g, "scale_attn_by_inverse_layer_idx", False)),
+      reorder_and_upcast_attn=bool(layers.pick(g, "reorder_and_upcast_attn", False)),
+      tie_word_embeddings=bool(layers.pick(g, "tie_word_embeddings", True)),
       cross_attention_hidden_size=g.get("cross_attention_hidden_size"),
-      bos_token_id=_one_id("decoder.bos_token_id", g.get("bos_token_id")),
-      eos_token_id=_one_id("decoder.eos_token_id", g.get("eos_token_id")),
-      pad_token_id=_one_id("decoder.pad_token_id", g.get("pad_token_id")))
+      bos_token_id=layers.one_id("decoder.bos_token_id", g.get("bos_token_id")),
+      eos_token_id=layers.one_id("decoder.eos_token_id", g.get("eos_token_id")),
+      pad_token_id=layers.one_id("decoder.pad_token_id", g.get("pad_token_id")))
   for name, width, heads in (("encoder", encoder.hidden_size, encoder.num_attention_heads),
                              ("decoder", decoder.n_embd, decoder.n_head)):
     if width % heads:
@@ -258,14 +220,14 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
   # GenerationConfig.from_model_config: top-level ids, else the decoder's;
   # _get_decoder_start_token_id falls back to bos; generate pads with eos when
   # there is no pad id.
-  eos = _one_id("eos_token_id", _first(d.get("eos_token_id"), decoder.eos_token_id))
-  start = _one_id("decoder_start_token_id", _first(
+  eos = layers.one_id("eos_token_id", _first(d.get("eos_token_id"), decoder.eos_token_id))
+  start = layers.one_id("decoder_start_token_id", _first(
       d.get("decoder_start_token_id"), g.get("decoder_start_token_id"),
       d.get("bos_token_id"), decoder.bos_token_id))
   if start is None:
     raise ValueError("config has no decoder_start_token_id (nor bos_token_id): "
                      "generation cannot start")
-  pad = _one_id("pad_token_id", _first(d.get("pad_token_id"), decoder.pad_token_id, eos))
+  pad = layers.one_id("pad_token_id", _first(d.get("pad_token_id"), decoder.pad_token_id, eos))
   max_length = _first(d.get("max_length"), g.get("max_length"),
                       min(HF_DEFAULT_MAX_LENGTH, decoder.n_positions))
   return CaptionerConfig(
@@ -292,40 +254,6 @@ def shift_tokens_right(labels, pad_token_id, decoder_start_token_id):
 # ----------------------------------------------------------------------------
 # Modules.
 # ----------------------------------------------------------------------------
-
-
-def _dense(features, dtype, name, use_bias=True, init=nn.initializers.lecun_normal()):
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=init, name=name)
-
-
-def _layer_norm(eps, dtype, name):
-  # use_fast_variance=False: E[(x-mu)^2] as torch does, not E[x^2]-mu^2.
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                      use_fast_variance=False, name=name)
-
-
-def _attend(q, k, v, mask, scale, upcast=False):
-  """Scaled dot-product attention, softmax in float32.
-
-  q: (B, Tq, H, Dh); k, v: (B, Tk, H, Dh); mask: bool broadcastable to
-  (B, H, Tq, Tk), True = attend, or None. Returns (B, Tq, H * Dh) in v's dtype.
-  A query whose keys are all masked attends uniformly (as transformers' eager
-  path with its large negative bias).
-  """
-  if upcast:
-    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-  scores = (jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale).astype(jnp.float32)
-  if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-  return y.reshape(*y.shape[:2], -1)
-
-
-def _heads(x, num_heads):
-  """(B, T, H * Dh) -> (B, T, H, Dh)."""
-  return x.reshape(*x.shape[:2], num_heads, x.shape[-1] // num_heads)
 
 
 # --- ViT encoder -------------------------------------------------------------
@@ -367,11 +295,11 @@ class ViTAttention(nn.Module):
   def __call__(self, x):
     c = self.cfg
     d, n = c.hidden_size, c.num_attention_heads
-    q = _heads(_dense(d, self.dtype, "query", c.qkv_bias)(x), n)
-    k = _heads(_dense(d, self.dtype, "key", c.qkv_bias)(x), n)
-    v = _heads(_dense(d, self.dtype, "value", c.qkv_bias)(x), n)
-    y = _attend(q, k, v, None, (d // n) ** -0.5)
-    return _dense(d, self.dtype, "output")(y)
+    q = layers.split_heads(layers.dense(d, self.dtype, "query", c.qkv_bias)(x), n)
+    k = layers.split_heads(layers.dense(d, self.dtype, "key", c.qkv_bias)(x), n)
+    v = layers.split_heads(layers.dense(d, self.dtype, "value", c.qkv_bias)(x), n)
+    y = layers.attend(q, k, v, None, (d // n) ** -0.5)
+    return layers.dense(d, self.dtype, "output")(y)
 
 
 class ViTLayer(nn.Module):
@@ -382,11 +310,11 @@ class ViTLayer(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.cfg
-    h = _layer_norm(c.layer_norm_eps, self.dtype, "layernorm_before")(x)
+    h = layers.layer_norm(c.layer_norm_eps, self.dtype, "layernorm_before")(x)
     x = x + ViTAttention(c, self.dtype, name="attention")(h)
-    h = _layer_norm(c.layer_norm_eps, self.dtype, "layernorm_after")(x)
-    h = ACTIVATIONS[c.hidden_act](_dense(c.intermediate_size, self.dtype, "fc1")(h))
-    return x + _dense(c.hidden_size, self.dtype, "fc2")(h)
+    h = layers.layer_norm(c.layer_norm_eps, self.dtype, "layernorm_after")(x)
+    h = layers.ACTIVATIONS[c.hidden_act](layers.dense(c.intermediate_size, self.dtype, "fc1")(h))
+    return x + layers.dense(c.hidden_size, self.dtype, "fc2")(h)
 
 
 class ViTEncoder(nn.Module):
@@ -403,14 +331,8 @@ class ViTEncoder(nn.Module):
     config has the pooler; captioning never asks for it.
     """
     c = self.cfg
-    want = (c.image_size, c.image_size, c.num_channels)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images must have shape (B, {want[0]}, {want[1]}, {want[2]}) "
-                       f"(NHWC in [0, 1] at the model's resolution), got {images.shape}")
-    # Normalise in float32 (pixel budgets are tiny), then cast to compute dtype.
-    mean = jnp.asarray(c.image_mean, jnp.float32)
-    std = jnp.asarray(c.image_std, jnp.float32)
-    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    x = layers.normalize_images(images, c.image_size, c.num_channels, c.image_mean,
+                                c.image_std, self.dtype)
     x = ViTPatchEmbedding(c.hidden_size, c.patch_size, self.dtype,
                           name="patch_embeddings")(x)
     init = nn.initializers.truncated_normal(0.02)
@@ -423,11 +345,11 @@ class ViTEncoder(nn.Module):
     layer_cls = nn.remat(ViTLayer) if self.remat else ViTLayer
     for i in range(c.num_hidden_layers):
       x = layer_cls(c, self.dtype, name=f"layers_{i}")(x)
-    x = _layer_norm(c.layer_norm_eps, self.dtype, "layernorm")(x)
+    x = layers.layer_norm(c.layer_norm_eps, self.dtype, "layernorm")(x)
     pooled = None
     if with_pooler and c.add_pooling_layer:
       width = c.pooler_output_size or c.hidden_size
-      pooled = ACTIVATIONS[c.pooler_act](_dense(width, self.dtype, "pooler")(x[:, 0]))
+      pooled = layers.ACTIVATIONS[c.pooler_act](layers.dense(width, self.dtype, "pooler")(x[:, 0]))
     return x, pooled
 
 
@@ -453,15 +375,15 @@ class GPT2SelfAttention(nn.Module):
     the unwritten ones). Returns (y (B, T, D), new cache or None).
     """
     c = self.cfg
-    qkv = _dense(3 * c.n_embd, self.dtype, "c_attn", init=_GPT2_INIT)(x)
-    q, k, v = (_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
+    qkv = layers.dense(3 * c.n_embd, self.dtype, "c_attn", init=_GPT2_INIT)(x)
+    q, k, v = (layers.split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
     if cache is not None:
       ck, cv = cache
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       cache = (k, v)
-    y = _attend(q, k, v, mask, self.scale, c.reorder_and_upcast_attn)
-    return _dense(c.n_embd, self.dtype, "c_proj", init=_GPT2_INIT)(y), cache
+    y = layers.attend(q, k, v, mask, self.scale, c.reorder_and_upcast_attn)
+    return layers.dense(c.n_embd, self.dtype, "c_proj", init=_GPT2_INIT)(y), cache
 
 
 class GPT2CrossAttention(nn.Module):
@@ -473,20 +395,20 @@ class GPT2CrossAttention(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.c_attn = _dense(2 * c.n_embd, self.dtype, None, init=_GPT2_INIT)
-    self.q_attn = _dense(c.n_embd, self.dtype, None, init=_GPT2_INIT)
-    self.c_proj = _dense(c.n_embd, self.dtype, None, init=_GPT2_INIT)
+    self.c_attn = layers.dense(2 * c.n_embd, self.dtype, None, init=_GPT2_INIT)
+    self.q_attn = layers.dense(c.n_embd, self.dtype, None, init=_GPT2_INIT)
+    self.c_proj = layers.dense(c.n_embd, self.dtype, None, init=_GPT2_INIT)
 
   def kv(self, states):
     """states: (B, S, D) -> keys, values, each (B, S, H, Dh)."""
     k, v = jnp.split(self.c_attn(states.astype(self.dtype)), 2, axis=-1)
-    return _heads(k, self.cfg.n_head), _heads(v, self.cfg.n_head)
+    return layers.split_heads(k, self.cfg.n_head), layers.split_heads(v, self.cfg.n_head)
 
   def __call__(self, x, k, v):
     """x: (B, T, D); k, v: (B, S, H, Dh) from kv(). No mask: every encoder
     state is attended (VisionEncoderDecoderModel passes none)."""
-    q = _heads(self.q_attn(x), self.cfg.n_head)
-    y = _attend(q, k, v, None, self.scale, self.cfg.reorder_and_upcast_attn)
+    q = layers.split_heads(self.q_attn(x), self.cfg.n_head)
+    y = layers.attend(q, k, v, None, self.scale, self.cfg.reorder_and_upcast_attn)
     return self.c_proj(y)
 
 
@@ -497,9 +419,9 @@ class GPT2MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.cfg
-    h = _dense(c.inner_dim, self.dtype, "c_fc", init=_GPT2_INIT)(x)
-    h = ACTIVATIONS[c.activation_function](h)
-    return _dense(c.n_embd, self.dtype, "c_proj", init=_GPT2_INIT)(h)
+    h = layers.dense(c.inner_dim, self.dtype, "c_fc", init=_GPT2_INIT)(x)
+    h = layers.ACTIVATIONS[c.activation_function](h)
+    return layers.dense(c.n_embd, self.dtype, "c_proj", init=_GPT2_INIT)(h)
 
 
 class GPT2Block(nn.Module):
@@ -514,11 +436,11 @@ class GPT2Block(nn.Module):
     if c.scale_attn_by_inverse_layer_idx:
       scale /= float(self.layer_idx + 1)
     eps = c.layer_norm_epsilon
-    self.ln_1 = _layer_norm(eps, self.dtype, None)
+    self.ln_1 = layers.layer_norm(eps, self.dtype, None)
     self.attn = GPT2SelfAttention(c, scale, self.dtype)
-    self.ln_cross_attn = _layer_norm(eps, self.dtype, None)
+    self.ln_cross_attn = layers.layer_norm(eps, self.dtype, None)
     self.crossattention = GPT2CrossAttention(c, scale, self.dtype)
-    self.ln_2 = _layer_norm(eps, self.dtype, None)
+    self.ln_2 = layers.layer_norm(eps, self.dtype, None)
     self.mlp = GPT2MLP(c, self.dtype)
 
   def cross_kv(self, states):
@@ -545,9 +467,9 @@ class GPT2Decoder(nn.Module):
                         param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.01))
     block = nn.remat(GPT2Block) if self.remat else GPT2Block
     self.h = [block(c, i, self.dtype) for i in range(c.n_layer)]
-    self.ln_f = _layer_norm(c.layer_norm_epsilon, self.dtype, None)
+    self.ln_f = layers.layer_norm(c.layer_norm_epsilon, self.dtype, None)
     if not c.tie_word_embeddings:
-      self.lm_head = _dense(c.vocab_size, self.dtype, None, use_bias=False, init=_GPT2_INIT)
+      self.lm_head = layers.dense(c.vocab_size, self.dtype, None, use_bias=False, init=_GPT2_INIT)
 
   def cross_kv(self, states):
     """states: (B, S, D) -> (k, v), each (L, B, S, H, Dh), one per block."""
@@ -584,7 +506,7 @@ class CaptionerModule(nn.Module):
     c = self.config
     self.encoder = ViTEncoder(c.encoder, c.dtype, c.remat)
     if c.has_enc_to_dec_proj:
-      self.enc_to_dec_proj = _dense(c.decoder.n_embd, c.dtype, None)
+      self.enc_to_dec_proj = layers.dense(c.decoder.n_embd, c.dtype, None)
     self.decoder = GPT2Decoder(c.decoder, c.dtype, c.remat)
 
   def encode(self, images):
@@ -646,6 +568,11 @@ class Captioner:
   """
   config: CaptionerConfig
   kind = "vision-encoder-decoder"  # config.json's model_type
+  task = "captioning"  # what evaluate.py measures it with (prsl_jax.tasks)
+  # Top-level param keys per tower: the bridge from encoder to decoder width,
+  # when present, trains with the vision tower.
+  towers = {"vision": ("encoder", "enc_to_dec_proj"), "text": ("decoder",),
+            "both": ("encoder", "enc_to_dec_proj", "decoder")}
 
   @property
   def module(self) -> CaptionerModule:
@@ -738,6 +665,11 @@ class Captioner:
     return self.config.encoder.image_size
 
   @property
+  def max_positions(self):
+    """Decoder positions: the longest sequence generation may reach (tokens)."""
+    return self.config.decoder.n_positions
+
+  @property
   def max_length(self):
     """Default generation length (tokens, decoder_start included)."""
     return self.config.max_length
@@ -777,17 +709,8 @@ class Captioner:
 # ----------------------------------------------------------------------------
 
 
-def _linear(hf, fx, bias=True):
-  out = [(f"{hf}.weight", fx + ("kernel",), "linear")]
-  return out + ([(f"{hf}.bias", fx + ("bias",), "copy")] if bias else [])
-
-
 def _conv1d(hf, fx):
   return [(f"{hf}.weight", fx + ("kernel",), "copy"), (f"{hf}.bias", fx + ("bias",), "copy")]
-
-
-def _layer_norm_keys(hf, fx):
-  return [(f"{hf}.weight", fx + ("scale",), "copy"), (f"{hf}.bias", fx + ("bias",), "copy")]
 
 
 def key_map(config):
@@ -805,31 +728,32 @@ def key_map(config):
   for i in range(e.num_hidden_layers):
     h, f = f"encoder.encoder.layer.{i}", enc + (f"layers_{i}",)
     for name in ("query", "key", "value"):
-      out += _linear(f"{h}.attention.attention.{name}", f + ("attention", name), e.qkv_bias)
-    out += _linear(f"{h}.attention.output.dense", f + ("attention", "output"))
-    out += _layer_norm_keys(f"{h}.layernorm_before", f + ("layernorm_before",))
-    out += _layer_norm_keys(f"{h}.layernorm_after", f + ("layernorm_after",))
-    out += _linear(f"{h}.intermediate.dense", f + ("fc1",))
-    out += _linear(f"{h}.output.dense", f + ("fc2",))
-  out += _layer_norm_keys("encoder.layernorm", enc + ("layernorm",))
+      out += layers.linear_keys(f"{h}.attention.attention.{name}", f + ("attention", name),
+                                e.qkv_bias)
+    out += layers.linear_keys(f"{h}.attention.output.dense", f + ("attention", "output"))
+    out += layers.layer_norm_keys(f"{h}.layernorm_before", f + ("layernorm_before",))
+    out += layers.layer_norm_keys(f"{h}.layernorm_after", f + ("layernorm_after",))
+    out += layers.linear_keys(f"{h}.intermediate.dense", f + ("fc1",))
+    out += layers.linear_keys(f"{h}.output.dense", f + ("fc2",))
+  out += layers.layer_norm_keys("encoder.layernorm", enc + ("layernorm",))
   if e.add_pooling_layer:
-    out += _linear("encoder.pooler.dense", enc + ("pooler",))
+    out += layers.linear_keys("encoder.pooler.dense", enc + ("pooler",))
   if config.has_enc_to_dec_proj:
-    out += _linear("enc_to_dec_proj", ("enc_to_dec_proj",))
+    out += layers.linear_keys("enc_to_dec_proj", ("enc_to_dec_proj",))
   out += [("decoder.transformer.wte.weight", dec + ("wte", "embedding"), "copy"),
           ("decoder.transformer.wpe.weight", dec + ("wpe", "embedding"), "copy")]
   for i in range(g.n_layer):
     h, f = f"decoder.transformer.h.{i}", dec + (f"h_{i}",)
-    out += _layer_norm_keys(f"{h}.ln_1", f + ("ln_1",))
+    out += layers.layer_norm_keys(f"{h}.ln_1", f + ("ln_1",))
     out += _conv1d(f"{h}.attn.c_attn", f + ("attn", "c_attn"))
     out += _conv1d(f"{h}.attn.c_proj", f + ("attn", "c_proj"))
-    out += _layer_norm_keys(f"{h}.ln_cross_attn", f + ("ln_cross_attn",))
+    out += layers.layer_norm_keys(f"{h}.ln_cross_attn", f + ("ln_cross_attn",))
     for name in ("c_attn", "q_attn", "c_proj"):
       out += _conv1d(f"{h}.crossattention.{name}", f + ("crossattention", name))
-    out += _layer_norm_keys(f"{h}.ln_2", f + ("ln_2",))
+    out += layers.layer_norm_keys(f"{h}.ln_2", f + ("ln_2",))
     out += _conv1d(f"{h}.mlp.c_fc", f + ("mlp", "c_fc"))
     out += _conv1d(f"{h}.mlp.c_proj", f + ("mlp", "c_proj"))
-  out += _layer_norm_keys("decoder.transformer.ln_f", dec + ("ln_f",))
+  out += layers.layer_norm_keys("decoder.transformer.ln_f", dec + ("ln_f",))
   if not g.tie_word_embeddings:
     out += [("decoder.lm_head.weight", dec + ("lm_head", "kernel"), "linear")]
   return out
@@ -949,3 +873,6 @@ def from_hf(hf_config, *, image_mean=None, image_std=None, dtype=jnp.float32, re
 
 def vocab_size(model):
   return model.config.decoder.vocab_size
+
+
+MODEL = Captioner  # the static model class of this kind (models/__init__.py)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from prsl_jax.losses import l2_normalize
+from prsl_jax.models import layers
 
 # OpenAI CLIP's pixel statistics, used when a checkpoint has no
 # preprocessor_config.json.
@@ -88,11 +89,6 @@ class CLIPConfig:
   remat: bool = False  # nn.remat each encoder layer (memory for compute)
 
 
-def _pick(d, key, default=None):
-  v = d.get(key, default)
-  return default if v is None else v
-
-
 def config_from_hf(hf_config, *, image_mean=None, image_std=None,
                    dtype=jnp.float32, remat=False):
   """Our CLIPConfig from a transformers CLIPConfig (or its config.json dict).
@@ -107,66 +103,51 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
   d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
   v, t = d.get("vision_config") or {}, d.get("text_config") or {}
   for name, sub in (("vision_config", v), ("text_config", t)):
-    act = _pick(sub, "hidden_act", "quick_gelu")
+    act = layers.pick(sub, "hidden_act", "quick_gelu")
     if act not in ACTIVATIONS:
       raise ValueError(f"{name}.hidden_act={act!r} is not supported; "
                        f"expected one of {sorted(ACTIVATIONS)}")
-  image_size, patch_size = _pick(v, "image_size", 224), _pick(v, "patch_size", 32)
+  image_size, patch_size = layers.pick(v, "image_size", 224), layers.pick(v, "patch_size", 32)
   for name, val in (("image_size", image_size), ("patch_size", patch_size)):
     if not isinstance(val, int):
       raise ValueError(f"vision_config.{name} must be an int (square images, as "
                        f"transformers' CLIPVisionEmbeddings assumes), got {val!r}")
-  eos = _pick(t, "eos_token_id", 49407)
+  eos = layers.pick(t, "eos_token_id", 49407)
   if not isinstance(eos, int):
     raise ValueError(f"text_config.eos_token_id must be one int, got {eos!r}")
-  num_channels = _pick(v, "num_channels", 3)
-  mean = tuple(float(x) for x in (image_mean if image_mean is not None else OPENAI_CLIP_MEAN))
-  std = tuple(float(x) for x in (image_std if image_std is not None else OPENAI_CLIP_STD))
-  if len(mean) != num_channels or len(std) != num_channels:
-    raise ValueError(f"image_mean {mean} and image_std {std} must have "
-                     f"num_channels={num_channels} entries")
+  num_channels = layers.pick(v, "num_channels", 3)
+  mean, std = layers.pixel_stats(image_mean, image_std, num_channels, OPENAI_CLIP_MEAN,
+                                 OPENAI_CLIP_STD)
   vision = VisionConfig(
-      hidden_size=_pick(v, "hidden_size", 768),
-      intermediate_size=_pick(v, "intermediate_size", 3072),
-      num_hidden_layers=_pick(v, "num_hidden_layers", 12),
-      num_attention_heads=_pick(v, "num_attention_heads", 12),
+      hidden_size=layers.pick(v, "hidden_size", 768),
+      intermediate_size=layers.pick(v, "intermediate_size", 3072),
+      num_hidden_layers=layers.pick(v, "num_hidden_layers", 12),
+      num_attention_heads=layers.pick(v, "num_attention_heads", 12),
       image_size=image_size, patch_size=patch_size, num_channels=num_channels,
-      hidden_act=_pick(v, "hidden_act", "quick_gelu"),
-      layer_norm_eps=float(_pick(v, "layer_norm_eps", 1e-5)),
+      hidden_act=layers.pick(v, "hidden_act", "quick_gelu"),
+      layer_norm_eps=float(layers.pick(v, "layer_norm_eps", 1e-5)),
       image_mean=mean, image_std=std)
   text = TextConfig(
-      vocab_size=_pick(t, "vocab_size", 49408),
-      hidden_size=_pick(t, "hidden_size", 512),
-      intermediate_size=_pick(t, "intermediate_size", 2048),
-      num_hidden_layers=_pick(t, "num_hidden_layers", 12),
-      num_attention_heads=_pick(t, "num_attention_heads", 8),
-      max_position_embeddings=_pick(t, "max_position_embeddings", 77),
-      hidden_act=_pick(t, "hidden_act", "quick_gelu"),
-      layer_norm_eps=float(_pick(t, "layer_norm_eps", 1e-5)),
+      vocab_size=layers.pick(t, "vocab_size", 49408),
+      hidden_size=layers.pick(t, "hidden_size", 512),
+      intermediate_size=layers.pick(t, "intermediate_size", 2048),
+      num_hidden_layers=layers.pick(t, "num_hidden_layers", 12),
+      num_attention_heads=layers.pick(t, "num_attention_heads", 8),
+      max_position_embeddings=layers.pick(t, "max_position_embeddings", 77),
+      hidden_act=layers.pick(t, "hidden_act", "quick_gelu"),
+      layer_norm_eps=float(layers.pick(t, "layer_norm_eps", 1e-5)),
       eos_token_id=eos,
-      bos_token_id=_pick(t, "bos_token_id", 49406),
-      pad_token_id=_pick(t, "pad_token_id", 1))
+      bos_token_id=layers.pick(t, "bos_token_id", 49406),
+      pad_token_id=layers.pick(t, "pad_token_id", 1))
   for name, sub in (("vision_config", vision), ("text_config", text)):
     if sub.hidden_size % sub.num_attention_heads:
       raise ValueError(f"{name}.hidden_size={sub.hidden_size} is not a multiple of "
                        f"num_attention_heads={sub.num_attention_heads}")
   return CLIPConfig(
       vision=vision, text=text,
-      projection_dim=_pick(d, "projection_dim", 512),
-      logit_scale_init_value=float(_pick(d, "logit_scale_init_value", 2.6592)),
+      projection_dim=layers.pick(d, "projection_dim", 512),
+      logit_scale_init_value=float(layers.pick(d, "logit_scale_init_value", 2.6592)),
       dtype=jnp.dtype(dtype), remat=bool(remat))
-
-
-def _dense(features, dtype, name, use_bias=True):
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype,
-                  param_dtype=jnp.float32, name=name)
-
-
-def _layer_norm(eps, dtype, name):
-  # use_fast_variance=False: E[(x-mu)^2] as torch does, not E[x^2]-mu^2, which
-  # loses ~1e-5 relative precision on CLIP's large residual streams.
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                      use_fast_variance=False, name=name)
 
 
 class Attention(nn.Module):
@@ -181,12 +162,12 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     head_dim = self.hidden_size // self.num_heads
     split = lambda y: y.reshape(b, t, self.num_heads, head_dim)
-    q = split(_dense(self.hidden_size, self.dtype, "q_proj")(x))
-    k = split(_dense(self.hidden_size, self.dtype, "k_proj")(x))
-    v = split(_dense(self.hidden_size, self.dtype, "v_proj")(x))
+    q = split(layers.dense(self.hidden_size, self.dtype, "q_proj")(x))
+    k = split(layers.dense(self.hidden_size, self.dtype, "k_proj")(x))
+    v = split(layers.dense(self.hidden_size, self.dtype, "v_proj")(x))
     # Default scale is head_dim**-0.5, as in CLIPAttention.
     y = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return _dense(self.hidden_size, self.dtype, "out_proj")(y.reshape(b, t, -1))
+    return layers.dense(self.hidden_size, self.dtype, "out_proj")(y.reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -197,9 +178,9 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = _dense(self.intermediate_size, self.dtype, "fc1")(x)
+    x = layers.dense(self.intermediate_size, self.dtype, "fc1")(x)
     x = ACTIVATIONS[self.act](x)
-    return _dense(self.hidden_size, self.dtype, "fc2")(x)
+    return layers.dense(self.hidden_size, self.dtype, "fc2")(x)
 
 
 class EncoderLayer(nn.Module):
@@ -213,9 +194,9 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None):
-    h = _layer_norm(self.eps, self.dtype, "layer_norm1")(x)
+    h = layers.layer_norm(self.eps, self.dtype, "layer_norm1")(x)
     x = x + Attention(self.hidden_size, self.num_heads, self.dtype, name="self_attn")(h, mask)
-    h = _layer_norm(self.eps, self.dtype, "layer_norm2")(x)
+    h = layers.layer_norm(self.eps, self.dtype, "layer_norm2")(x)
     mlp = MLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")
     return x + mlp(h)
 
@@ -307,18 +288,12 @@ class VisionTransformer(nn.Module):
   def __call__(self, images):
     """images: (B, H, W, C) float in [0, 1] at the model's resolution."""
     cfg = self.cfg
-    want = (cfg.image_size, cfg.image_size, cfg.num_channels)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images must have shape (B, {want[0]}, {want[1]}, {want[2]}) "
-                       f"(NHWC in [0, 1] at the model's resolution), got {images.shape}")
-    # Normalise in float32 (pixel budgets are tiny), then cast to compute dtype.
-    mean = jnp.asarray(cfg.image_mean, jnp.float32)
-    std = jnp.asarray(cfg.image_std, jnp.float32)
-    x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    x = layers.normalize_images(images, cfg.image_size, cfg.num_channels, cfg.image_mean,
+                                cfg.image_std, self.dtype)
     x = VisionEmbeddings(cfg, self.dtype, name="embeddings")(x)
-    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)  # sic, HF's name
+    x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, "pre_layrnorm")(x)  # sic, HF's name
     x = _encoder(cfg, self.dtype, self.remat)(x)
-    return _layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
+    return layers.layer_norm(cfg.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])
 
 
 class TextEmbeddings(nn.Module):
@@ -360,7 +335,7 @@ class TextTransformer(nn.Module):
                          f"input_ids shape {input_ids.shape}")
       mask = mask & (attention_mask[:, None, None, :] > 0)
     x = _encoder(cfg, self.dtype, self.remat)(x, mask)
-    x = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
+    x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     if cfg.eos_token_id == 2:
       # Legacy configs (before transformers PR #24773): EOS = largest token id.
       eos_pos = jnp.argmax(input_ids, axis=-1)
@@ -379,8 +354,8 @@ class CLIPModule(nn.Module):
     c = self.config
     self.vision_model = VisionTransformer(c.vision, c.dtype, c.remat)
     self.text_model = TextTransformer(c.text, c.dtype, c.remat)
-    self.visual_projection = _dense(c.projection_dim, c.dtype, None, use_bias=False)
-    self.text_projection = _dense(c.projection_dim, c.dtype, None, use_bias=False)
+    self.visual_projection = layers.dense(c.projection_dim, c.dtype, None, use_bias=False)
+    self.text_projection = layers.dense(c.projection_dim, c.dtype, None, use_bias=False)
     self.logit_scale = self.param(
         "logit_scale", nn.initializers.constant(c.logit_scale_init_value), (), jnp.float32)
 
@@ -423,6 +398,12 @@ class CLIP:
   """
   config: CLIPConfig
   kind = "clip"  # config.json's model_type
+  task = "classification"  # what evaluate.py measures it with (prsl_jax.tasks)
+  # Top-level param keys per tower (config.train_towers; the optimizer masks by them).
+  towers = {"vision": ("vision_model", "visual_projection"),
+            "text": ("text_model", "text_projection", "logit_scale"),
+            "both": ("vision_model", "visual_projection", "text_model", "text_projection",
+                     "logit_scale")}
 
   @property
   def module(self) -> CLIPModule:
@@ -568,3 +549,6 @@ def from_hf(hf_config, *, image_mean=None, image_std=None, dtype=jnp.float32, re
 
 def vocab_size(model):
   return model.config.text.vocab_size
+
+
+MODEL = CLIP  # the static model class of this kind (models/__init__.py)

@@ -55,7 +55,8 @@ class Pretrained(NamedTuple):
 
 
 # config.json model_type -> the module that defines that kind of model. Each
-# defines: from_hf(hf_config, *, image_mean, image_std, dtype, remat) -> model,
+# defines (the model protocol, prsl_jax/models/__init__.py): MODEL, its static
+# model class; from_hf(hf_config, *, image_mean, image_std, dtype, remat) -> model,
 # key_map(config), config_to_hf(config), preprocessor_config(config),
 # load_tokenizer(folder), vocab_size(model); optionally
 # adapt_state_dict(state_dict, model) -> (state_dict, model), which load_pretrained
@@ -64,6 +65,14 @@ class Pretrained(NamedTuple):
 # applies before writing (the inverse, e.g. BLIP-2's fused qkv bias).
 MODEL_KINDS = {"clip": clip_lib, "vision-encoder-decoder": captioner_lib,
                "blip-2": blip2_lib}
+
+
+def model_class(model_type):
+  """The static model class of a config.json model_type (e.g. clip.CLIP)."""
+  if model_type not in MODEL_KINDS:
+    raise ValueError(f"unknown model_type {model_type!r}; prsl_jax loads "
+                     f"{sorted(MODEL_KINDS)}")
+  return MODEL_KINDS[model_type].MODEL
 
 
 def _model_module(model):

@@ -29,9 +29,11 @@ import numpy as np
 _NEG = -1.0e9
 
 
-def _resolve_max_length(model, max_length):
+def resolve_max_length(model, max_length):
+  """max_length (tokens, decoder_start included), or the model's default when None;
+  an int in [2, model.max_positions], else a one-line error."""
   max_length = model.max_length if max_length is None else max_length
-  n = model.config.decoder.n_positions
+  n = model.max_positions
   if not isinstance(max_length, (int, np.integer)) or not 2 <= max_length <= n:
     raise ValueError(f"max_length must be an int in [2, n_positions={n}] (tokens, "
                      f"decoder_start included), got {max_length!r}")
@@ -56,17 +58,16 @@ def greedy(model, params, images, *, max_length=None):
     stops there and returns fewer columns). With eos_token_id None every
     sequence runs to max_length.
   """
-  return _greedy(model, params, images, _resolve_max_length(model, max_length))
+  return _greedy(model, params, images, resolve_max_length(model, max_length))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _greedy(model, params, images, max_length):
-  c = model.config
-  eos, pad = c.eos_token_id, c.pad_token_id
+  eos, pad = model.eos_token_id, model.pad_token_id
   b = images.shape[0]
   cache = model.init_cache(params, model.encode(params, images), max_length)
   seq = jnp.full((b, max_length), 0 if pad is None else pad, jnp.int32)
-  seq = seq.at[:, 0].set(c.decoder_start_token_id)
+  seq = seq.at[:, 0].set(model.decoder_start_token_id)
 
   def cond(state):
     cur_len, _, _, unfinished = state
@@ -121,11 +122,11 @@ def beam_search(model, params, images, *, num_beams, max_length=None,
     raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
   if early_stopping not in (True, False, "never"):
     raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-  return _beam_search(model, params, images, _resolve_max_length(model, max_length),
+  return _beam_search(model, params, images, resolve_max_length(model, max_length),
                       int(num_beams), float(length_penalty), early_stopping)
 
 
-def _pow_table(n, length_penalty):
+def pow_table(n, length_penalty):
   """float32(k ** length_penalty) for k = 0..n, computed in float64 as
   transformers does in Python, then rounded once."""
   with np.errstate(divide="ignore"):
@@ -135,12 +136,11 @@ def _pow_table(n, length_penalty):
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
 def _beam_search(model, params, images, max_length, num_beams, length_penalty,
                  early_stopping):
-  c = model.config
-  eos, pad = c.eos_token_id, c.pad_token_id
+  eos, pad = model.eos_token_id, model.pad_token_id
   b, k, big_l = images.shape[0], num_beams, max_length
   w = 2 * k  # beams_to_keep = max(2, 1 + n_eos) * num_beams, n_eos <= 1
   fill = -1 if eos is None else (pad if pad else eos)  # `pad or eos if eos else -1`
-  pow_len = _pow_table(big_l, length_penalty)
+  pow_len = pow_table(big_l, length_penalty)
   top_num_beam_mask = jnp.arange(w) < k
 
   # Encoder once per image; its states repeated per beam (transformers expands
@@ -149,7 +149,7 @@ def _beam_search(model, params, images, max_length, num_beams, length_penalty,
   cache = model.init_cache(params, states, big_l)
 
   running_seq = jnp.full((b, k, big_l), fill, jnp.int32)
-  running_seq = running_seq.at[:, :, 0].set(c.decoder_start_token_id)
+  running_seq = running_seq.at[:, :, 0].set(model.decoder_start_token_id)
   running_scores = jnp.where(jnp.arange(k) == 0, 0.0, _NEG).astype(jnp.float32)
   running_scores = jnp.broadcast_to(running_scores, (b, k))
   state = dict(

@@ -1,0 +1,95 @@
+"""The zero-shot benchmark's records: class counts against TFDS, templates,
+names, the named lists and protocols."""
+
+import collections
+
+import pytest
+
+from prsl_jax import benchmarks
+from prsl_jax import evaluation
+
+# OpenAI's ImageNet names (and so CLIP_benchmark's) repeat two: 'missile'
+# (657 missile, 744 projectile) and 'sunglasses' (836 sunglass, 837 sunglasses).
+CLIP_IMAGENET_REPEATS = {"missile": [657, 744], "sunglasses": [836, 837]}
+
+
+def test_class_counts_match_tfds():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  for d in benchmarks.DATASETS.values():
+    # builder(...).info reads the dataset's metadata shipped with TFDS: no download.
+    label = tfds.builder(d.tfds_name).info.features["label"]
+    if d.labels is None:
+      assert d.num_classes == label.num_classes, d.name
+    else:
+      assert len(d.labels) == d.num_classes < label.num_classes, d.name
+      assert list(d.labels) == sorted(set(d.labels)) and d.labels[-1] < label.num_classes
+
+
+def test_imagenet_r_is_its_200_classes():
+  d = benchmarks.get_dataset("imagenet_r")
+  assert d.num_classes == 200 and d.tfds_name == "imagenet_r"
+  names = dict(zip(d.labels, d.class_names))
+  assert names[1] == "goldfish" and names[2] == "great white shark" and names[988] == "acorn"
+  assert 0 not in names  # tench is not an ImageNet-R class
+
+
+def test_templates_and_names():
+  known = {"cifar10": 10, "cifar100": 100, "stl10": 10, "caltech101": 102,
+           "oxford_iiit_pet": 37, "oxford_flowers102": 102, "dtd": 47, "eurosat": 10,
+           "patch_camelyon": 2, "cars196": 196, "food101": 101, "sun397": 397,
+           "imagenet2012": 1000, "imagenet_r": 200, "imagenet_sketch": 1000}
+  assert {n: d.num_classes for n, d in benchmarks.DATASETS.items()} == known
+  for name, d in benchmarks.DATASETS.items():
+    assert d.name == name
+    assert d.templates and all(t.count("{}") == 1 for t in d.templates), name
+    assert d.tecoa_template.count("{}") == 1, name
+    assert len(set(d.templates)) == len(d.templates), name
+    assert all(t.format("x") != t for t in d.templates)
+    assert d.num_examples == (5000 if name == "imagenet2012" else 1000)
+    counts = collections.Counter(d.class_names)
+    repeats = {n: [i for i, m in enumerate(d.class_names) if m == n]
+               for n, c in counts.items() if c > 1}
+    expected = CLIP_IMAGENET_REPEATS if name in ("imagenet2012", "imagenet_sketch") else {}
+    assert repeats == expected, (name, repeats)
+  assert len(benchmarks.TEMPLATES["imagenet1k"]) == 80
+  assert benchmarks.DATASETS["imagenet2012"].templates == benchmarks.TEMPLATES["imagenet1k"]
+
+
+def test_benchmarks_name_records_and_list_the_missing():
+  for name, names in benchmarks.BENCHMARKS.items():
+    assert len(set(names)) == len(names), name
+    assert set(names) <= set(benchmarks.DATASETS), name
+    assert not set(names) & set(benchmarks.NOT_IN_TFDS)
+  assert len(benchmarks.BENCHMARKS["fare"]) == 13  # ImageNet + 13 zero-shot - FGVC
+  assert len(benchmarks.BENCHMARKS["tecoa"]) == 13  # TeCoA's 17 - 4 not in TFDS
+  missing = {n for n, v in benchmarks.NOT_IN_TFDS.items() if "tecoa" in v[:-1]}
+  assert missing == {"fgvc_aircraft", "caltech256", "country211", "hateful_memes"}
+  assert [d.name for d in benchmarks.resolve("fare")] == list(benchmarks.BENCHMARKS["fare"])
+  assert [d.name for d in benchmarks.resolve("cifar10, dtd")] == ["cifar10", "dtd"]
+  with pytest.raises(ValueError, match="not in TFDS"):
+    benchmarks.resolve("cifar10,fgvc_aircraft")
+  with pytest.raises(ValueError, match="unknown dataset 'cifar11'"):
+    benchmarks.resolve("cifar11")
+  with pytest.raises(ValueError, match="named twice"):
+    benchmarks.resolve("dtd,dtd")
+  with pytest.raises(ValueError, match="benchmark name"):
+    benchmarks.resolve(" ")
+
+
+def test_protocols_name_known_suites():
+  assert set(benchmarks.PROTOCOLS) == {"tecoa", "fare", "standard"}
+  for name, p in benchmarks.PROTOCOLS.items():
+    assert p.name == name and p.templates in ("benchmark", "tecoa", "default")
+    for suite in p.suites:
+      evaluation.make_suite(suite)  # a suite or attack the evaluator knows
+    assert all(0 < e <= 4 / 255 for e in p.eps)
+  fare = benchmarks.get_protocol("fare")
+  assert fare.eps == (2 / 255, 4 / 255) and fare.steps == 100 and fare.num_targets == 9
+  assert evaluation.SUITES["fast"] == ("apgd-ce", "apgd-t")
+  tecoa = benchmarks.get_protocol("tecoa")
+  assert tecoa.eps == (1 / 255,) and tecoa.steps == 100 and "pgd-ce" in tecoa.suites
+  assert benchmarks.get_dataset("dtd").tecoa_template == "A surface with a {} texture."
+  assert benchmarks.get_dataset("cifar10").tecoa_template == "This is a photo of a {}"
+  assert benchmarks.get_protocol("standard").suites == ("standard",)
+  with pytest.raises(ValueError, match="unknown protocol"):
+    benchmarks.get_protocol("tgazsr")
