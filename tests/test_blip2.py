@@ -28,7 +28,9 @@ import safetensors.numpy
 import torch
 import transformers
 
+from prsl_jax import captioning
 from prsl_jax import losses
+from prsl_jax import tasks
 from prsl_jax.models import blip2
 from prsl_jax.models import blip2_generation as gen
 from prsl_jax.models.convert import load_pretrained, save_pretrained
@@ -488,6 +490,32 @@ def test_token_prsl_on_answer_tokens(ckpts):
   np.testing.assert_allclose(prsl, ref, atol=1e-5, rtol=0)
   assert abs(prsl - ce) > 1e-3  # the spread term counts
 
+  # The captioning task (train.py's objective 'captioning') on BLIP-2: labels
+  # are the caption's tokens and EOS (captioning.tokenize_captions' layout),
+  # its inputs bos + caption (teacher_forcing), and TASK.logits runs OPT after
+  # the image placeholders: the mean CE is transformers' loss with the image
+  # placeholders and bos at -100.
+  task = tasks.for_model(model)
+  assert task is tasks.TASKS["captioning"]
+  tasks.check_fits(task, model, "a BLIP-2")
+  cap_labels = np.full((N_IMAGES, 5), -100, np.int32)
+  cap_labels[:, :4] = answers[:, :1].repeat(4, 1) + np.arange(4)
+  cap_labels[1, 2:] = -100
+  batch = captioning.teacher_forcing(model, cap_labels)
+  assert (batch["decoder_input_ids"][:, 0] == model.bos_token_id).all()
+  cap_logits = task.logits(params, batch, ckpt.images, {}, model=model)
+  assert cap_logits.shape == (N_IMAGES, 5, VOCAB)
+  full = np.concatenate([model.prompt_ids(batch_size=N_IMAGES), cap_labels], axis=1)
+  hf_labels = np.where(full == -100, -100, full)
+  hf_labels[:, :model.num_query_tokens + 1] = -100
+  full = np.where(full == -100, pad, full).astype(np.int64)
+  with torch.no_grad():
+    ref_ce = ckpt.hf(pixel_values=_pixel_values(ckpt.images, ckpt.mean, ckpt.std),
+                     input_ids=torch.from_numpy(full),
+                     labels=torch.from_numpy(hf_labels.astype(np.int64))).loss.item()
+  np.testing.assert_allclose(losses.mean_cross_entropy(cap_logits, task.labels(batch)),
+                             ref_ce, atol=1e-5, rtol=0)
+
 
 def test_bundled_tiny_blip2_answers_the_digits():
   # The checkpoint scripts/pretrain_tiny_blip2.py makes (prsl_jax/assets/
@@ -495,7 +523,7 @@ def test_bundled_tiny_blip2_answers_the_digits():
   # was trained on.
   import prsl_jax  # pylint: disable=g-import-not-at-top
   from prsl_jax import data  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(prsl_jax.TINY_CAPTIONER), "tiny_blip2")
+  path = prsl_jax.TINY_BLIP2
   model, params, tok = load_pretrained(path)
   assert tok is not None and tok.convert_tokens_to_ids("<image>") == model.image_token_id
   source, _ = data.load("digits", "test", image_size=model.image_size)
@@ -508,6 +536,15 @@ def test_bundled_tiny_blip2_answers_the_digits():
                         else r).strip() for r in out.tolist()]
   right = np.mean([a == data.DIGIT_NAMES[source.labels[i]] for a, i in zip(answers, idx)])
   assert right >= 0.8, answers
+  # The captioning task's entry (model.caption): bos, then the greedy caption,
+  # which names the digit.
+  tokens = np.asarray(model.caption(params, images, max_length=5))
+  assert tokens.shape == (len(idx), 5) and (tokens[:, 0] == model.bos_token_id).all()
+  np.testing.assert_array_equal(tokens[:, 1:], gen.greedy(model, params, images,
+                                                          max_new_tokens=4))
+  texts = captioning.decode(tok, tokens)
+  named = np.mean([data.DIGIT_NAMES[source.labels[i]] in t.split() for t, i in zip(texts, idx)])
+  assert named >= 0.8, texts
 
 
 def test_trainable_mask_covers_the_parts():

@@ -18,9 +18,13 @@ argument, holding no arrays; params are always an argument) provides:
     CLIP-like   encode_images(params, images) -> (B, D),
                 encode_texts(params, ids, mask) -> (B, D), logit_scale(params),
                 max_text_length
-    captioners  logits(params, images, decoder_input_ids, mask) -> (B, T, V),
-                encode, init_cache, decode_step (generation), max_length,
-                max_positions, vocab_size and the special token ids
+    captioners  caption_logits(params, images, decoder_input_ids, mask) ->
+                (B, T, V) (position t predicts token t + 1), caption(params,
+                images, max_length) -> greedy tokens (B, max_length) starting
+                with decoder_start_token_id, max_length, max_positions,
+                vocab_size and the special token ids (captioner and blip2;
+                each has its own decoding: encode, init_cache, decode_step or
+                prefill, decode_step)
 
 and the module exposes MODEL (that class) and the conversion functions listed
 at convert.MODEL_KINDS (from_hf, key_map, config_to_hf, preprocessor_config,

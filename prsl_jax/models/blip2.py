@@ -50,7 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from prsl_jax import losses
+from prsl_jax.models import blip2_generation
 from prsl_jax.models import captioner
+from prsl_jax.models import generation
 from prsl_jax.models import layers
 
 # Blip2Processor's (BlipImageProcessor's) defaults: OpenAI CLIP's statistics.
@@ -633,6 +635,35 @@ class Blip2:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     return self.module.apply({"params": params}, images, input_ids, attention_mask)
 
+  def caption_logits(self, params, images, decoder_input_ids, decoder_attention_mask=None):
+    """The captioning task's token logits (B, T, V) float32, as a captioner's.
+
+    decoder_input_ids: (B, T) int, the caption after the image: bos (+ prompt),
+    then its tokens (captioning.teacher_forcing builds them from labels with
+    decoder_start_token_id = bos); decoder_attention_mask: (B, T), 0 = padding.
+    Runs logits() on [image_token_id] * Q + decoder_input_ids and drops the Q
+    placeholder positions, so position t predicts decoder_input_ids[:, t + 1]
+    and labels of IGNORE_INDEX on the prompt keep it out of the loss (as
+    lm_labels).
+    """
+    b, q = decoder_input_ids.shape[0], self.config.num_query_tokens
+    ids = jnp.concatenate([jnp.full((b, q), self.config.image_token_id, jnp.int32),
+                           jnp.asarray(decoder_input_ids, jnp.int32)], axis=1)
+    mask = None
+    if decoder_attention_mask is not None:
+      mask = jnp.concatenate([jnp.ones((b, q), jnp.int32),
+                              jnp.asarray(decoder_attention_mask, jnp.int32)], axis=1)
+    return self.logits(params, images, ids, mask)[:, q:]
+
+  def caption(self, params, images, max_length=None):
+    """The captioning task's greedy captions (B, max_length) int32, as a
+    captioner's: bos, then blip2_generation.greedy's max_length - 1 tokens
+    (EOS, then pad); max_length None: self.max_length."""
+    n = generation.resolve_max_length(self, max_length)
+    new = blip2_generation.greedy(self, params, images, max_new_tokens=n - 1)
+    bos = jnp.full((images.shape[0], 1), self.bos_token_id, jnp.int32)
+    return jnp.concatenate([bos, new], axis=1)
+
   def prefill(self, params, images, input_ids, attention_mask=None, *, max_new_tokens):
     """Runs the prompt once and returns (logits (B, V) float32 of the token
     after the prompt, the decoding cache for max_new_tokens more tokens).
@@ -730,6 +761,21 @@ class Blip2:
   @property
   def vocab_size(self):
     return self.config.text.vocab_size
+
+  @property
+  def max_positions(self):
+    """Caption tokens (bos included) that fit after the Q image placeholders."""
+    return self.config.text.max_position_embeddings - self.config.num_query_tokens
+
+  @property
+  def max_length(self):
+    """Default caption length (tokens, bos included): transformers' 20, capped."""
+    return min(captioner.HF_DEFAULT_MAX_LENGTH, self.max_positions)
+
+  @property
+  def decoder_start_token_id(self):
+    """The token a caption's teacher-forced inputs start with (bos)."""
+    return self.config.text.bos_token_id
 
   @property
   def num_query_tokens(self):

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prsl_jax.models import generation
 from prsl_jax.models import layers
 
 # ViTImageProcessor's defaults (and nlpconnect/vit-gpt2-image-captioning's).
@@ -618,6 +619,16 @@ class Captioner:
     self._check_ids(decoder_input_ids, decoder_attention_mask)
     return self.module.apply({"params": params}, images, decoder_input_ids,
                              decoder_attention_mask)
+
+  def caption_logits(self, params, images, decoder_input_ids, decoder_attention_mask=None):
+    """The captioning task's token logits (B, T, V) float32: logits(). Position
+    t predicts decoder_input_ids[:, t + 1] (tasks/captioning.py)."""
+    return self.logits(params, images, decoder_input_ids, decoder_attention_mask)
+
+  def caption(self, params, images, max_length=None):
+    """The captioning task's greedy captions (B, max_length) int32:
+    generation.greedy (decoder_start, tokens, EOS, then pad)."""
+    return generation.greedy(self, params, images, max_length=max_length)
 
   def init_cache(self, params, encoder_states, max_length):
     """Decoding cache for N = encoder_states.shape[0] sequences.
