@@ -565,3 +565,29 @@ def test_trainable_mask_covers_the_parts():
       blip2.trainable_mask(shapes, "qformer")["vision_model"])[0])
   with pytest.raises(ValueError, match="parts="):
     blip2.trainable_mask(shapes, "decoder")
+
+
+@pytest.mark.heavy(90)
+def test_digits_blip2_config_trains_and_evaluates_through_the_trainer(tmp_path):
+  # configs/digits_blip2.py end to end in one process, shrunk: PRSL on the
+  # caption tokens trains everything before OPT (the authors' setting) and
+  # leaves OPT as it was; the paper's suite then runs on both models.
+  import prsl_jax  # pylint: disable=g-import-not-at-top
+  from configs import digits_blip2  # pylint: disable=g-import-not-at-top
+  from prsl_jax import trainer  # pylint: disable=g-import-not-at-top
+  c = digits_blip2.get_config("runlocal")
+  c.update_from_flattened_dict({
+      "total_steps": 2, "checkpoint_every": 2, "compare_losses": (), "eval.num_examples": 8,
+      "eval.suites": ("paper",), "eval.steps": 1, "eval.eps": (4 / 255,)})
+  out = trainer.run(c, str(tmp_path))
+  assert set(out["results"]) == {"start", "prsl fine-tuned"}
+  assert "keyword acc." in out["table"]
+  start = out["results"]["start"]
+  assert start.checks.passed and len(start.clean_captions) == 8
+  before = load_pretrained(prsl_jax.TINY_BLIP2).params
+  after = load_pretrained(str(tmp_path / "prsl" / "export")).params
+  moved = {k: max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                  for a, b in zip(jax.tree.leaves(after[k]), jax.tree.leaves(before[k])))
+           for k in before}
+  assert moved["language_model"] == 0.0, moved
+  assert all(moved[k] > 0 for k in blip2.Blip2.towers["vision"]), moved
