@@ -565,6 +565,11 @@ def test_trainable_mask_covers_the_parts():
       blip2.trainable_mask(shapes, "qformer")["vision_model"])[0])
   with pytest.raises(ValueError, match="parts="):
     blip2.trainable_mask(shapes, "decoder")
+  # The trainer's train_towers reach the same parts (training.trainable_keys).
+  from prsl_jax import training  # pylint: disable=g-import-not-at-top
+  assert training.trainable_keys(model, "vision") == blip2.TRAINABLE_PARTS["authors"]
+  assert training.trainable_keys(model, "qformer") == ("query_tokens", "qformer",
+                                                       "language_projection")
 
 
 @pytest.mark.heavy(90)

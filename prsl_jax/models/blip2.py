@@ -592,11 +592,13 @@ class Blip2:
   task = "captioning"  # what evaluate.py measures it with (prsl_jax.tasks)
   # Top-level param keys per tower (config.train_towers): 'vision' is
   # everything before OPT (the authors' setting, TRAINABLE_PARTS['authors']),
-  # 'text' the OPT language model.
+  # 'text' the OPT language model; 'qformer' also freezes the vision encoder
+  # (LAVIS's freeze_vit=True).
   towers = {"vision": ("vision_model", "query_tokens", "qformer", "language_projection"),
             "text": ("language_model",),
             "both": ("vision_model", "query_tokens", "qformer", "language_projection",
-                     "language_model")}
+                     "language_model"),
+            "qformer": ("query_tokens", "qformer", "language_projection")}
 
   @property
   def module(self) -> Blip2Module:
@@ -807,7 +809,7 @@ class Blip2:
 # train while the PRSL loss is computed on the frozen OPT's token logits.
 TRAINABLE_PARTS = {
     "authors": Blip2.towers["vision"],
-    "qformer": ("query_tokens", "qformer", "language_projection"),  # LAVIS's freeze_vit=True
+    "qformer": Blip2.towers["qformer"],  # LAVIS's freeze_vit=True
     "language_model": Blip2.towers["text"],
     "all": Blip2.towers["both"],
 }
