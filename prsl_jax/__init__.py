@@ -17,6 +17,9 @@ TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "
 # scripts/pretrain_tiny_captioner.py): the captioning default's starting model.
 TINY_CAPTIONER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                               "tiny_captioner")
+# The tiny BLIP-2 (OPT) bundled with the package (made by
+# scripts/pretrain_tiny_blip2.py): captions and answers questions on the digits.
+TINY_BLIP2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_blip2")
 
 
 def __getattr__(name):

@@ -5,7 +5,7 @@
 
 The paper's setting (arXiv:2402.03627: ViT-GPT2 fine-tuned on COCO captions).
 Attacks use the gradient attacks of prsl_jax.attacks on token logits:
-logits_fn(x) = model.logits(params, x, decoder_input_ids), shape (B, T, V),
+logits_fn(x) = model.caption_logits(params, x, decoder_input_ids), shape (B, T, V),
 teacher-forced on a caption whose tokens are the labels (IGNORE_INDEX after
 its EOS):
 
@@ -131,10 +131,10 @@ def _clean_batch(params, x, *, model, max_length, mesh):
   """-> greedy tokens (B, L), max |grad| (B,) and grad finite (B,) of the caption loss."""
   def run(params, x, axis_name):
     del axis_name
-    tokens = generation.greedy(model, params, x, max_length=max_length)
+    tokens = model.caption(params, x, max_length=max_length)
     dec, labels = generated_labels(tokens, model.eos_token_id)
     def loss(x):
-      return jnp.sum(attacks.ce_objective(model.logits(params, x, dec), labels))
+      return jnp.sum(attacks.ce_objective(model.caption_logits(params, x, dec), labels))
     grad = jax.grad(loss)(x).reshape(x.shape[0], -1)
     return tokens, jnp.max(jnp.abs(grad), axis=1), jnp.all(jnp.isfinite(grad), axis=1)
   return evaluation.sharded(run, mesh, (P(), P(DATA)), params, x)
@@ -177,7 +177,7 @@ def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, a
                   max_length, targeted, mesh):
   """-> (adversarial greedy tokens, distance, in range, token loss clean, adversarial)."""
   def run(params, x, dec, labels, ids, valid, base_key, eps, axis_name):
-    fn = lambda z: model.logits(params, z, dec)
+    fn = lambda z: model.caption_logits(params, z, dec)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
     y = jnp.where(valid[:, None], labels, IGNORE)  # padding rows leave batch losses
     # The captions' objectives are per caption: no cross-device group (axis_name).
@@ -185,9 +185,9 @@ def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, a
     x_adv = attacks.ATTACKS[attack.name].run(
         attack, fn, x, y, attacks.Call(keys, eps, "linf", objective, toward=targeted))
     dist, in_range = evaluation.perturbation(x, x_adv, "linf")
-    tokens = generation.greedy(model, params, jnp.where(jnp.isfinite(x_adv), x_adv, x),
-                               max_length=max_length)
-    loss = lambda z: attacks.ce_objective(model.logits(params, z, dec), labels)
+    tokens = model.caption(params, jnp.where(jnp.isfinite(x_adv), x_adv, x),
+                           max_length=max_length)
+    loss = lambda z: attacks.ce_objective(model.caption_logits(params, z, dec), labels)
     return tokens, dist, in_range, loss(x), loss(x_adv)
   specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(DATA), P(), P())
   return evaluation.sharded(run, mesh, specs, params, x, dec, labels, ids, valid, base_key, eps)

@@ -68,3 +68,24 @@ def test_importing_losses_and_attacks_loads_no_model_or_transformers():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.stdout.split() == ["prsl_jax.models.convert", "True"], out.stderr[-2000:]
+
+
+def test_no_module_uses_another_modules_private_names():
+  bad = []
+  for path in LIBRARY:
+    tree = ast.parse(open(path).read(), path)
+    modules = set()  # local names bound to prsl_jax modules
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prsl_jax"):
+        for a in node.names:
+          if a.name.startswith("_") and not a.name.startswith("__"):
+            bad.append((os.path.relpath(path, ROOT), a.name))
+          modules.add(a.asname or a.name)
+      elif isinstance(node, ast.Import):
+        modules.update(a.asname or a.name for a in node.names if a.name.startswith("prsl_jax"))
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in modules and node.attr.startswith("_")
+          and not node.attr.startswith("__")):
+        bad.append((os.path.relpath(path, ROOT), f"{node.value.id}.{node.attr}"))
+  assert not bad, bad

@@ -1,8 +1,9 @@
 """Models: CLIP (clip), SigLIP (siglip), the ViT-GPT-2 captioner (captioner) and its
-decoding (generation); checkpoint conversion (convert: HF folders; open_clip: open_clip
-folders; vision_weights: a vision tower put on a base CLIP); tokenizers (bpe_tokenizer:
-CLIP's BPE offline, for open_clip folders; tokenizer: tiny offline builders); and the
-layer helpers they share (layers).
+decoding (generation), BLIP-2 with OPT (blip2, its decoding blip2_generation);
+checkpoint conversion (convert: HF folders; open_clip: open_clip folders;
+vision_weights: a vision tower put on a base CLIP); tokenizers (bpe_tokenizer:
+CLIP's BPE offline, for open_clip folders; tokenizer: tiny offline builders); and
+the layer helpers they share (layers). No module uses another's private names.
 
 The model protocol. A model family is one module here whose static model class
 (a frozen dataclass of its config: hashable, equal by value, a jit static
@@ -21,9 +22,13 @@ argument, holding no arrays; params are always an argument) provides:
                 max_text_length; optionally logit_bias(params) (SigLIP): then
                 logits are scale * cos + bias and the contrastive task trains
                 with the sigmoid loss (losses.sigmoid_loss)
-    captioners  logits(params, images, decoder_input_ids, mask) -> (B, T, V),
-                encode, init_cache, decode_step (generation), max_length,
-                max_positions, vocab_size and the special token ids
+    captioners  caption_logits(params, images, decoder_input_ids, mask) ->
+                (B, T, V) (position t predicts token t + 1), caption(params,
+                images, max_length) -> greedy tokens (B, max_length) starting
+                with decoder_start_token_id, max_length, max_positions,
+                vocab_size and the special token ids (captioner and blip2;
+                each has its own decoding: encode, init_cache, decode_step or
+                prefill, decode_step)
 
 and the module exposes MODEL (that class) and the conversion functions listed
 at convert.MODEL_KINDS (from_hf, key_map, config_to_hf, preprocessor_config,

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prsl_jax.models import generation
 from prsl_jax.models import layers
 
 # ViTImageProcessor's defaults (and nlpconnect/vit-gpt2-image-captioning's).
@@ -42,19 +43,6 @@ VIT_STD = (0.5, 0.5, 0.5)
 # transformers' GenerationConfig.max_length default.
 HF_DEFAULT_MAX_LENGTH = 20
 
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    # NewGELUActivation, FastGELUActivation and PytorchGELUTanh are all the tanh
-    # form (gelu_fast rounds sqrt(2/pi) to 10 digits: ~1e-11 relative).
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,24 +141,6 @@ def _first(*values):
   return None
 
 
-def _one_id(name, v):
-  if v is None or isinstance(v, int):
-    return v
-  if isinstance(v, (list, tuple)) and len(v) == 1 and isinstance(v[0], int):
-    return v[0]
-  raise ValueError(f"{name} must be one int token id (several EOS ids are not "
-                   f"supported), got {v!r}")
-
-
-def _square(name, val):
-  """An int side from an int or an equal (h, w) pair."""
-  if isinstance(val, (list, tuple)) and len(val) == 2 and val[0] == val[1]:
-    val = val[0]
-  if not isinstance(val, int):
-    raise ValueError(f"{name} must be an int (square images and patches), got {val!r}")
-  return val
-
-
 def config_from_hf(hf_config, *, image_mean=None, image_std=None,
                    dtype=jnp.float32, remat=False):
   """Our CaptionerConfig from a transformers VisionEncoderDecoderConfig (or its
@@ -202,11 +172,11 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
                     ("encoder.pooler_act", layers.pick(e, "pooler_act", "tanh")),
                     ("decoder.activation_function",
                      layers.pick(g, "activation_function", "gelu_new"))):
-    if act not in ACTIVATIONS:
+    if act not in layers.ACTIVATIONS:
       raise ValueError(f"{name}={act!r} is not supported; expected one of "
-                       f"{sorted(ACTIVATIONS)}")
-  image_size = _square("encoder.image_size", layers.pick(e, "image_size", 224))
-  patch_size = _square("encoder.patch_size", layers.pick(e, "patch_size", 16))
+                       f"{sorted(layers.ACTIVATIONS)}")
+  image_size = layers.square_side("encoder.image_size", layers.pick(e, "image_size", 224))
+  patch_size = layers.square_side("encoder.patch_size", layers.pick(e, "patch_size", 16))
   num_channels = layers.pick(e, "num_channels", 3)
   mean, std = layers.pixel_stats(image_mean, image_std, num_channels, VIT_MEAN, VIT_STD)
   encoder = ViTEncoderConfig(
@@ -235,9 +205,9 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
       reorder_and_upcast_attn=bool(layers.pick(g, "reorder_and_upcast_attn", False)),
       tie_word_embeddings=bool(layers.pick(g, "tie_word_embeddings", True)),
       cross_attention_hidden_size=g.get("cross_attention_hidden_size"),
-      bos_token_id=_one_id("decoder.bos_token_id", g.get("bos_token_id")),
-      eos_token_id=_one_id("decoder.eos_token_id", g.get("eos_token_id")),
-      pad_token_id=_one_id("decoder.pad_token_id", g.get("pad_token_id")))
+      bos_token_id=layers.one_id("decoder.bos_token_id", g.get("bos_token_id")),
+      eos_token_id=layers.one_id("decoder.eos_token_id", g.get("eos_token_id")),
+      pad_token_id=layers.one_id("decoder.pad_token_id", g.get("pad_token_id")))
   for name, width, heads in (("encoder", encoder.hidden_size, encoder.num_attention_heads),
                              ("decoder", decoder.n_embd, decoder.n_head)):
     if width % heads:
@@ -251,14 +221,14 @@ def config_from_hf(hf_config, *, image_mean=None, image_std=None,
   # GenerationConfig.from_model_config: top-level ids, else the decoder's;
   # _get_decoder_start_token_id falls back to bos; generate pads with eos when
   # there is no pad id.
-  eos = _one_id("eos_token_id", _first(d.get("eos_token_id"), decoder.eos_token_id))
-  start = _one_id("decoder_start_token_id", _first(
+  eos = layers.one_id("eos_token_id", _first(d.get("eos_token_id"), decoder.eos_token_id))
+  start = layers.one_id("decoder_start_token_id", _first(
       d.get("decoder_start_token_id"), g.get("decoder_start_token_id"),
       d.get("bos_token_id"), decoder.bos_token_id))
   if start is None:
     raise ValueError("config has no decoder_start_token_id (nor bos_token_id): "
                      "generation cannot start")
-  pad = _one_id("pad_token_id", _first(d.get("pad_token_id"), decoder.pad_token_id, eos))
+  pad = layers.one_id("pad_token_id", _first(d.get("pad_token_id"), decoder.pad_token_id, eos))
   max_length = _first(d.get("max_length"), g.get("max_length"),
                       min(HF_DEFAULT_MAX_LENGTH, decoder.n_positions))
   return CaptionerConfig(
@@ -285,29 +255,6 @@ def shift_tokens_right(labels, pad_token_id, decoder_start_token_id):
 # ----------------------------------------------------------------------------
 # Modules.
 # ----------------------------------------------------------------------------
-
-
-def _attend(q, k, v, mask, scale, upcast=False):
-  """Scaled dot-product attention, softmax in float32.
-
-  q: (B, Tq, H, Dh); k, v: (B, Tk, H, Dh); mask: bool broadcastable to
-  (B, H, Tq, Tk), True = attend, or None. Returns (B, Tq, H * Dh) in v's dtype.
-  A query whose keys are all masked attends uniformly (as transformers' eager
-  path with its large negative bias).
-  """
-  if upcast:
-    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-  scores = (jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale).astype(jnp.float32)
-  if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-  return y.reshape(*y.shape[:2], -1)
-
-
-def _heads(x, num_heads):
-  """(B, T, H * Dh) -> (B, T, H, Dh)."""
-  return x.reshape(*x.shape[:2], num_heads, x.shape[-1] // num_heads)
 
 
 # --- ViT encoder -------------------------------------------------------------
@@ -349,10 +296,10 @@ class ViTAttention(nn.Module):
   def __call__(self, x):
     c = self.cfg
     d, n = c.hidden_size, c.num_attention_heads
-    q = _heads(layers.dense(d, self.dtype, "query", c.qkv_bias)(x), n)
-    k = _heads(layers.dense(d, self.dtype, "key", c.qkv_bias)(x), n)
-    v = _heads(layers.dense(d, self.dtype, "value", c.qkv_bias)(x), n)
-    y = _attend(q, k, v, None, (d // n) ** -0.5)
+    q = layers.split_heads(layers.dense(d, self.dtype, "query", c.qkv_bias)(x), n)
+    k = layers.split_heads(layers.dense(d, self.dtype, "key", c.qkv_bias)(x), n)
+    v = layers.split_heads(layers.dense(d, self.dtype, "value", c.qkv_bias)(x), n)
+    y = layers.attend(q, k, v, None, (d // n) ** -0.5)
     return layers.dense(d, self.dtype, "output")(y)
 
 
@@ -367,7 +314,7 @@ class ViTLayer(nn.Module):
     h = layers.layer_norm(c.layer_norm_eps, self.dtype, "layernorm_before")(x)
     x = x + ViTAttention(c, self.dtype, name="attention")(h)
     h = layers.layer_norm(c.layer_norm_eps, self.dtype, "layernorm_after")(x)
-    h = ACTIVATIONS[c.hidden_act](layers.dense(c.intermediate_size, self.dtype, "fc1")(h))
+    h = layers.ACTIVATIONS[c.hidden_act](layers.dense(c.intermediate_size, self.dtype, "fc1")(h))
     return x + layers.dense(c.hidden_size, self.dtype, "fc2")(h)
 
 
@@ -403,7 +350,7 @@ class ViTEncoder(nn.Module):
     pooled = None
     if with_pooler and c.add_pooling_layer:
       width = c.pooler_output_size or c.hidden_size
-      pooled = ACTIVATIONS[c.pooler_act](layers.dense(width, self.dtype, "pooler")(x[:, 0]))
+      pooled = layers.ACTIVATIONS[c.pooler_act](layers.dense(width, self.dtype, "pooler")(x[:, 0]))
     return x, pooled
 
 
@@ -430,13 +377,13 @@ class GPT2SelfAttention(nn.Module):
     """
     c = self.cfg
     qkv = layers.dense(3 * c.n_embd, self.dtype, "c_attn", init=_GPT2_INIT)(x)
-    q, k, v = (_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
+    q, k, v = (layers.split_heads(t, c.n_head) for t in jnp.split(qkv, 3, axis=-1))
     if cache is not None:
       ck, cv = cache
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       cache = (k, v)
-    y = _attend(q, k, v, mask, self.scale, c.reorder_and_upcast_attn)
+    y = layers.attend(q, k, v, mask, self.scale, c.reorder_and_upcast_attn)
     return layers.dense(c.n_embd, self.dtype, "c_proj", init=_GPT2_INIT)(y), cache
 
 
@@ -456,13 +403,13 @@ class GPT2CrossAttention(nn.Module):
   def kv(self, states):
     """states: (B, S, D) -> keys, values, each (B, S, H, Dh)."""
     k, v = jnp.split(self.c_attn(states.astype(self.dtype)), 2, axis=-1)
-    return _heads(k, self.cfg.n_head), _heads(v, self.cfg.n_head)
+    return layers.split_heads(k, self.cfg.n_head), layers.split_heads(v, self.cfg.n_head)
 
   def __call__(self, x, k, v):
     """x: (B, T, D); k, v: (B, S, H, Dh) from kv(). No mask: every encoder
     state is attended (VisionEncoderDecoderModel passes none)."""
-    q = _heads(self.q_attn(x), self.cfg.n_head)
-    y = _attend(q, k, v, None, self.scale, self.cfg.reorder_and_upcast_attn)
+    q = layers.split_heads(self.q_attn(x), self.cfg.n_head)
+    y = layers.attend(q, k, v, None, self.scale, self.cfg.reorder_and_upcast_attn)
     return self.c_proj(y)
 
 
@@ -474,7 +421,7 @@ class GPT2MLP(nn.Module):
   def __call__(self, x):
     c = self.cfg
     h = layers.dense(c.inner_dim, self.dtype, "c_fc", init=_GPT2_INIT)(x)
-    h = ACTIVATIONS[c.activation_function](h)
+    h = layers.ACTIVATIONS[c.activation_function](h)
     return layers.dense(c.n_embd, self.dtype, "c_proj", init=_GPT2_INIT)(h)
 
 
@@ -673,6 +620,16 @@ class Captioner:
     return self.module.apply({"params": params}, images, decoder_input_ids,
                              decoder_attention_mask)
 
+  def caption_logits(self, params, images, decoder_input_ids, decoder_attention_mask=None):
+    """The captioning task's token logits (B, T, V) float32: logits(). Position
+    t predicts decoder_input_ids[:, t + 1] (tasks/captioning.py)."""
+    return self.logits(params, images, decoder_input_ids, decoder_attention_mask)
+
+  def caption(self, params, images, max_length=None):
+    """The captioning task's greedy captions (B, max_length) int32:
+    generation.greedy (decoder_start, tokens, EOS, then pad)."""
+    return generation.greedy(self, params, images, max_length=max_length)
+
   def init_cache(self, params, encoder_states, max_length):
     """Decoding cache for N = encoder_states.shape[0] sequences.
 
@@ -763,17 +720,8 @@ class Captioner:
 # ----------------------------------------------------------------------------
 
 
-def _linear(hf, fx, bias=True):
-  out = [(f"{hf}.weight", fx + ("kernel",), "linear")]
-  return out + ([(f"{hf}.bias", fx + ("bias",), "copy")] if bias else [])
-
-
 def _conv1d(hf, fx):
   return [(f"{hf}.weight", fx + ("kernel",), "copy"), (f"{hf}.bias", fx + ("bias",), "copy")]
-
-
-def _layer_norm_keys(hf, fx):
-  return [(f"{hf}.weight", fx + ("scale",), "copy"), (f"{hf}.bias", fx + ("bias",), "copy")]
 
 
 def key_map(config):
@@ -791,31 +739,32 @@ def key_map(config):
   for i in range(e.num_hidden_layers):
     h, f = f"encoder.encoder.layer.{i}", enc + (f"layers_{i}",)
     for name in ("query", "key", "value"):
-      out += _linear(f"{h}.attention.attention.{name}", f + ("attention", name), e.qkv_bias)
-    out += _linear(f"{h}.attention.output.dense", f + ("attention", "output"))
-    out += _layer_norm_keys(f"{h}.layernorm_before", f + ("layernorm_before",))
-    out += _layer_norm_keys(f"{h}.layernorm_after", f + ("layernorm_after",))
-    out += _linear(f"{h}.intermediate.dense", f + ("fc1",))
-    out += _linear(f"{h}.output.dense", f + ("fc2",))
-  out += _layer_norm_keys("encoder.layernorm", enc + ("layernorm",))
+      out += layers.linear_keys(f"{h}.attention.attention.{name}", f + ("attention", name),
+                                e.qkv_bias)
+    out += layers.linear_keys(f"{h}.attention.output.dense", f + ("attention", "output"))
+    out += layers.layer_norm_keys(f"{h}.layernorm_before", f + ("layernorm_before",))
+    out += layers.layer_norm_keys(f"{h}.layernorm_after", f + ("layernorm_after",))
+    out += layers.linear_keys(f"{h}.intermediate.dense", f + ("fc1",))
+    out += layers.linear_keys(f"{h}.output.dense", f + ("fc2",))
+  out += layers.layer_norm_keys("encoder.layernorm", enc + ("layernorm",))
   if e.add_pooling_layer:
-    out += _linear("encoder.pooler.dense", enc + ("pooler",))
+    out += layers.linear_keys("encoder.pooler.dense", enc + ("pooler",))
   if config.has_enc_to_dec_proj:
-    out += _linear("enc_to_dec_proj", ("enc_to_dec_proj",))
+    out += layers.linear_keys("enc_to_dec_proj", ("enc_to_dec_proj",))
   out += [("decoder.transformer.wte.weight", dec + ("wte", "embedding"), "copy"),
           ("decoder.transformer.wpe.weight", dec + ("wpe", "embedding"), "copy")]
   for i in range(g.n_layer):
     h, f = f"decoder.transformer.h.{i}", dec + (f"h_{i}",)
-    out += _layer_norm_keys(f"{h}.ln_1", f + ("ln_1",))
+    out += layers.layer_norm_keys(f"{h}.ln_1", f + ("ln_1",))
     out += _conv1d(f"{h}.attn.c_attn", f + ("attn", "c_attn"))
     out += _conv1d(f"{h}.attn.c_proj", f + ("attn", "c_proj"))
-    out += _layer_norm_keys(f"{h}.ln_cross_attn", f + ("ln_cross_attn",))
+    out += layers.layer_norm_keys(f"{h}.ln_cross_attn", f + ("ln_cross_attn",))
     for name in ("c_attn", "q_attn", "c_proj"):
       out += _conv1d(f"{h}.crossattention.{name}", f + ("crossattention", name))
-    out += _layer_norm_keys(f"{h}.ln_2", f + ("ln_2",))
+    out += layers.layer_norm_keys(f"{h}.ln_2", f + ("ln_2",))
     out += _conv1d(f"{h}.mlp.c_fc", f + ("mlp", "c_fc"))
     out += _conv1d(f"{h}.mlp.c_proj", f + ("mlp", "c_proj"))
-  out += _layer_norm_keys("decoder.transformer.ln_f", dec + ("ln_f",))
+  out += layers.layer_norm_keys("decoder.transformer.ln_f", dec + ("ln_f",))
   if not g.tie_word_embeddings:
     out += [("decoder.lm_head.weight", dec + ("lm_head", "kernel"), "linear")]
   return out

@@ -1,4 +1,4 @@
-"""HuggingFace checkpoints <-> our flax models (CLIP, ViT-GPT-2 captioner):
+"""HuggingFace checkpoints <-> our flax models (CLIP, ViT-GPT-2 captioner, BLIP-2):
 load, convert, export.
 
 A checkpoint is a folder as transformers writes it: config.json,
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prsl_jax.models import blip2 as blip2_lib
 from prsl_jax.models import captioner as captioner_lib
 from prsl_jax.models import clip as clip_lib
 from prsl_jax.models import open_clip as open_clip_lib
@@ -66,9 +67,9 @@ class Pretrained(NamedTuple):
 # adapt_state_dict(state_dict, model) -> (state_dict, model), which load_pretrained
 # applies before matching names (buffers, alternative spellings, optional parts),
 # and export_state_dict(state_dict, model) -> state_dict, its inverse for
-# save_pretrained (e.g. fusing tensors the key map splits).
+# save_pretrained (e.g. fusing tensors the key map splits: BLIP-2's qkv bias).
 MODEL_KINDS = {"clip": clip_lib, "vision-encoder-decoder": captioner_lib,
-               "siglip": siglip_lib}
+               "siglip": siglip_lib, "blip-2": blip2_lib}
 
 
 def model_class(model_type):
@@ -522,9 +523,10 @@ def _load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
   """Loads a HuggingFace checkpoint (local folder or hub id) of a supported kind.
 
   The kind comes from config.json's model_type: 'clip' (CLIPModel), 'siglip'
-  (SiglipModel) or 'vision-encoder-decoder' (ViT + GPT-2 captioner); a folder
-  with open_clip_config.json (and no config.json) is an open_clip CLIP
-  (prsl_jax.models.open_clip), tokenized offline with CLIP's BPE.
+  (SiglipModel), 'vision-encoder-decoder' (ViT + GPT-2 captioner) or 'blip-2'
+  (Blip2ForConditionalGeneration with OPT); a folder with open_clip_config.json
+  (and no config.json) is an open_clip CLIP (prsl_jax.models.open_clip),
+  tokenized offline with CLIP's BPE.
 
   Args:
     path_or_hub_id: a folder as written by transformers' save_pretrained, or a

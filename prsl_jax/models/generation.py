@@ -126,7 +126,7 @@ def beam_search(model, params, images, *, num_beams, max_length=None,
                       int(num_beams), float(length_penalty), early_stopping)
 
 
-def _pow_table(n, length_penalty):
+def pow_table(n, length_penalty):
   """float32(k ** length_penalty) for k = 0..n, computed in float64 as
   transformers does in Python, then rounded once."""
   with np.errstate(divide="ignore"):
@@ -140,7 +140,7 @@ def _beam_search(model, params, images, max_length, num_beams, length_penalty,
   b, k, big_l = images.shape[0], num_beams, max_length
   w = 2 * k  # beams_to_keep = max(2, 1 + n_eos) * num_beams, n_eos <= 1
   fill = -1 if eos is None else (pad if pad else eos)  # `pad or eos if eos else -1`
-  pow_len = _pow_table(big_l, length_penalty)
+  pow_len = pow_table(big_l, length_penalty)
   top_num_beam_mask = jnp.arange(w) < k
 
   # Encoder once per image; its states repeated per beam (transformers expands

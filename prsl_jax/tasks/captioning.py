@@ -2,7 +2,9 @@
 
 Batch fields: image, decoder_input_ids (B, T), decoder_attention_mask (B, T),
 labels (B, T): the caption's tokens, its EOS, then IGNORE_INDEX (made in the
-pipeline from the data's captions). Logits (B, T, V); the loss's rows are
+pipeline from the data's captions). Logits (B, T, V) of model.caption_logits
+(a captioner's decoder; BLIP-2's OPT after its image placeholders, which get
+no label, so only the caption's tokens are learned); the loss's rows are
 tokens, so PRSL's group is every token of the global batch. Evaluation: attacks
 on captions (prsl_jax.captioning), L-inf only.
 """
@@ -12,7 +14,10 @@ from prsl_jax import data
 from prsl_jax import reports
 from prsl_jax.tasks.protocol import Task
 
-NEEDS = ("logits", "decode_step")
+# What the task calls (the captioner and BLIP-2 both provide them):
+# caption_logits(params, images, decoder_input_ids, mask) -> (B, T, V) and
+# caption(params, images, max_length) -> greedy tokens (B, max_length).
+NEEDS = ("caption_logits", "caption")
 
 
 def num_classes(config, model, class_names):
@@ -41,8 +46,8 @@ def data_fields(config, model, tokenizer):
 
 def logits(params, batch, images, head, *, model, axis_name=None):
   del head, axis_name
-  return model.logits(params, images, batch["decoder_input_ids"],
-                      batch["decoder_attention_mask"])
+  return model.caption_logits(params, images, batch["decoder_input_ids"],
+                              batch["decoder_attention_mask"])
 
 
 def labels(batch, axis_name=None):
