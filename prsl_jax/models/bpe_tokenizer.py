@@ -23,16 +23,13 @@ import os
 import numpy as np
 import regex
 
+from prsl_jax.models import tokenizer
+
 VOCAB_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "assets", "clip_bpe", "bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2  # 49408
 SOT, EOT = "<start_of_text>", "<end_of_text>"
-
-
-def _bytes_to_unicode():
-  from prsl_jax.models.tokenizer import _bytes_to_unicode as table  # pylint: disable=g-import-not-at-top
-  return table()
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,7 +41,7 @@ def _vocab():
   if len(merges) != NUM_MERGES:
     raise ValueError(f"{VOCAB_FILE} holds {len(merges)} merges, CLIP's vocabulary needs "
                      f"{NUM_MERGES}; reinstall prsl_jax")
-  byte_syms = list(_bytes_to_unicode().values())
+  byte_syms = list(tokenizer.bytes_to_unicode().values())
   vocab = byte_syms + [s + "</w>" for s in byte_syms] + ["".join(m) for m in merges]
   vocab += [SOT, EOT]
   return {t: i for i, t in enumerate(vocab)}, {m: i for i, m in enumerate(merges)}
@@ -71,7 +68,7 @@ class ClipBpeTokenizer:
   def __init__(self, context_length=77):
     self.context_length = int(context_length)
     self.encoder, self.ranks = _vocab()
-    self.byte_encoder = _bytes_to_unicode()
+    self.byte_encoder = tokenizer.bytes_to_unicode()
     self.sot_token_id, self.eot_token_id = self.encoder[SOT], self.encoder[EOT]
     self.pad_token_id = 0
     self._cache = {SOT: (SOT,), EOT: (EOT,)}

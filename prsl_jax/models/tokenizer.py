@@ -23,7 +23,7 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
 
-def _bytes_to_unicode():
+def bytes_to_unicode():
   """GPT-2/CLIP's reversible byte -> printable unicode character table."""
   bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
         + list(range(ord("®"), ord("ÿ") + 1)))
@@ -39,7 +39,7 @@ def _bytes_to_unicode():
 
 def _symbols(word):
   """The byte-level symbols of a word, the last one marked with </w>."""
-  table = _bytes_to_unicode()
+  table = bytes_to_unicode()
   syms = [table[b] for b in word.encode("utf-8")]
   syms[-1] += "</w>"
   return syms
@@ -61,7 +61,7 @@ def build_word_tokenizer(words, out_dir, model_max_length):
   if not isinstance(model_max_length, int) or model_max_length < 2:
     raise ValueError(f"model_max_length must be an int >= 2 (BOS and EOS), "
                      f"got {model_max_length!r}")
-  table = _bytes_to_unicode()
+  table = bytes_to_unicode()
   byte_syms = [table[b] for b in range(256)]
   vocab = {s: i for i, s in enumerate(byte_syms + [s + "</w>" for s in byte_syms])}
   merges = []
@@ -131,7 +131,7 @@ def build_gpt2_word_tokenizer(words, out_dir, model_max_length=1024):
   """
   if not isinstance(model_max_length, int) or model_max_length < 2:
     raise ValueError(f"model_max_length must be an int >= 2, got {model_max_length!r}")
-  table = _bytes_to_unicode()
+  table = bytes_to_unicode()
   vocab = {table[b]: b for b in range(256)}
   merges = []
 
