@@ -42,45 +42,48 @@ from absl import flags
 from ml_collections import config_flags
 
 from prsl_jax import cli
+from prsl_jax import eval_settings
+
+_D = eval_settings.DEFAULTS  # the defaults' one table, shared with prsl_jax.evaluator
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional ml_collections config file with the fields below.",
     lock_config=False)
-flags.DEFINE_list("checkpoint", None, "Checkpoint(s): train.py run folder, HF folder or "
+flags.DEFINE_list("checkpoint", _D["checkpoint"], "Checkpoint(s): train.py run folder, HF folder or "
                   "hub id; comma-separated.")
-flags.DEFINE_string("dataset", "digits", "'digits' (embedded) or a prepared TFDS name.")
-flags.DEFINE_string("split", "test", "Dataset split to draw the evaluation subset from.")
-flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")
-flags.DEFINE_string("eps", "1/255,2/255,4/255",
+flags.DEFINE_string("dataset", _D["dataset"], "'digits' (embedded) or a prepared TFDS name.")
+flags.DEFINE_string("split", _D["split"], "Dataset split to draw the evaluation subset from.")
+flags.DEFINE_string("data_dir", _D["data_dir"], "TFDS data directory (default: TFDS's own).")
+flags.DEFINE_string("eps", _D["eps"],
                     "Budgets on [0, 1] pixels, comma-separated; fractions allowed.")
-flags.DEFINE_multi_string("suite", None, "A suite (classifiers: standard, fast, pgd, "
+flags.DEFINE_multi_string("suite", _D["suite"], "A suite (classifiers: standard, fast, pgd, "
                           "paper; captioners: paper, strong, pgd) or comma-separated "
                           "attacks; repeat for several cascades. Default: standard for "
                           "classifiers, paper and strong for captioners.")
-flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
-flags.DEFINE_integer("num_examples", 1000, "Size of the seeded subset of the split "
+flags.DEFINE_enum("norm", _D["norm"], ["linf", "l2"], "Threat model.")
+flags.DEFINE_integer("num_examples", _D["num_examples"], "Size of the seeded subset of the split "
                      "(0: the whole split).")
-flags.DEFINE_integer("seed", 0, "Seed of the subset and of the attacks.")
-flags.DEFINE_string("outdir", None, "Output folder.")
-flags.DEFINE_enum("templates", "default", ["default", "imagenet"],
+flags.DEFINE_integer("seed", _D["seed"], "Seed of the subset and of the attacks.")
+flags.DEFINE_string("outdir", _D["outdir"], "Output folder.")
+flags.DEFINE_enum("templates", _D["templates"], ["default", "imagenet"],
                   "Prompts: 'default' (\"This is a photo of a {}\") or CLIP's 80 "
                   "ImageNet templates.")
-flags.DEFINE_integer("batch_size", 64, "Examples per attack call (global, over all "
+flags.DEFINE_integer("batch_size", _D["batch_size"], "Examples per attack call (global, over all "
                      "devices; must divide by the device count).")
-flags.DEFINE_integer("steps", None, "Iterations of APGD, APGD-T and FAB-T (per target), "
+flags.DEFINE_integer("steps", _D["steps"], "Iterations of APGD, APGD-T and FAB-T (per target), "
                      "PGD and BIM (default: 100; BIM 10).")
-flags.DEFINE_integer("square_queries", None, "Square attack queries (default 5000).")
-flags.DEFINE_integer("num_targets", None, "Targets of APGD-T and FAB-T (default 9).")
-flags.DEFINE_integer("max_length", None, "Captioners: generation length in tokens "
+flags.DEFINE_integer("square_queries", _D["square_queries"], "Square attack queries (default 5000).")
+flags.DEFINE_integer("num_targets", _D["num_targets"], "Targets of APGD-T and FAB-T (default 9).")
+flags.DEFINE_integer("max_length", _D["max_length"], "Captioners: generation length in tokens "
                      "(default: the model's).")
-flags.DEFINE_string("target_caption", None, "Captioners: also attack toward this caption "
+flags.DEFINE_string("target_caption", _D["target_caption"], "Captioners: also attack toward this caption "
                     "(targeted), e.g. 'a handwritten seven'.")
-flags.DEFINE_bool("allow_pickle", False, "Accept pytorch_model.bin checkpoints (a pickle "
+flags.DEFINE_bool("allow_pickle", _D["allow_pickle"], "Accept pytorch_model.bin checkpoints (a pickle "
                   "can run code).")
-flags.DEFINE_string("vision_weights", None, "A vision tower file (.safetensors, or a "
+flags.DEFINE_string("vision_weights", _D["vision_weights"], "A vision tower file (.safetensors, or a "
                     ".pt/.bin pickle with --allow_pickle; open_clip, OpenAI or HF names) "
                     "that replaces the vision tower of each --checkpoint's CLIP.")
-flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in --outdir.")
+flags.DEFINE_bool("overwrite", _D["overwrite"], "Replace the results of an earlier run in --outdir.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: 'auto' (TPU pods, SLURM) or "
                     "host:port; every host runs the same command, process 0 writes.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")

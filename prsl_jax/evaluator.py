@@ -24,6 +24,7 @@ import jax
 import prsl_jax
 from prsl_jax import checkpoints
 from prsl_jax import data
+from prsl_jax import eval_settings
 from prsl_jax import evaluation
 from prsl_jax import losses
 from prsl_jax import reports
@@ -33,15 +34,7 @@ from prsl_jax import zeroshot
 from prsl_jax.models import convert
 from prsl_jax.models import vision_weights
 
-DEFAULTS = dict(
-    checkpoint=None, dataset="digits", split="test", data_dir=None,
-    eps="1/255,2/255,4/255", suite=None, norm="linf", num_examples=1000, seed=0,
-    outdir=None, templates="default", batch_size=64, steps=None, square_queries=None,
-    num_targets=None, allow_pickle=False, overwrite=False, max_length=None,
-    target_caption=None, vision_weights=None)
-# --suite when none is given: the task's default_suites (AutoAttack's ensemble
-# for classifiers; the paper's protocol and APGD-CE on the token loss for
-# captioners).
+DEFAULTS = eval_settings.DEFAULTS  # evaluate.py's flags and their defaults
 
 RESULTS = "results.json"
 

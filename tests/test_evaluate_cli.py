@@ -357,3 +357,20 @@ def test_a_report_file_in_a_folders_place_is_found_in_the_preflight(tmp_path):
                      "the run writes its robustness.png"):
     checkpoints.check_outputs_writable(str(tmp_path), "--outdir")
   checkpoints.check_outputs_writable(str(tmp_path / "new" / "sub"), "--workdir")  # creatable
+
+
+def test_evaluate_flags_take_their_defaults_from_the_one_table():
+  # evaluate.py defines each setting's flag from prsl_jax.eval_settings.DEFAULTS,
+  # the table prsl_jax.evaluator.run fills missing settings from.
+  code = ("import json, sys; sys.argv = ['evaluate.py']; import evaluate; "
+          "from absl import flags; from prsl_jax import eval_settings; "
+          "print(json.dumps({k: [flags.FLAGS[k].default, v] "
+          "for k, v in eval_settings.DEFAULTS.items()}))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=processes.env(),
+                       capture_output=True, text=True, timeout=120, check=True)
+  pairs = json.loads(out.stdout.strip().splitlines()[-1])
+  from prsl_jax import evaluator, eval_settings  # pylint: disable=g-import-not-at-top
+  assert evaluator.DEFAULTS is eval_settings.DEFAULTS
+  assert set(pairs) == set(eval_settings.DEFAULTS)
+  for name, (flag_default, table_default) in pairs.items():
+    assert flag_default == table_default, name

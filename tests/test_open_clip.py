@@ -10,7 +10,9 @@ import pytest
 import safetensors.torch
 import torch
 
-open_clip = pytest.importorskip("open_clip")
+from tests import reference_libs  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+open_clip = reference_libs.open_clip()
 
 from prsl_jax import zeroshot  # pylint: disable=g-import-not-at-top,wrong-import-position
 from prsl_jax.losses import l2_normalize  # pylint: disable=g-import-not-at-top,wrong-import-position
