@@ -14,38 +14,17 @@ its clean caption) and APGD-CE on the token loss. A few minutes on 2 CPU cores.
 """
 
 import prsl_jax
-from configs import base
-from configs import common
+from configs import digits_captioning
 
-VARIANTS = ()
-FLAGS = ("runlocal",)
+VARIANTS = digits_captioning.VARIANTS
+FLAGS = digits_captioning.FLAGS
 
 
 def get_config(arg=None):
-  _, flags = common.parse_arg(arg, variants=VARIANTS, flags=FLAGS)
-  c = base.base_config()
+  # The captioner's embedded setting (loss, window, schedule, eval) on BLIP-2;
+  # train_towers 'vision' is the authors' here: OPT frozen
+  # (blip2.TRAINABLE_PARTS['authors']).
+  c = digits_captioning.get_config(arg)
   c.workdir = "runs/digits_blip2"
   c.model.path = prsl_jax.TINY_BLIP2
-  c.objective = "captioning"
-  c.train_towers = "vision"  # the authors': OPT frozen (blip2.TRAINABLE_PARTS['authors'])
-  c.data.caption_length = 12
-  # The authors' PRSL on token rows, window 0:4, as configs/digits_captioning.py.
-  c.loss.name = "prsl"
-  c.loss.start, c.loss.end = 0, 4
-  c.loss.weight = 1e-3
-  c.compare_losses = ("ce",)
-  c.batch_size = 32
-  c.total_steps = 60
-  c.optimizer.lr = 1e-4
-  c.optimizer.warmup_steps = 5
-  c.log_every = 10
-  c.eval_every = 0
-  c.checkpoint_every = 60
-  c.eval.num_examples = 64
-  c.eval.batch_size = 32
-  c.eval.eps = (1 / 255, 2 / 255, 4 / 255)
-  c.eval.suites = ("paper", "strong")
-  c.eval.steps = 10
-  if "runlocal" in flags:
-    common.runlocal(c)
   return c
