@@ -23,11 +23,20 @@ the token loss of their own clean caption: suites paper, strong (APGD-CE) and
 pgd; the record has caption change rates, keyword survival, BLEU-4/CIDEr and
 the diversity of generation; --target_caption adds a targeted attack.
 
+Several datasets in one run (classifiers): --dataset cifar10,cifar100,stl10 or
+--benchmark fare|tecoa (prsl_jax.benchmarks), each dataset with its own class
+names, templates, split and subset size, and --protocol tecoa|fare|standard for
+the field's settings. One results.json keyed by dataset, rewritten after every
+dataset; rerunning the same command skips the datasets done and finishes the
+rest (other settings are refused). results.md has a table per model, a column
+per dataset and the average; robustness.png robust accuracy per dataset.
+
 Writes into --outdir: results.json (all numbers, per-example outcomes, the exact
 command, package versions, seed and the evaluated subset), results.md (the
 table) and robustness.png. results.json is rewritten after every model, so a
 failure keeps the finished ones. Refuses an outdir that already has
-results.json unless --overwrite. Everything else is prsl_jax.evaluator.run.
+results.json unless --overwrite (or, several datasets, the same command that
+finishes it). Everything else is prsl_jax.evaluator.run.
 
 Flags also take dashes (--num-examples, --data-dir, ...). A --config file is a
 Python file whose get_config() returns an ml_collections.ConfigDict with any of
@@ -51,23 +60,35 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=False)
 flags.DEFINE_list("checkpoint", _D["checkpoint"], "Checkpoint(s): train.py run folder, HF folder or "
                   "hub id; comma-separated.")
-flags.DEFINE_string("dataset", _D["dataset"], "'digits' (embedded) or a prepared TFDS name.")
-flags.DEFINE_string("split", _D["split"], "Dataset split to draw the evaluation subset from.")
+flags.DEFINE_string("dataset", _D["dataset"], "'digits' (embedded), a prepared TFDS name, or "
+                    "comma-separated names of prsl_jax.benchmarks.DATASETS (one run, one "
+                    "table).")
+flags.DEFINE_string("benchmark", _D["benchmark"], "A named list of datasets instead of "
+                    "--dataset: fare or tecoa (prsl_jax.benchmarks.BENCHMARKS).")
+flags.DEFINE_string("protocol", _D["protocol"], "tecoa, fare or standard "
+                    "(prsl_jax.benchmarks.PROTOCOLS): sets eps, suites, steps, targets, "
+                    "queries and templates; a flag given as well wins (and is recorded).")
+flags.DEFINE_string("split", _D["split"], "Dataset split to draw the evaluation subset from "
+                    "(default: the benchmark dataset's, else test).")
 flags.DEFINE_string("data_dir", _D["data_dir"], "TFDS data directory (default: TFDS's own).")
 flags.DEFINE_string("eps", _D["eps"],
-                    "Budgets on [0, 1] pixels, comma-separated; fractions allowed.")
+                    "Budgets on [0, 1] pixels, comma-separated; fractions allowed "
+                    "(default: the protocol's, else 1/255,2/255,4/255).")
 flags.DEFINE_multi_string("suite", _D["suite"], "A suite (classifiers: standard, fast, pgd, "
                           "paper; captioners: paper, strong, pgd) or comma-separated "
                           "attacks; repeat for several cascades. Default: standard for "
                           "classifiers, paper and strong for captioners.")
 flags.DEFINE_enum("norm", _D["norm"], ["linf", "l2"], "Threat model.")
 flags.DEFINE_integer("num_examples", _D["num_examples"], "Size of the seeded subset of the split "
-                     "(0: the whole split).")
+                     "(0: the whole split; default: the benchmark dataset's, FARE's 1,000 "
+                     "or 5,000 for ImageNet, else 1000).")
 flags.DEFINE_integer("seed", _D["seed"], "Seed of the subset and of the attacks.")
 flags.DEFINE_string("outdir", _D["outdir"], "Output folder.")
-flags.DEFINE_enum("templates", _D["templates"], ["default", "imagenet"],
-                  "Prompts: 'default' (\"This is a photo of a {}\") or CLIP's 80 "
-                  "ImageNet templates.")
+flags.DEFINE_enum("templates", _D["templates"], ["default", "imagenet", "benchmark", "tecoa"],
+                  "Prompts: 'default' (\"This is a photo of a {}\"), CLIP's 80 "
+                  "ImageNet templates, 'benchmark' (each dataset's CLIP_benchmark "
+                  "templates) or 'tecoa' (TeCoA's one per dataset). Default: the "
+                  "protocol's; else default for one dataset, benchmark for several.")
 flags.DEFINE_integer("batch_size", _D["batch_size"], "Examples per attack call (global, over all "
                      "devices; must divide by the device count).")
 flags.DEFINE_integer("steps", _D["steps"], "Iterations of APGD, APGD-T and FAB-T (per target), "
@@ -93,7 +114,7 @@ flags.DEFINE_integer("cpu_devices", None, "On the CPU: split each attack batch o
                      "--batch_size; 1: one device). No effect on GPUs and TPUs.")
 
 FLAGS = flags.FLAGS
-FIELDS = ("checkpoint", "dataset", "split", "data_dir", "eps", "suite", "norm",
+FIELDS = ("checkpoint", "dataset", "benchmark", "protocol", "split", "data_dir", "eps", "suite", "norm",
           "num_examples", "seed", "outdir", "templates", "batch_size", "steps",
           "square_queries", "num_targets", "allow_pickle", "overwrite", "max_length",
           "target_caption", "vision_weights")

@@ -89,7 +89,8 @@ class Attack:
 
   name: a key of ATTACKS. steps: iterations (APGD, per APGD-T/FAB-T target,
   PGD, BIM). queries: Square's. num_targets: APGD-T's and FAB-T's targets
-  (capped at C-1). restarts: random restarts (APGD, PGD, FAB-T). loss: the
+  (capped at C-1). restarts: random restarts (APGD, PGD, FAB-T). step_size:
+  PGD's step (pixel units; None: 2.5 eps / steps). loss: the
   objective of 'bim', the model's own training loss: None (cross-entropy) or
   (name, ((arg, value), ...)) for losses.get_loss.
   """
@@ -99,6 +100,7 @@ class Attack:
   num_targets: int = 9
   restarts: int = 1
   loss: Optional[tuple] = None
+  step_size: Optional[float] = None  # PGD's, in pixel units (None: 2.5 eps / steps)
 
   def objective(self, axis_name=None):
     """The objective for attacks' `loss`: 'ce' or a batch loss over `axis_name`."""
@@ -354,51 +356,74 @@ MIN_BUCKET_ROWS_PER_DEVICE = 8
 def bucket_sizes(batch_size, num_devices=1, buckets=2):
   """The batch shapes an attack runs at: batch_size, then its halves.
 
-  At most `buckets` sizes, each divisible by the device count with at least
-  MIN_BUCKET_ROWS_PER_DEVICE rows per device (or batch_size alone). The points still
-  robust fill batches of batch_size, and the rest the smallest size that holds
-  it, so a stage of the cascade pads fewer rows (padding rows cost as much as
-  real ones). Each size is one compiled program per attack, compiled by the
-  eps = 0 check, so the count never depends on the budgets.
+  At most `buckets` sizes (None: every halving), each divisible by the device
+  count with at least MIN_BUCKET_ROWS_PER_DEVICE rows per device (or batch_size
+  alone). The points still robust fill batches of batch_size and the rest
+  batches of the smaller sizes (`batches`), so a stage of the cascade pads fewer
+  rows (padding rows cost as much as real ones). Each size is one compiled
+  program per attack, compiled by the eps = 0 check, so the count never depends
+  on the budgets: at most 1 + log2(batch_size / (8 x devices)) programs per
+  attack (5 for 128 rows on one device), whatever the budgets and datasets.
   """
   sizes = [batch_size]
-  while (len(sizes) < buckets and sizes[-1] % 2 == 0
+  while ((buckets is None or len(sizes) < buckets) and sizes[-1] % 2 == 0
          and (sizes[-1] // 2) % num_devices == 0
          and sizes[-1] // 2 >= MIN_BUCKET_ROWS_PER_DEVICE * num_devices):
     sizes.append(sizes[-1] // 2)
   return sizes
 
 
+def split_rest(rest, sizes):
+  """The batch sizes that carry the last `rest` points of a stage.
+
+  Greedy: the smallest size that holds them when it pads fewer rows than the
+  smallest size, else the largest size they fill and the rest again. With
+  halving sizes the padding stays below the smallest size (113 points over
+  128/64/32/16/8: 64 + 32 + 16 + 8, 7 rows of padding, not 15).
+  """
+  sizes = sorted(sizes)
+  out = []
+  while rest > 0:
+    up = min((s for s in sizes if s >= rest), default=None)
+    if up is not None and (up - rest < sizes[0] or up == sizes[0]):
+      out.append(up)
+      break
+    down = max(s for s in sizes if s <= rest)
+    out.append(down)
+    rest -= down
+  return out
+
+
 def batches(source, indices, positions, batch_size, mesh, sizes=None, *, labels=True,
             extra=None):
   """Batches over source[indices[positions]], placed on the mesh.
 
-  Full batches of batch_size, then the remainder padded to the smallest of
-  `sizes` (default: batch_size) that holds it; padding rows repeat the last
-  example and are not valid. labels: read each example's 'label'. extra:
+  Full batches of batch_size, then the remainder in batches of `sizes`
+  (default: batch_size alone; split_rest picks them); padding rows repeat the
+  last example and are not valid. labels: read each example's 'label'. extra:
   {name: (N, ...) array over `indices`} rows that go along (e.g. caption tokens).
   """
   sizes = sorted(sizes or [batch_size])
   idx = np.asarray(indices)
   full = len(positions) // batch_size * batch_size
-  chunks = [(positions[:full], batch_size)] if full else []
-  if len(positions) > full:
-    rest = positions[full:]
-    chunks.append((rest, min(s for s in sizes if s >= len(rest))))
-  for chunk, size in chunks:
-    for start in range(0, len(chunk), size):
-      pos = chunk[start:start + size]
-      rows = np.concatenate([pos, np.repeat(pos[-1:], size - len(pos))])
-      items = [source[int(i)] for i in idx[rows]]
-      host = {"image": np.stack([item["image"] for item in items]),
-              "id": idx[rows].astype(np.int32), "mask": np.arange(size) < len(pos)}
-      if labels:
-        host["label"] = np.stack([item["label"] for item in items])
-      for name, arr in (extra or {}).items():
-        host[name] = np.asarray(arr)[rows]
-      dev = sharding.put_eval_batch(host, mesh)
-      yield Batch(dev.pop("image"), dev.pop("label", None), dev.pop("id"), dev.pop("mask"),
-                  host.get("label"), host["mask"], rows, dev)
+  chunks = [(positions[start:start + batch_size], batch_size)
+            for start in range(0, full, batch_size)]
+  start = full
+  for size in split_rest(len(positions) - full, sizes):
+    chunks.append((positions[start:start + size], size))
+    start += size
+  for pos, size in chunks:
+    rows = np.concatenate([pos, np.repeat(pos[-1:], size - len(pos))])
+    items = [source[int(i)] for i in idx[rows]]
+    host = {"image": np.stack([item["image"] for item in items]),
+            "id": idx[rows].astype(np.int32), "mask": np.arange(size) < len(pos)}
+    if labels:
+      host["label"] = np.stack([item["label"] for item in items])
+    for name, arr in (extra or {}).items():
+      host[name] = np.asarray(arr)[rows]
+    dev = sharding.put_eval_batch(host, mesh)
+    yield Batch(dev.pop("image"), dev.pop("label", None), dev.pop("id"), dev.pop("mask"),
+                host.get("label"), host["mask"], rows, dev)
 
 
 def warn(checks, message, category=SoundnessWarning):
@@ -511,8 +536,13 @@ class Result:
 # ----------------------------------------------------------------------------
 
 
-def clean_pass(model_fn, variables, source, indices, *, batch_size, mesh=None, bar=None):
-  """Clean predictions and input gradients of the CE at every evaluated point."""
+def clean_pass(model_fn, variables, source, indices, *, batch_size, mesh=None, bar=None,
+               num_classes=None):
+  """Clean predictions and input gradients of the CE at every evaluated point.
+
+  num_classes: the classes that are real when the model pads its logits (the
+  columns past it are masked, `evaluate`); first_logits keeps only those.
+  """
   n = len(indices)
   clean = Clean(np.zeros(n, bool), np.zeros(n, np.int64), 0, 0)
   seen = 0
@@ -520,6 +550,7 @@ def clean_pass(model_fn, variables, source, indices, *, batch_size, mesh=None, b
     logits, gmax, gfinite = jax.device_get(
         _clean_batch(variables, b.images, b.labels, model_fn=model_fn, mesh=mesh))
     valid = b.host_valid
+    logits = logits[:, :num_classes]
     pred = np.argmax(logits, axis=-1)
     clean.correct[b.rows[valid]] = (pred == b.host_labels)[valid]
     clean.pred[b.rows[valid]] = pred[valid]
@@ -539,6 +570,7 @@ def soundness_checks(model_fn, variables, clean, checks, *, mesh=None):
   b, logits0 = clean.first_batch, clean.first_logits
   valid0 = b.host_valid
   again = jax.device_get(_logits_batch(variables, b.images, model_fn=model_fn, mesh=mesh))
+  again = again[:, :logits0.shape[-1]]  # the real classes (clean_pass's num_classes)
   diff = float(np.max(np.abs(again - logits0)[valid0])) if valid0.any() else 0.0
   scale = float(np.max(np.abs(logits0[valid0]))) if valid0.any() else 1.0
   checks.deterministic = bool(np.isfinite(diff) and diff <= 1e-4 * max(1.0, scale))
@@ -607,7 +639,9 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
             bar=None):
   """One suite at one budget: each attack on the points every earlier one failed on.
 
-  sizes: the batch sizes (bucket_sizes; default batch_size alone).
+  sizes: the batch sizes (bucket_sizes; default batch_size alone). Targeted
+  attacks run min(num_targets, C - 1) targets, C the real classes (the clean
+  pass's logits), never a padded class.
   """
   t0 = time.time()
   n = len(indices)
@@ -629,7 +663,8 @@ def cascade(model_fn, variables, source, indices, clean, attack_list, eps, check
       positions = np.flatnonzero(robust)
       if bar is not None:
         what = f" target {target + 1}" if record.targeted else ""
-        bar.reset(total=-(-len(positions) // batch_size),
+        bar.reset(total=len(positions) // batch_size + len(split_rest(
+            len(positions) % batch_size, sizes or [batch_size])),
                   desc=f"eps={format_eps(eps)} {attack.name}{what}")
       for b in batches(source, indices, positions, batch_size, mesh, sizes):
         numel = numel or int(np.prod(b.images.shape[1:]))
@@ -745,7 +780,7 @@ def skeleton(parts: Parts, checks: Checks, bar=None):
 
 def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
              suites=None, norm="linf", seed=0, batch_size=64, buckets=2, mesh=None,
-             masking_tol=MASKING_TOL, progress_bar=True) -> Result:
+             masking_tol=MASKING_TOL, progress_bar=True, num_classes=None) -> Result:
   """Clean and robust accuracy of a classifier under attack cascades.
 
   Args:
@@ -763,12 +798,19 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
       `mesh`. The last batch of each stage is padded to the smallest of
       `buckets` sizes (batch_size and its halves, bucket_sizes) that holds it.
     buckets: how many batch sizes each attack is compiled for (>= 1; 1: every
-      batch padded to batch_size). All are compiled, and checked, by the eps = 0
-      check, so the compilations never depend on the budgets.
+      batch padded to batch_size; None: every halving down to
+      MIN_BUCKET_ROWS_PER_DEVICE rows per device). All are compiled, and
+      checked, by the eps = 0 check, so the compilations never depend on the
+      budgets.
     mesh: jax.sharding.Mesh with axis 'data', or None for one device.
     masking_tol: fraction of points a black-box attack may break, after the
       white-box ones failed on them, before the masking flag is raised.
     progress_bar: show progress (one line per stage when not on a terminal).
+    num_classes: the real classes C when model_fn pads its logits to more
+      columns (masked to a large negative, e.g. zeroshot.Classifier with a
+      class_mask, so that datasets of different class counts share one compiled
+      program per attack): predictions, checks and target counts see only the
+      first C columns. None: every column is a class.
 
   Returns:
     Result (Result.to_dict() is JSON-serialisable).
@@ -785,7 +827,8 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
   run = prepare(eps_list, indices, batch_size, norm, mesh, variables)
   eps_list, indices, batch_size, variables = (run.eps_list, run.indices, run.batch_size,
                                               run.variables)
-  buckets = losses.check_int("buckets", buckets, minimum=1)
+  if buckets is not None:
+    buckets = losses.check_int("buckets", buckets, minimum=1)
   n = len(indices)
   checks = Checks()
   sizes = bucket_sizes(batch_size, run.num_devices, buckets)
@@ -794,7 +837,8 @@ def evaluate(model_fn: Callable, variables, source, indices, *, eps_list,
   bar = progress.bar(total=-(-n // batch_size), desc="clean", enabled=progress_bar)
   clean, robust, timing = skeleton(Parts(
       clean_pass=lambda: clean_pass(model_fn, variables, source, indices,
-                                    batch_size=batch_size, mesh=mesh, bar=bar),
+                                    batch_size=batch_size, mesh=mesh, bar=bar,
+                                    num_classes=num_classes),
       soundness_checks=lambda clean, checks: soundness_checks(model_fn, variables, clean,
                                                              checks, mesh=mesh),
       # eps = 0 runs the cascade's own compiled attacks (eps is traced): after it,

@@ -10,6 +10,7 @@ evaluated in turn, and results.json / results.md are rewritten after each one,
 so a later failure keeps the finished models ("complete": false until the end).
 """
 
+import dataclasses
 import fractions
 import importlib.metadata
 import json
@@ -20,8 +21,10 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 import prsl_jax
+from prsl_jax import benchmarks
 from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import eval_settings
@@ -35,6 +38,7 @@ from prsl_jax.models import convert
 from prsl_jax.models import vision_weights
 
 DEFAULTS = eval_settings.DEFAULTS  # evaluate.py's flags and their defaults
+TEMPLATES = ("default", "imagenet", "benchmark", "tecoa")
 
 RESULTS = "results.json"
 
@@ -61,8 +65,11 @@ def parse_eps(value, norm="linf"):
 
 
 def parse_suites(value, norm="linf", *, task=tasks.TASKS["classification"], steps=None,
-                 queries=None, num_targets=None, train_loss=None):
-  """--suite values -> {label: tuple of Attack}; each value is one cascade of `task`'s."""
+                 queries=None, num_targets=None, train_loss=None, pgd_step_size=None):
+  """--suite values -> {label: tuple of Attack}; each value is one cascade of `task`'s.
+
+  pgd_step_size: PGD's step in pixel units (a protocol's, e.g. TeCoA's 1/255).
+  """
   values = task.default_suites if value is None else (
       [value] if isinstance(value, str) else list(value))
   if not values:
@@ -72,6 +79,9 @@ def parse_suites(value, norm="linf", *, task=tasks.TASKS["classification"], step
     names = evaluation.suite_spec(v)
     kw = dict(steps=steps, queries=queries, num_targets=num_targets, train_loss=train_loss)
     out[v] = task.make_suite(names, norm, **kw)
+    if pgd_step_size is not None:
+      out[v] = tuple(dataclasses.replace(a, step_size=pgd_step_size)
+                     if a.name.startswith("pgd") else a for a in out[v])
   return out
 
 
@@ -171,6 +181,111 @@ def check_not_train_output(outdir, given):
     raise ValueError(f"--outdir {given!r} is a train.py run folder; choose another")
 
 
+def _plan(name, record, s, templates):
+  """One dataset of the run: what to load and how to prompt it (a dict)."""
+  split = s["split"] or (record.split if record else eval_settings.FALLBACKS["split"])
+  num = s["num_examples"]
+  if num is None:
+    num = record.num_examples if record else eval_settings.FALLBACKS["num_examples"]
+  if templates in ("benchmark", "tecoa") and record is None:
+    raise ValueError(f"--templates {templates} needs a dataset of the benchmark "
+                     f"({sorted(benchmarks.DATASETS)}), got {name!r}")
+  prompts = {"default": zeroshot.DEFAULT_TEMPLATES, "imagenet": zeroshot.IMAGENET_TEMPLATES,
+             "benchmark": record and record.templates,
+             "tecoa": record and (record.tecoa_template,)}[templates]
+  return dict(name=name, tfds_name=record.tfds_name if record else name, split=split,
+              num_examples=num, templates=list(prompts),
+              class_names=list(record.class_names) if record else None,
+              labels=list(record.labels) if record and record.labels else None)
+
+
+def resolve_datasets(s):
+  """Fills s's eps, suite, steps, ... from --protocol where the flag is None, and
+  split, num_examples, templates; -> (Protocol or None, dataset plans, the
+  flags that overrode the protocol). Several datasets: --dataset a,b,c or
+  --benchmark (prsl_jax.benchmarks), each with its own split, subset size,
+  class names and templates."""
+  if s["benchmark"] and s["dataset"] not in (None, DEFAULTS["dataset"]):
+    raise ValueError(f"give --dataset or --benchmark, not both (got --dataset "
+                     f"{s['dataset']} and --benchmark {s['benchmark']})")
+  if s["benchmark"] and s["benchmark"] not in benchmarks.BENCHMARKS:
+    raise ValueError(f"unknown --benchmark {s['benchmark']!r}; choose one of "
+                     f"{sorted(benchmarks.BENCHMARKS)} or list datasets with --dataset a,b")
+  protocol = benchmarks.get_protocol(s["protocol"]) if s["protocol"] else None
+  spec = s["benchmark"] or s["dataset"]
+  multi = bool(s["benchmark"]) or "," in str(spec)
+  overrides = []
+  if protocol is not None:
+    for flag, value in (("eps", list(protocol.eps) or None), ("suite", list(protocol.suites)),
+                        ("steps", protocol.steps), ("num_targets", protocol.num_targets),
+                        ("square_queries", protocol.queries),
+                        ("templates", protocol.templates)):
+      if s[flag] is None:
+        s[flag] = value
+      elif value is not None:
+        overrides.append(flag)
+  if s["eps"] is None:
+    s["eps"] = eval_settings.FALLBACKS["eps"]
+  if s["templates"] is None:
+    s["templates"] = "benchmark" if multi else "default"
+  if s["templates"] not in TEMPLATES:
+    raise ValueError(f"--templates must be one of {list(TEMPLATES)}, got {s['templates']!r}")
+  if multi:
+    plans = [_plan(d.name, d, s, s["templates"]) for d in benchmarks.resolve(spec)]
+  else:
+    plans = [_plan(spec, benchmarks.DATASETS.get(spec), s, s["templates"])]
+    s["split"], s["num_examples"] = plans[0]["split"], plans[0]["num_examples"]
+  return protocol, plans, overrides
+
+
+def check_prepared(plans, data_dir, multi):
+  """Every dataset of the run can be read; several: one error naming each that
+  cannot, with its prepare command, before any compute."""
+  if not multi:
+    data.check_available(plans[0]["tfds_name"], plans[0]["split"], data_dir=data_dir)
+    return
+  missing = []
+  for d in plans:
+    try:
+      data.check_available(d["tfds_name"], d["split"], data_dir=data_dir)
+    except (FileNotFoundError, ValueError) as e:
+      fix = (data.prepare_command(d["tfds_name"], data_dir) if isinstance(e, FileNotFoundError)
+             else " ".join(str(e).split())[:200])
+      missing.append(f"{d['name']} ({fix})")
+  if missing:
+    raise FileNotFoundError(
+        f"{len(missing)} of the {len(plans)} datasets cannot be read in data_dir={data_dir!r}: "
+        f"{'; '.join(missing)}. Prepare each once as ArrayRecord (TFDS needs tensorflow to "
+        "write most: pip install tensorflow-cpu), then run this again")
+
+
+def _jsonable(value):
+  return json.loads(json.dumps(value, default=str))
+
+
+def resumable(path, settings, given, multi):
+  """The record at `path` when this run finishes it (several datasets, the same
+  settings), else a one-line error saying what to do."""
+  again = (f"pass --overwrite to start afresh or choose another --outdir than {given!r}")
+  if not multi:
+    raise FileExistsError(f"{given}/{RESULTS} exists; pass --overwrite to replace it or "
+                          "choose another --outdir")
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read ({e}); {again}") from None
+  if not isinstance(record, dict) or "datasets" not in record:
+    raise FileExistsError(f"{given}/{RESULTS} holds a single-dataset evaluation; {again}")
+  old, new = record.get("settings") or {}, _jsonable(settings)
+  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if changed:
+    raise ValueError(f"{given}/{RESULTS} was written with other settings ({', '.join(changed)} "
+                     f"differ), so its datasets cannot be resumed; rerun its own command "
+                     f"({record.get('command', '?')}) to finish it, or {again}")
+  return record
+
+
 def preflight(settings):
   """Every check that needs no compute; raises with the flag's name.
 
@@ -188,9 +303,6 @@ def preflight(settings):
   outdir = os.path.abspath(os.path.expanduser(s["outdir"]))
   if os.path.exists(outdir) and not os.path.isdir(outdir):
     raise NotADirectoryError(f"--outdir {s['outdir']!r} is a file; pass a folder")
-  if os.path.exists(os.path.join(outdir, RESULTS)) and not s["overwrite"]:
-    raise FileExistsError(f"{s['outdir']}/{RESULTS} exists; pass --overwrite to replace it "
-                          "or choose another --outdir")
   check_not_train_output(outdir, s["outdir"])
   parent = outdir
   while not os.path.exists(parent):
@@ -205,8 +317,7 @@ def preflight(settings):
   for name in ("steps", "square_queries", "num_targets"):
     if s[name] is not None and s[name] < 1:
       raise ValueError(f"--{name} must be >= 1, got {s[name]}")
-  if s["templates"] not in ("default", "imagenet"):
-    raise ValueError(f"--templates must be default or imagenet, got {s['templates']!r}")
+  protocol, plans, overrides = resolve_datasets(s)
   if s["norm"] not in evaluation.attacks.NORMS:
     raise ValueError(f"--norm must be one of {list(evaluation.attacks.NORMS)}, got "
                      f"{s['norm']!r}")
@@ -233,15 +344,30 @@ def preflight(settings):
   if s["norm"] not in task.norms:
     raise ValueError(f"{kind} models are attacked in {'/'.join(task.norms)} only "
                      f"(--norm {task.norms[0]})")
+  multi = len(plans) > 1 or bool(s["benchmark"])
+  if multi and task.name != "classification":
+    raise ValueError(f"several datasets in one run are for classifiers; evaluate {kind} "
+                     "models on one --dataset at a time")
   parse_suites(s["suite"], s["norm"], task=task, steps=s["steps"],
-               queries=s["square_queries"], num_targets=s["num_targets"])
-  data.check_available(s["dataset"], s["split"], data_dir=s["data_dir"])
+               queries=s["square_queries"], num_targets=s["num_targets"],
+               pgd_step_size=protocol and protocol.pgd_step_size)
+  check_prepared(plans, s["data_dir"], multi)
   if s["batch_size"] % jax.device_count():
     raise ValueError(f"--batch_size={s['batch_size']} must be divisible by the number of "
                      f"devices ({jax.device_count()})")
+  record_settings = dict({k: v for k, v in s.items() if k != "overwrite"},
+                         checkpoint=specs, eps=eps)
+  if multi:
+    record_settings["datasets"] = [d["name"] for d in plans]
+  else:
+    record_settings["templates"] = list(plans[0]["templates"])
+  resume = None
+  if os.path.exists(os.path.join(outdir, RESULTS)) and not s["overwrite"]:
+    resume = resumable(os.path.join(outdir, RESULTS), record_settings, s["outdir"], multi)
   os.makedirs(outdir, exist_ok=True)  # last: a refused run leaves nothing behind
   return dict(settings=s, specs=specs, ckpts=ckpts, eps=eps, outdir=outdir, kind=kind,
-              task=task)
+              task=task, protocol=protocol, plans=plans, multi=multi, overrides=overrides,
+              record_settings=record_settings, resume=resume)
 
 
 def load_model(ckpt, allow_pickle, vision_weights=None):
@@ -300,6 +426,51 @@ def _write(outdir, record, title, results, final, task):
   return table
 
 
+def protocol_record(p):
+  """The protocol's record and the flags that overrode it (None without --protocol)."""
+  if p["protocol"] is None:
+    return None
+  return dict(dataclasses.asdict(p["protocol"]), overridden_by=p["overrides"])
+
+
+def make_suites(p, ckpt):
+  s = p["settings"]
+  return parse_suites(s["suite"], s["norm"], task=p["task"], steps=s["steps"],
+                      queries=s["square_queries"], num_targets=s["num_targets"],
+                      train_loss=train_loss_of(ckpt),
+                      pgd_step_size=p["protocol"] and p["protocol"].pgd_step_size)
+
+
+class _Relabeled:
+  """A source whose labels are positions in `labels` (a subset of a larger label
+  space, e.g. ImageNet-R's 200 of ImageNet's 1000)."""
+
+  def __init__(self, source, labels):
+    self._source, self._index = source, {int(t): i for i, t in enumerate(labels)}
+
+  def __len__(self):
+    return len(self._source)
+
+  def raw(self, i):  # what data.check_split reads
+    image, label = self._source.raw(i)
+    return image, self._index.get(label, -1)
+
+  def __getitem__(self, i):
+    item = dict(self._source[i])
+    item["label"] = np.int32(self._index.get(int(item["label"]), -1))  # -1: check_split names it
+    return item
+
+
+def load_dataset(plan, image_size, data_dir):
+  """(source, class names) of a dataset plan: the benchmark's class names where it
+  has a record, else the dataset's own."""
+  source, class_names = data.load(plan["tfds_name"], plan["split"], image_size=image_size,
+                                  data_dir=data_dir)
+  if plan["labels"]:
+    source = _Relabeled(source, plan["labels"])
+  return source, plan["class_names"] or class_names
+
+
 def run(settings, *, argv=None, checked=None):
   """Evaluates every checkpoint; returns the record written to results.json.
 
@@ -314,9 +485,12 @@ def run(settings, *, argv=None, checked=None):
                      f"devices ({jax.device_count()})")
   s, eps, outdir = p["settings"], p["eps"], p["outdir"]
   mesh = sharding.make_mesh()
-  templates = zeroshot.IMAGENET_TEMPLATES if s["templates"] == "imagenet" else None
-  num = s["num_examples"] or None
   argv = list(sys.argv if argv is None else argv)
+  if p["multi"]:
+    return run_benchmark(p, argv=argv, mesh=mesh, t0=t0)
+  plan = p["plans"][0]
+  templates = plan["templates"]
+  num = s["num_examples"] or None
   record = {
       "kind": "evaluate",
       "model_kind": p["kind"],
@@ -325,9 +499,8 @@ def run(settings, *, argv=None, checked=None):
       "cwd": os.getcwd(),
       "versions": versions(),
       "devices": [str(d) for d in jax.devices()],
-      "settings": dict({k: v for k, v in s.items() if k != "overwrite"},
-                       checkpoint=p["specs"], eps=eps,
-                       templates=list(templates or zeroshot.DEFAULT_TEMPLATES)),
+      "settings": p["record_settings"],
+      "protocol": protocol_record(p),
       "seed": s["seed"],
       "models": {},
       "complete": False,
@@ -345,8 +518,7 @@ def run(settings, *, argv=None, checked=None):
     print(f"{name}: loading ({ckpt['kind']})", flush=True)
     pretrained, params = load_model(ckpt, s["allow_pickle"], s["vision_weights"])
     model = pretrained.model
-    source, class_names = data.load(s["dataset"], s["split"], image_size=model.image_size,
-                                    data_dir=s["data_dir"])
+    source, class_names = load_dataset(plan, model.image_size, s["data_dir"])
     if not class_names and task.needs_class_names:
       raise ValueError(f"dataset {s['dataset']!r} has no class labels to classify")
     if indices is None:
@@ -357,9 +529,7 @@ def run(settings, *, argv=None, checked=None):
                     class_names=list(class_names) if class_names else None)
       title = (f"{task.title} on {len(indices)} {s['dataset']} {s['split']} examples (seed "
                f"{s['seed']}); {s['norm']} budgets on [0, 1] pixels.")
-    suites = parse_suites(s["suite"], s["norm"], task=task, steps=s["steps"],
-                          queries=s["square_queries"], num_targets=s["num_targets"],
-                          train_loss=train_loss_of(ckpt))
+    suites = make_suites(p, ckpt)
     result = task.evaluate(
         model, params, pretrained.tokenizer, source, indices, class_names=class_names,
         templates=templates, eps_list=eps, suites=suites, norm=s["norm"], seed=s["seed"],
@@ -386,3 +556,128 @@ def run(settings, *, argv=None, checked=None):
     print(f"WARNING: soundness checks failed for {failed}; see checks in {RESULTS}")
   return record
 
+
+
+# ----------------------------------------------------------------------------
+# Several datasets in one run (--dataset a,b,c or --benchmark).
+# ----------------------------------------------------------------------------
+
+# Classifiers with fewer real classes keep their own logit width: the DLR
+# losses need 3 (APGD-T's targeted one 4) real classes, and fall back to the
+# cross-entropy below that (a decision made at trace time, from the width).
+MIN_PADDED_CLASSES = 4
+
+
+def pad_width(plans, suites):
+  """The class count every dataset of the run with >= MIN_PADDED_CLASSES classes
+  is padded to (their max), so the attacks compile once for all of them; None
+  when nothing is padded (one dataset, or an attack through the model's own
+  training loss, which sees every column)."""
+  if any(a.loss is not None for suite in suites.values() for a in suite):
+    return None
+  counts = [len(d["class_names"]) for d in plans
+            if len(d["class_names"]) >= MIN_PADDED_CLASSES]
+  return max(counts) if len(counts) > 1 else None
+
+
+def _benchmark_write(outdir, record, final):
+  title = reports.benchmark_title(record)
+  table = reports.format_benchmark_table(record)
+  for name, text in ((RESULTS, json.dumps(record, indent=1, default=str)),
+                     ("results.md", f"{title}\n\n{table}")):
+    reports.write_atomic(os.path.join(outdir, name), text)
+  plot_path = os.path.join(outdir, "robustness.png")
+  if final and any(ds["models"] for ds in record["datasets"].values()):
+    reports.plot_benchmark(record, plot_path)
+  elif os.path.exists(plot_path):
+    os.remove(plot_path)
+  return title, table
+
+
+def run_benchmark(p, *, argv, mesh, t0):
+  """Every checkpoint on every dataset of the plan; results.json is rewritten
+  (atomically) after each (dataset, checkpoint), and a rerun of the same command
+  skips the pairs it holds and evaluates the rest.
+
+  Record (results.json): the run's provenance and settings as for one dataset,
+  "protocol" (its settings and the flags that overrode them), "pad_classes",
+  "datasets": {name: {tfds_name, split, num_examples, class_names, templates,
+  indices, models: {model: the one-dataset entry (clean, robust per suite and
+  eps, per-example outcomes, checks, timing)}}}, "models": {model: checkpoint},
+  "summary": {model: {"clean": {dataset: accuracy, "average": ...}, "robust":
+  {suite: {eps: {dataset: accuracy, "average": ...}}}}} (reports.benchmark_summary)
+  and "complete".
+  """
+  s, outdir, task = p["settings"], p["outdir"], p["task"]
+  names = model_names(p["specs"])
+  record = p["resume"]
+  now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+  if record is None:
+    record = {
+        "kind": "evaluate", "model_kind": p["kind"],
+        "command": shlex.join([sys.executable] + argv), "argv": argv, "cwd": os.getcwd(),
+        "versions": versions(), "devices": [str(d) for d in jax.devices()],
+        "settings": _jsonable(p["record_settings"]), "protocol": protocol_record(p),
+        "benchmark": s["benchmark"], "seed": s["seed"], "pad_classes": None,
+        "datasets": {d["name"]: dict({k: v for k, v in d.items() if k != "name"}, models={})
+                     for d in p["plans"]},
+        "models": {}, "summary": {}, "complete": False, "runs": []}
+  done = [(d, m) for d, ds in record["datasets"].items() for m in ds["models"]]
+  record["runs"].append({"started": now, "argv": argv, "already_done": len(done)})
+  if done:
+    print(f"{RESULTS}: resuming, {len(done)} of {len(names) * len(p['plans'])} "
+          "(dataset, checkpoint) results done and kept", flush=True)
+  record["complete"] = False
+  todo = {n: [d for d in p["plans"] if n not in record["datasets"][d["name"]]["models"]]
+          for n in names}
+  for ckpt, name in zip(p["ckpts"][1:], names[1:]):
+    if todo[name]:  # a broken later checkpoint fails before the first one's compute
+      load_model(ckpt, s["allow_pickle"], s["vision_weights"])
+  sources = {}
+  for name, ckpt in zip(names, p["ckpts"]):
+    if not todo[name]:
+      continue
+    print(f"{name}: loading ({ckpt['kind']})", flush=True)
+    pretrained, params = load_model(ckpt, s["allow_pickle"], s["vision_weights"])
+    model = pretrained.model
+    suites = make_suites(p, ckpt)
+    pad = pad_width(p["plans"], suites)
+    record["pad_classes"] = pad
+    for plan in todo[name]:
+      entry = record["datasets"][plan["name"]]
+      if plan["name"] not in sources:
+        source, class_names = load_dataset(plan, model.image_size, s["data_dir"])
+        indices = data.eval_indices(len(source), plan["num_examples"] or None, s["seed"])
+        data.check_split(source, class_names, name=plan["name"], split=plan["split"],
+                         indices=indices)  # bad pixels or labels, before its compute
+        sources[plan["name"]] = (source, class_names, indices)
+        entry.update(class_names=list(class_names), indices=[int(i) for i in indices])
+      source, class_names, indices = sources[plan["name"]]
+      print(f"{name} on {plan['name']} ({len(indices)} {plan['split']} examples, "
+            f"{len(class_names)} classes)", flush=True)
+      result = task.evaluate(
+          model, params, pretrained.tokenizer, source, indices, class_names=class_names,
+          templates=plan["templates"], eps_list=p["eps"], suites=suites, norm=s["norm"],
+          seed=s["seed"], batch_size=s["batch_size"], mesh=mesh,
+          options=dict(pad_classes=pad if len(class_names) >= MIN_PADDED_CLASSES else None))
+      out = result.to_dict()
+      out.pop("indices")  # stored once per dataset
+      entry["models"][name] = out
+      record["models"][name] = dict(checkpoint=ckpt, image_size=model.image_size)
+      record["summary"] = reports.benchmark_summary(record)
+      record["runs"][-1]["seconds"] = time.time() - t0
+      if jax.process_index() == 0:
+        _benchmark_write(outdir, record, final=False)
+    del pretrained, params
+  record["summary"] = reports.benchmark_summary(record)
+  record["complete"] = True
+  record["runs"][-1]["seconds"] = time.time() - t0
+  if jax.process_index() == 0:
+    title, table = _benchmark_write(outdir, record, final=True)
+    print(f"\n{title}\n\n{table}\nwrote {outdir}/{RESULTS}, results.md, robustness.png",
+          flush=True)
+  failed = [(d, m) for d, ds in record["datasets"].items() for m, r in ds["models"].items()
+            if not r["checks"]["passed"]]
+  if failed:
+    print(f"WARNING: soundness checks failed for {failed}; see checks in {RESULTS}")
+  return record

@@ -100,6 +100,97 @@ def plot(results_by_model, path):
 _STYLES = ["-", "--", ":", "-."]
 
 
+# Several datasets in one run (prsl_jax.evaluator.run_benchmark's record).
+
+# Trained on, not zero-shot: FARE's tables give it a column of its own, outside
+# the average (so do TeCoA's descendants' "zero-shot average").
+NOT_ZERO_SHOT = ("imagenet2012",)
+
+
+def _mean(values):
+  return sum(values) / len(values) if values else None
+
+
+def benchmark_summary(record):
+  """{model: {"clean": {dataset: acc, "average": acc}, "robust": {suite: {eps
+  label: {dataset: acc, "average": acc}}}}} from a benchmark record; the average
+  is over the zero-shot datasets done (every one but NOT_ZERO_SHOT when others
+  are there)."""
+  out = {}
+  for ds_name, ds in record["datasets"].items():
+    for model, res in ds["models"].items():
+      m = out.setdefault(model, {"clean": {}, "robust": {}})
+      m["clean"][ds_name] = res["clean_accuracy"]
+      for suite, rs in res["robust"].items():
+        for r in rs:
+          m["robust"].setdefault(suite, {}).setdefault(format_eps(r["eps"]), {})[ds_name] = (
+              r["robust_accuracy"])
+  for m in out.values():
+    for row in [m["clean"]] + [r for by_eps in m["robust"].values() for r in by_eps.values()]:
+      names = [d for d in row if d not in NOT_ZERO_SHOT] or list(row)
+      row["average"] = _mean([row[d] for d in names])
+  return out
+
+
+def benchmark_title(record):
+  s, proto = record["settings"], record.get("protocol")
+  what = f"benchmark {record['benchmark']}" if record.get("benchmark") else "datasets"
+  eps = ", ".join(format_eps(e) for e in s["eps"])
+  how = (f"protocol {proto['name']}" + (f" (overridden by --{', --'.join(proto['overridden_by'])})"
+                                         if proto["overridden_by"] else "")
+         if proto else "no protocol")
+  state = "" if record.get("complete") else " (partial: a rerun of its command finishes it)"
+  return (f"Zero-shot accuracy (%) on the {what} {', '.join(record['datasets'])}; {how}; "
+          f"suites {', '.join(s['suite'] or ['standard'])}, steps {s['steps']}, "
+          f"{s['norm']} eps {eps} on [0, 1] pixels; seed {s['seed']}{state}.")
+
+
+def format_benchmark_table(record):
+  """Markdown: one table per model, a column per dataset and the average (over
+  the zero-shot sets: NOT_ZERO_SHOT sits outside it), a row for clean accuracy
+  and one per suite and eps (robust accuracy: each suite's cascade)."""
+  summary = benchmark_summary(record)
+  datasets = list(record["datasets"])
+  lines = []
+  for model, m in summary.items():
+    head = ["", *datasets, "average"]
+    lines += [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [("clean", m["clean"])] + [
+        (f"{SUITE_LABELS.get(suite, suite)} ε={eps}", row)
+        for suite, by_eps in m["robust"].items() for eps, row in by_eps.items()]
+    for label, row in rows:
+      lines.append("| " + " | ".join([label] + [_pct(row.get(d)) for d in datasets]
+                                     + [_pct(row["average"])]) + " |")
+    failed = sorted({d for d in datasets for mm, r in record["datasets"][d]["models"].items()
+                     if mm == model and not r["checks"].get("passed", True)})
+    lines += ["", f"Soundness checks: {'failed on ' + ', '.join(failed) if failed else 'ok'}.",
+              ""]
+  return "\n".join(lines)
+
+
+def plot_benchmark(record, path):
+  """PNG: robust accuracy (%) per dataset (and the average), a colour per model,
+  a marker per eps (and a line style per suite when there are several)."""
+  summary = benchmark_summary(record)
+  datasets = list(record["datasets"]) + ["average"]
+  plt, fig, ax, colours = _figure()
+  fig.set_size_inches(max(6, 0.6 * len(datasets) + 2), 4.2)
+  markers = ["o", "s", "^", "D", "v"]
+  suites = list(dict.fromkeys(s for m in summary.values() for s in m["robust"]))
+  for i, (model, m) in enumerate(summary.items()):
+    for suite, by_eps in m["robust"].items():
+      for j, (eps, row) in enumerate(by_eps.items()):
+        xs = [k for k, d in enumerate(datasets) if row.get(d) is not None]
+        label = f"{model} ε={eps}" + (f" ({SUITE_LABELS.get(suite, suite)})"
+                                      if len(suites) > 1 else "")
+        ax.plot(xs, [100 * row[datasets[k]] for k in xs], marker=markers[j % len(markers)],
+                color=colours[i % len(colours)],
+                linestyle=_STYLES[suites.index(suite) % len(_STYLES)], label=label)
+  ax.set_xticks(range(len(datasets)))
+  ax.set_xticklabels(datasets, rotation=45, ha="right", fontsize=7)
+  return _save(plt, fig, ax, "robust accuracy (%)", path)
+
+
 def _figure():
   """(pyplot, figure, axes, colour cycle) for a headless accuracy-vs-eps plot."""
   import matplotlib  # pylint: disable=g-import-not-at-top

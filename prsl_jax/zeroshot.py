@@ -14,6 +14,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from prsl_jax.losses import l2_normalize
@@ -228,6 +229,27 @@ def logits(model, params, class_emb, images):
   return out
 
 
+# The logit of a padded class: far below any real one (|scale x cos| <= 100,
+# plus SigLIP's bias), so argmax, the cross-entropy (exp underflows to 0), the
+# CW margin, DLR's sorted logits (with C >= 4 real classes) and the targets'
+# order never see it, and it is finite, so no NaN reaches a gradient.
+PADDED_LOGIT = -1e9
+
+
+def pad_classes(class_emb, num_classes):
+  """(C, D) class embeddings -> variables' {"class_emb": (K, D), "class_mask": (K,)}.
+
+  K = num_classes >= C. The padded rows copy row 0 (a zero row would normalise
+  to NaN) and are masked to PADDED_LOGIT by Classifier, so datasets of different
+  class counts share one compiled program per attack and batch size.
+  """
+  c = class_emb.shape[0]
+  if num_classes < c:
+    raise ValueError(f"cannot pad {c} classes to {num_classes}")
+  emb = jnp.concatenate([class_emb, jnp.repeat(class_emb[:1], num_classes - c, axis=0)])
+  return {"class_emb": emb, "class_mask": jnp.arange(num_classes) < c}
+
+
 @dataclasses.dataclass(frozen=True)
 class Classifier:
   """The zero-shot classifier under attack: fn(variables, images) -> (B, C) logits.
@@ -235,7 +257,8 @@ class Classifier:
   A value-hashable callable (its model is static and equal by value), so every
   checkpoint of one architecture shares its compiled attacks, and no params are
   kept alive by a cache. variables = {"params": model params, "class_emb":
-  (C, D) class embeddings}.
+  (C, D) class embeddings}, and optionally "class_mask" (C,) bool: the columns
+  that are real classes, the others padding (pad_classes).
 
       classify = Classifier(model)
       variables = {"params": params, "class_emb": class_embeddings(...)}
@@ -244,7 +267,11 @@ class Classifier:
   model: Any
 
   def __call__(self, variables, images):
-    return logits(self.model, variables["params"], variables["class_emb"], images)
+    out = logits(self.model, variables["params"], variables["class_emb"], images)
+    mask = variables.get("class_mask")
+    if mask is not None:  # padded classes (pad_classes): below every real logit
+      out = jnp.where(mask, out, jnp.asarray(PADDED_LOGIT, out.dtype))
+    return out
 
   def bind(self, variables):
     return functools.partial(self, variables)

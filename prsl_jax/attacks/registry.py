@@ -89,7 +89,7 @@ def _apgd(loss):
 def _pgd(loss):
   def run(a, fn, x, y, c):
     return pgd(fn, x, y, key=c.keys, eps=c.eps, steps=a.steps, norm=c.norm, loss=loss,
-               restarts=a.restarts, targeted=c.toward, max_iterations=c.iterations)
+               step_size=getattr(a, "step_size", None), restarts=a.restarts, targeted=c.toward, max_iterations=c.iterations)
   return run
 
 

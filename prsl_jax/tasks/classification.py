@@ -66,14 +66,23 @@ def labels(batch, axis_name=None):
 def evaluate(model, params, tokenizer, source, indices, *, class_names, templates, eps_list,
              suites, norm, seed, batch_size, mesh, options=None):
   """evaluation.evaluate of the zero-shot classifier with this model's own class
-  embeddings (the text tower may have trained)."""
-  del options
+  embeddings (the text tower may have trained).
+
+  options["pad_classes"]: K >= C pads the class embeddings to K masked columns
+  (zeroshot.pad_classes), so every dataset of a run padded to the same K shares
+  the compiled attacks; None: C columns. The attacks run at every halving of
+  batch_size (evaluation.bucket_sizes(buckets=None)).
+  """
+  pad = (options or {}).get("pad_classes")
   class_emb = zeroshot.class_embeddings(model, params, tokenizer, class_names, templates)
+  variables = {"params": params, "class_emb": class_emb}
+  if pad:
+    variables.update(zeroshot.pad_classes(class_emb, pad))
   # Classifier(model) is equal for equal configs: checkpoints share compilations.
   return evaluation.evaluate(
-      zeroshot.Classifier(model), {"params": params, "class_emb": class_emb}, source,
-      indices, eps_list=eps_list, suites=suites, norm=norm, seed=seed,
-      batch_size=batch_size, mesh=mesh)
+      zeroshot.Classifier(model), variables, source, indices, eps_list=eps_list,
+      suites=suites, norm=norm, seed=seed, batch_size=batch_size, mesh=mesh, buckets=None,
+      num_classes=len(class_names) if pad else None)
 
 
 TASK = Task(
