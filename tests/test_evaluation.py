@@ -571,3 +571,46 @@ def test_an_attack_added_by_one_record_runs_in_a_suite(lin, monkeypatch):
   e = r["robust"][0]
   assert e["robust_mask"] == (clean_ok & adv_ok).tolist()
   assert 0 < e["broken"]["toy"] == int(np.sum(clean_ok & ~adv_ok))
+
+
+def test_split_rest_pads_less_than_the_smallest_batch():
+  sizes = evaluation.bucket_sizes(128, 1, None)
+  assert sizes == [128, 64, 32, 16, 8]
+  assert evaluation.split_rest(113, sizes) == [64, 32, 16, 8]  # 120 rows, not 128
+  assert evaluation.split_rest(125, sizes) == [128]            # 3 padding rows
+  assert evaluation.split_rest(5, sizes) == [8]
+  assert evaluation.split_rest(0, sizes) == []
+  assert evaluation.split_rest(113, [128]) == [128]
+  for rest in range(1, 128):
+    parts = evaluation.split_rest(rest, sizes)
+    assert rest <= sum(parts) < rest + 8 and len(parts) <= len(sizes)
+
+
+@pytest.mark.heavy(60)
+def test_outcomes_do_not_depend_on_the_batch_size(tiny_clip):
+  # PMG-AFT's robust accuracy grew with the test batch size: here each example's
+  # outcome (which attack broke it, if any) is the same at 8 and 64 rows a
+  # batch (20 points: 3 batches against 1 padded one), for the fast and the
+  # standard suite. (Mixed bucket shapes: test_smaller_batches_... above.)
+  from prsl_jax import data, zeroshot  # pylint: disable=g-import-not-at-top
+  model, params, tokenizer = tiny_clip
+  digits, names = data.load("digits", "test", image_size=model.image_size)
+  x = np.stack([digits[i]["image"] for i in range(20)])
+  variables = {"params": params,
+               "class_emb": zeroshot.class_embeddings(model, params, tokenizer, names)}
+  y = np.array(jnp.argmax(zeroshot.Classifier(model)(variables, x), -1), np.int32)
+  y[:2] = (y[:2] + 1) % len(names)  # two clean mistakes
+  source = ArraySource(x, y)
+  kw = dict(steps=3, queries=12, num_targets=3)
+  suites = {"fast": evaluation.make_suite("fast", **kw),
+            "standard": evaluation.make_suite("standard", **kw)}
+  runs = [evaluation.evaluate(zeroshot.Classifier(model), variables, source, np.arange(20),
+                              eps_list=[1 / 255, 4 / 255], suites=suites, batch_size=bs,
+                              buckets=1, progress_bar=False) for bs in (8, 64)]
+  assert runs[0].batch_sizes == [8] and runs[1].batch_sizes == [64]
+  for name in suites:
+    for a, b in zip(runs[0].robust[name], runs[1].robust[name]):
+      assert a.broken_by == b.broken_by and a.robust_mask == b.robust_mask
+  # The cascades did something: points broken at 4/255, by more than one attack.
+  broken = [r.broken_by for r in runs[0].robust["standard"]][-1]
+  assert runs[0].clean_accuracy == 0.9 and sum(b not in (None, "clean") for b in broken) >= 2
