@@ -278,7 +278,9 @@ def resumable(path, settings, given, multi):
   if not isinstance(record, dict) or "datasets" not in record:
     raise FileExistsError(f"{given}/{RESULTS} holds a single-dataset evaluation; {again}")
   old, new = record.get("settings") or {}, _jsonable(settings)
-  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  # The folder may have moved (or been copied) since: its name is no setting.
+  changed = sorted(k for k in set(old) | set(new)
+                   if k != "outdir" and old.get(k) != new.get(k))
   if changed:
     raise ValueError(f"{given}/{RESULTS} was written with other settings ({', '.join(changed)} "
                      f"differ), so its datasets cannot be resumed; rerun its own command "

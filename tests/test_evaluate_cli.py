@@ -374,3 +374,184 @@ def test_evaluate_flags_take_their_defaults_from_the_one_table():
   assert set(pairs) == set(eval_settings.DEFAULTS)
   for name, (flag_default, table_default) in pairs.items():
     assert flag_default == table_default, name
+
+
+# Several datasets in one run. Mock TFDS images with labels made from the tiny
+# CLIP's own zero-shot predictions (a quarter of them wrong), so cascades have
+# points to attack. Steps: a run of the first dataset, the three in one run, a
+# run of each other dataset, then the three-dataset run cut back to its first
+# dataset and resumed, then refusals.
+_BENCH_DRIVER = textwrap.dedent("""
+    import importlib.util, json, sys
+    import numpy as np
+    import tensorflow_datasets as tfds
+    spec = importlib.util.spec_from_file_location("evaluate_cli", sys.argv[1])
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    import prsl_jax
+    from prsl_jax import evaluator, zeroshot
+    clip = prsl_jax.load_pretrained(sys.argv[3])
+    load_dataset = evaluator.load_dataset
+
+    class Source:
+      def __init__(self, x, y):
+        self.x, self.y = x, y
+      def __len__(self):
+        return len(self.y)
+      def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+    def labelled(plan, image_size, data_dir):
+      source, names = load_dataset(plan, image_size, data_dir)
+      x = np.stack([source[i]["image"] for i in range(len(source))])
+      emb = zeroshot.class_embeddings(clip.model, clip.params, clip.tokenizer, names,
+                                      plan["templates"])
+      y = np.array(np.argmax(zeroshot.logits(clip.model, clip.params, emb, x), -1), np.int32)
+      y[::4] = (y[::4] + 1) % len(names)
+      return Source(x, y), names
+    evaluator.load_dataset = labelled
+
+    out = []
+    for step in json.loads(sys.argv[2]):
+      if "cut" in step:  # results.json as a kill after its first dataset leaves it
+        with open(step["cut"]) as f:
+          record = json.load(f)
+        first, *rest = record["datasets"]
+        for name in rest:
+          record["datasets"][name]["models"] = {}
+        for r in record["datasets"][first]["models"].values():
+          r["marker"] = "kept"
+        record["complete"] = False
+        with open(step["cut"], "w") as f:
+          json.dump(record, f)
+        continue
+      cli.FLAGS.unparse_flags()
+      sys.argv = [spec.origin] + step["argv"]
+      try:
+        if step.get("mock", True):
+          with tfds.testing.mock_data(num_examples=16):
+            cli.main(cli.parse_flags(sys.argv))
+        else:
+          cli.main(cli.parse_flags(sys.argv))
+        out.append(None)
+      except Exception as e:  # pylint: disable=broad-except
+        out.append(f"{type(e).__name__}: {e}")
+    print("RESULT" + json.dumps(out))
+""")
+
+_SETS = ("cifar10", "cifar100", "dtd")  # 10, 100 and 47 classes
+
+
+@pytest.fixture(scope="module")
+def bench_runs(tiny_ckpt, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("bench")
+  common = ["--checkpoint", tiny_ckpt.path, "--eps", "2/255", "--steps", "2",
+            "--num_targets", "3", "--num_examples", "12", "--batch_size", "8",
+            "--nocompilation_cache"]
+  single = {d: common + ["--dataset", d, "--suite", "fast", "--templates", "benchmark",
+                         "--outdir", str(tmp / d)] for d in _SETS}
+  multi = common + ["--dataset", ",".join(_SETS), "--protocol", "fare"]
+  empty = tmp / "no_data"
+  empty.mkdir()
+  steps = [{"argv": single["cifar10"]},
+           {"argv": multi + ["--outdir", str(tmp / "multi")]},
+           {"argv": single["cifar100"]}, {"argv": single["dtd"]},
+           {"cut": str(tmp / "resumed" / "results.json")},
+           {"argv": multi + ["--outdir", str(tmp / "resumed")]},
+           {"argv": multi + ["--outdir", str(tmp / "multi"), "--seed", "3"]},
+           {"argv": multi + ["--outdir", str(tmp / "unprepared"), "--data_dir", str(empty)],
+            "mock": False},
+           {"argv": ["--checkpoint", tiny_ckpt.path, "--benchmark", "tecoa", "--protocol",
+                     "tecoa", "--data_dir", str(empty), "--outdir", str(tmp / "tecoa")],
+            "mock": False}]
+  # The resumed folder starts as a copy of the three-dataset run's record.
+  driver = tmp / "driver.py"
+  driver.write_text(_BENCH_DRIVER)
+  first, rest = steps[:4], steps[4:]
+  proc = _run([EVALUATE, json.dumps(first), tiny_ckpt.path], driver=str(driver))
+  os.makedirs(tmp / "resumed")
+  with open(tmp / "multi" / "results.json") as f:
+    multi_record = json.load(f)
+  with open(tmp / "resumed" / "results.json", "w") as f:
+    json.dump(multi_record, f)
+  proc2 = _run([EVALUATE, json.dumps(rest), tiny_ckpt.path], driver=str(driver))
+  errors = json.loads(proc2.stdout.split("RESULT")[-1])
+  def load(name):
+    with open(tmp / name / "results.json") as f:
+      return json.load(f)
+  return dict(tmp=tmp, multi=multi_record, single={d: load(d) for d in _SETS},
+              resumed=load("resumed"), errors=errors, proc=proc, name=tiny_ckpt.path)
+
+
+def _outcomes(entry):
+  return (entry["clean_accuracy"],
+          {s: [(r["eps"], r["robust_accuracy"], r["broken_by"]) for r in rs]
+           for s, rs in entry["robust"].items()})
+
+
+@pytest.mark.heavy(120, alone=False)
+def test_three_datasets_in_one_run_give_what_three_runs_give(bench_runs):
+  multi, name = bench_runs["multi"], bench_runs["name"]
+  assert multi["complete"] and list(multi["datasets"]) == list(_SETS)
+  # --protocol fare's suites and templates, the flags given as well recorded.
+  assert multi["protocol"]["name"] == "fare" and multi["settings"]["suite"] == ["fast"]
+  assert multi["protocol"]["overridden_by"] == ["eps", "steps", "num_targets"]
+  assert multi["settings"]["eps"] == [2 / 255] and multi["pad_classes"] == 100
+  attacked = 0
+  for d in _SETS:
+    got, want = multi["datasets"][d], bench_runs["single"][d]
+    assert got["indices"] == want["indices"] and got["class_names"] == want["class_names"]
+    assert got["templates"] == want["settings"]["templates"]
+    assert _outcomes(got["models"][name]) == _outcomes(want["models"][name]), d
+    broken_by = got["models"][name]["robust"]["fast"][0]["broken_by"]
+    attacked += sum(b not in ("clean",) for b in broken_by)
+    assert got["class_names"] == list(__import__("prsl_jax.benchmarks").benchmarks
+                                      .DATASETS[d].class_names)
+  assert attacked >= 6  # the cascades had points to attack
+  # The table: a column per dataset and the average; the summary is the same numbers.
+  summary = multi["summary"][name]
+  clean = [multi["datasets"][d]["models"][name]["clean_accuracy"] for d in _SETS]
+  assert summary["clean"]["average"] == pytest.approx(sum(clean) / 3)
+  outdir = bench_runs["tmp"] / "multi"
+  res, md = _outputs(str(outdir))
+  assert "|  | cifar10 | cifar100 | dtd | average |" in md
+  assert f"| clean | {100 * clean[0]:.1f} | {100 * clean[1]:.1f} | {100 * clean[2]:.1f} |" in md
+
+
+@pytest.mark.heavy(120, alone=False)
+def test_the_attacks_compile_once_for_datasets_of_any_class_count(bench_runs):
+  name = bench_runs["name"]
+  one = [bench_runs["single"][d]["models"][name]["timing"]["compiles"] for d in _SETS[1:]]
+  multi = [bench_runs["multi"]["datasets"][d]["models"][name]["timing"]["compiles"]
+           for d in _SETS]
+  # The three datasets (10, 100 and 47 classes, padded to 100) in one run compile
+  # what one dataset's run does (each single run after it has shapes of its
+  # own, so it compiles afresh), all on the first dataset.
+  assert multi[0] > 0 and multi[1:] == [0, 0] and one == [multi[0]] * 2, (one, multi)
+
+
+@pytest.mark.heavy(120, alone=False)
+def test_a_rerun_after_a_kill_finishes_only_the_missing_datasets(bench_runs):
+  resumed, multi, name = bench_runs["resumed"], bench_runs["multi"], bench_runs["name"]
+  assert resumed["complete"] and [r["already_done"] for r in resumed["runs"]] == [0, 1]
+  assert resumed["datasets"]["cifar10"]["models"][name]["marker"] == "kept"  # not redone
+  for d in _SETS[1:]:
+    got = resumed["datasets"][d]["models"][name]
+    assert "marker" not in got
+    assert _outcomes(got) == _outcomes(multi["datasets"][d]["models"][name])
+
+
+@pytest.mark.heavy(120, alone=False)
+def test_other_settings_and_unprepared_datasets_are_refused_before_compute(bench_runs):
+  resumed, other, unprepared, tecoa = bench_runs["errors"]
+  assert resumed is None
+  assert other.startswith("ValueError") and "(seed differ)" in other and "--overwrite" in other
+  assert "\n" not in other
+  assert unprepared.startswith("FileNotFoundError: 3 of the 3 datasets cannot be read")
+  for d in _SETS:
+    assert f"{d} (python -c \"from prsl_jax import data; data.prepare('{d}'" in unprepared
+  from prsl_jax import benchmarks  # pylint: disable=g-import-not-at-top
+  assert f"{len(benchmarks.BENCHMARKS['tecoa'])} of the" in tecoa
+  assert "data.prepare('eurosat/rgb'" in tecoa and "sun397" in tecoa
+  for name in ("unprepared", "tecoa"):  # refused before the outdir was made
+    assert not os.path.exists(bench_runs["tmp"] / name)
