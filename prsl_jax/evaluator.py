@@ -224,6 +224,8 @@ def resolve_datasets(s):
         s[flag] = value
       elif value is not None:
         overrides.append(flag)
+    if not multi and spec not in benchmarks.DATASETS and "templates" not in overrides:
+      s["templates"] = "default"  # a dataset outside the benchmark has no templates of its own
   if s["eps"] is None:
     s["eps"] = eval_settings.FALLBACKS["eps"]
   if s["templates"] is None:

@@ -93,3 +93,50 @@ def test_protocols_name_known_suites():
   assert benchmarks.get_protocol("standard").suites == ("standard",)
   with pytest.raises(ValueError, match="unknown protocol"):
     benchmarks.get_protocol("tgazsr")
+
+
+def _settings(**kw):
+  from prsl_jax import eval_settings  # pylint: disable=g-import-not-at-top
+  return dict(eval_settings.DEFAULTS, **kw)
+
+
+def test_a_protocol_sets_what_no_flag_sets_and_records_the_flags_that_win():
+  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  s = _settings(benchmark="tecoa", protocol="tecoa", steps=7)
+  protocol, plans, overrides = evaluator.resolve_datasets(s)
+  assert protocol.name == "tecoa" and overrides == ["steps"]
+  assert s["eps"] == [1 / 255] and s["suite"] == ["pgd-ce", "standard"] and s["steps"] == 7
+  assert s["num_targets"] == 9 and s["square_queries"] == 5000 and s["templates"] == "tecoa"
+  assert [d["name"] for d in plans] == list(benchmarks.BENCHMARKS["tecoa"])
+  by_name = {d["name"]: d for d in plans}
+  assert by_name["dtd"]["templates"] == ["A surface with a {} texture."]
+  assert by_name["eurosat"]["split"] == "train[21600:]"
+  assert by_name["eurosat"]["tfds_name"] == "eurosat/rgb"
+  assert by_name["imagenet2012"]["num_examples"] == 5000
+  assert by_name["cifar10"]["num_examples"] == 1000
+  # TeCoA's PGD: 1/255 steps (the evaluator's default is 2.5 eps / steps).
+  suites = evaluator.parse_suites(s["suite"], steps=2, pgd_step_size=protocol.pgd_step_size)
+  assert suites["pgd-ce"][0].step_size == 1 / 255
+  assert all(a.step_size is None for a in suites["standard"])
+
+
+def test_several_datasets_take_their_own_templates_and_one_keeps_the_defaults():
+  from prsl_jax import evaluator, zeroshot  # pylint: disable=g-import-not-at-top
+  s = _settings(dataset="cifar10,stl10", num_examples=12)
+  protocol, plans, _ = evaluator.resolve_datasets(s)
+  assert protocol is None and s["eps"] == "1/255,2/255,4/255"
+  assert [d["templates"] for d in plans] == [list(benchmarks.TEMPLATES["cifar10"]),
+                                             list(benchmarks.TEMPLATES["stl10"])]
+  assert [d["num_examples"] for d in plans] == [12, 12]
+  for dataset in ("digits", "cifar10"):  # one dataset: the flags' defaults, as before
+    s = _settings(dataset=dataset)
+    _, (plan,), _ = evaluator.resolve_datasets(s)
+    assert plan["templates"] == list(zeroshot.DEFAULT_TEMPLATES)
+    assert (s["split"], s["num_examples"]) == ("test", 1000)
+  s = _settings(dataset="digits", protocol="standard")  # no templates of its own
+  _, (plan,), _ = evaluator.resolve_datasets(s)
+  assert plan["templates"] == list(zeroshot.DEFAULT_TEMPLATES) and s["suite"] == ["standard"]
+  with pytest.raises(ValueError, match="not both"):
+    evaluator.resolve_datasets(_settings(dataset="cifar10", benchmark="fare"))
+  with pytest.raises(ValueError, match="unknown --benchmark 'faer'"):
+    evaluator.resolve_datasets(_settings(benchmark="faer"))

@@ -614,3 +614,27 @@ def test_outcomes_do_not_depend_on_the_batch_size(tiny_clip):
   # The cascades did something: points broken at 4/255, by more than one attack.
   broken = [r.broken_by for r in runs[0].robust["standard"]][-1]
   assert runs[0].clean_accuracy == 0.9 and sum(b not in (None, "clean") for b in broken) >= 2
+
+
+def linear_padded(params, images):
+  # linear's 10 classes in 16 columns, the 6 padded ones masked as
+  # zeroshot.Classifier masks them (class_mask).
+  z = jnp.pad(linear(params, images), ((0, 0), (0, 6)))
+  return jnp.where(jnp.arange(16) < C, z, jnp.float32(-1e9))
+
+
+def test_padded_classes_change_no_outcome(lin):
+  # Datasets of different class counts share compiled attacks by padding the
+  # logits: argmax, CE, DLR's sorted logits and APGD-T's 9 targets (all C - 1
+  # real wrong classes) must never see the padded ones.
+  params, source, idx = lin
+  suites = {"s": evaluation.make_suite("standard", steps=3, queries=12)}
+  kw = dict(eps_list=[0.5 / 255, 2 / 255], suites=suites, batch_size=16, progress_bar=False)
+  plain = evaluation.evaluate(linear, params, source, idx, **kw)
+  padded = evaluation.evaluate(linear_padded, params, source, idx, num_classes=C, **kw)
+  assert padded.checks.passed and padded.clean_accuracy == plain.clean_accuracy
+  for a, b in zip(plain.robust["s"], padded.robust["s"]):
+    assert a.broken_by == b.broken_by and a.accuracy_after == b.accuracy_after
+  # A real cascade: points APGD-CE broke, and points left to APGD-T's targets.
+  first = plain.robust["s"][0]
+  assert 0 < first.accuracy_after["apgd-ce"] < plain.clean_accuracy, first.accuracy_after
