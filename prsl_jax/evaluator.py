@@ -584,6 +584,15 @@ def pad_width(plans, suites):
   return max(counts) if len(counts) > 1 else None
 
 
+def dataset_suites(protocol, suites, num_classes):
+  """The suites a dataset of `num_classes` classes runs: FARE's protocol runs
+  APGD-CE alone on 2-class sets (CLIP_benchmark's zeroshot_classification.py
+  drops APGD-T there: its one target is the other class); otherwise `suites`."""
+  if protocol is None or protocol.name != "fare" or num_classes > 2:
+    return suites
+  return {k: tuple(a for a in v if a.name != "apgd-t") or v for k, v in suites.items()}
+
+
 def _benchmark_write(outdir, record, final):
   title = reports.benchmark_title(record)
   table = reports.format_benchmark_table(record)
@@ -661,7 +670,8 @@ def run_benchmark(p, *, argv, mesh, t0):
             f"{len(class_names)} classes)", flush=True)
       result = task.evaluate(
           model, params, pretrained.tokenizer, source, indices, class_names=class_names,
-          templates=plan["templates"], eps_list=p["eps"], suites=suites, norm=s["norm"],
+          templates=plan["templates"], eps_list=p["eps"],
+          suites=dataset_suites(p["protocol"], suites, len(class_names)), norm=s["norm"],
           seed=s["seed"], batch_size=s["batch_size"], mesh=mesh,
           options=dict(pad_classes=pad if len(class_names) >= MIN_PADDED_CLASSES else None))
       out = result.to_dict()

@@ -140,3 +140,15 @@ def test_several_datasets_take_their_own_templates_and_one_keeps_the_defaults():
     evaluator.resolve_datasets(_settings(dataset="cifar10", benchmark="fare"))
   with pytest.raises(ValueError, match="unknown --benchmark 'faer'"):
     evaluator.resolve_datasets(_settings(benchmark="faer"))
+
+
+def test_fare_runs_apgd_ce_alone_on_two_class_sets():
+  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  suites = evaluator.parse_suites(["fast", "standard"], steps=2)
+  fare, tecoa = benchmarks.get_protocol("fare"), benchmarks.get_protocol("tecoa")
+  two = evaluator.dataset_suites(fare, suites, 2)
+  assert [a.name for a in two["fast"]] == ["apgd-ce"]
+  assert [a.name for a in two["standard"]] == ["apgd-ce", "fab-t", "square"]
+  assert evaluator.dataset_suites(fare, suites, 10) is suites
+  assert evaluator.dataset_suites(tecoa, suites, 2) is suites
+  assert evaluator.dataset_suites(None, suites, 2) is suites
