@@ -163,7 +163,10 @@ def format_benchmark_table(record):
                                      + [_pct(row["average"])]) + " |")
     failed = sorted({d for d in datasets for mm, r in record["datasets"][d]["models"].items()
                      if mm == model and not r["checks"].get("passed", True)})
-    lines += ["", f"Soundness checks: {'failed on ' + ', '.join(failed) if failed else 'ok'}.",
+    outside = [d for d in datasets if d in NOT_ZERO_SHOT and len(datasets) > 1]
+    lines += ["", (f"Average over the zero-shot sets ({', '.join(outside)} outside it). "
+                   if outside else "")
+              + f"Soundness checks: {'failed on ' + ', '.join(failed) if failed else 'ok'}.",
               ""]
   return "\n".join(lines)
 

@@ -152,3 +152,24 @@ def test_fare_runs_apgd_ce_alone_on_two_class_sets():
   assert evaluator.dataset_suites(fare, suites, 10) is suites
   assert evaluator.dataset_suites(tecoa, suites, 2) is suites
   assert evaluator.dataset_suites(None, suites, 2) is suites
+
+
+def test_the_benchmark_table_averages_the_zero_shot_sets():
+  from prsl_jax import reports  # pylint: disable=g-import-not-at-top
+  def entry(clean, robust, passed=True):
+    return {"clean_accuracy": clean, "checks": {"passed": passed},
+            "robust": {"fast": [{"eps": 2 / 255, "robust_accuracy": robust}]}}
+  record = {"datasets": {
+      "imagenet2012": {"models": {"m": entry(0.5, 0.25)}},
+      "cifar10": {"models": {"m": entry(0.75, 0.5)}},
+      "dtd": {"models": {"m": entry(0.25, 0.0, passed=False)}},
+      "stl10": {"models": {}}}}  # not done yet
+  summary = reports.benchmark_summary(record)["m"]
+  assert summary["clean"]["average"] == 0.5 and summary["robust"]["fast"]["2/255"] == {
+      "imagenet2012": 0.25, "cifar10": 0.5, "dtd": 0.0, "average": 0.25}
+  lines = reports.format_benchmark_table(record).splitlines()
+  assert lines[2] == "|  | imagenet2012 | cifar10 | dtd | stl10 | average |"
+  assert lines[4] == "| clean | 50.0 | 75.0 | 25.0 | – | 50.0 |"
+  assert lines[5] == f"| {reports.SUITE_LABELS['fast']} ε=2/255 | 25.0 | 50.0 | 0.0 | – | 25.0 |"
+  assert lines[7] == ("Average over the zero-shot sets (imagenet2012 outside it). Soundness "
+                      "checks: failed on dtd.")
