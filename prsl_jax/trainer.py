@@ -451,8 +451,10 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    # Atomic: the other processes' check_resume may read it at this moment, and
+    # half a file would read as a foreign config (a two-host launch died of it).
+    reports.write_atomic(os.path.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2))
 
   # Data: this process's rows of each global batch (see prsl_jax.data).
   train_iter = data.train_iterator(
