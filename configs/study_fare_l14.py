@@ -26,8 +26,8 @@ digits at batch 32; on ViT-L/14 at batch 128 the same b gives another share
 
 Needs openai/clip-vit-large-patch14 and imagenet2012 prepared for TFDS. One command
 per row (the run folder is <workdir>/<loss>, loss = ce, prsl, drsl, fare,
-pmg_aft or topk_variance, our ablation); on a TPU pod add --coordinator_address=auto on every host (see
-configs/imagenet_tpu_pod.py):
+pmg_aft or topk_variance, our ablation); on a TPU pod add
+--coordinator_address=auto on every host (see configs/imagenet_tpu_pod.py):
 
   python train.py --config configs/study_fare_l14.py:adv_prsl_0_4_b1e-1,eps4 \
       --config.data.data_dir=~/tensorflow_datasets
