@@ -131,6 +131,12 @@ def test_paper_attack_of_fare_and_pmg_aft_models_is_ce():
   config = _config(**FARE)
   for attack in trainer.eval_suites(config, config.loss)["paper"]:
     assert attack.loss is None
+  # evaluate.py on a FARE / PMG-AFT export reads its training loss the same way.
+  from prsl_jax import evaluator  # pylint: disable=g-import-not-at-top
+  assert evaluator.train_loss_of({"train_loss": {"name": "fare"}}) is None
+  assert evaluator.train_loss_of({"train_loss": {"name": "pmg_aft"}}) is None
+  assert evaluator.train_loss_of({"train_loss": {"name": "drsl", "weight": 0.1,
+                                                 "ce_weight": 1.0, "k": 3}})[0] == "drsl"
 
 
 @pytest.mark.heavy(40, alone=False)
