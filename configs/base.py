@@ -34,7 +34,10 @@ def base_config():
   #   ce_weight * CE + weight * x, x = n logsumexp(m) - sum(m), m_i the mean of
   #   row i's wrong-class logits ranked start..end-1, the rows of a group.
   # group_size 0: the global batch is one group; G: groups of G rows (averaged).
-  # 'drsl': the authors' DRSL (weight, ce_weight). Ours, ablations:
+  # 'drsl': the authors' DRSL (weight, ce_weight). The field's methods (need
+  # adversarial.enabled; read none of these fields): 'fare' (FARE's embedding loss
+  # to the frozen original), 'pmg_aft' (PMG-AFT); TeCoA is 'ce' with
+  # adversarial.enabled (README, "FARE, PMG-AFT and TeCoA"). Ours, ablations:
   # 'topk_variance' (k, weight, renormalize), 'topk_ce' (k). 'ce': cross-entropy.
   # k and renormalize are read by those two ablations only (train.py refuses an
   # override of a field no loss of the run reads: trainer.check_loss_overrides).
@@ -94,7 +97,8 @@ FIELD_HELP = {
     "data.templates": "prompts: 'default' or CLIP's 80 'imagenet' templates",
     "data.caption_length": "tokens of a training caption incl. its EOS (captioning)",
     "objective": "classification (zero-shot head), contrastive or captioning",
-    "loss.name": "prsl (the authors'), drsl, ce, or the ablations topk_variance, topk_ce",
+    "loss.name": "prsl (the authors'), drsl, ce, fare, pmg_aft, or the ablations "
+                 "topk_variance, topk_ce",
     "loss.start": "PRSL: first wrong-class rank of the window",
     "loss.end": "PRSL: end (exclusive) of the window of ranks",
     "loss.weight": "b: weight of PRSL's x (or DRSL's / the ablation's term)",

@@ -12,10 +12,14 @@ FARE's ImageNet evaluation prompts with CLIP's 80 ImageNet templates, while the
 trainer evaluates with the prompt it trains with: `evaluate.py --templates
 imagenet` gives FARE's numbers.
 
-FARE's own loss is unsupervised (the embedding distance to the original CLIP)
-and prsl_jax does not implement it: `apply` sets the protocol (model, data,
-schedule, attack, budgets) and leaves the loss to the config, so CE with
-adversarial training is FARE's TeCoA^eps baseline and PRSL its PRSL counterpart.
+`apply` sets the protocol (model, data, schedule, attack, budgets) and leaves
+the loss to the config: with loss 'fare' and adversarial training it is FARE
+itself (the unsupervised embedding loss to the frozen original CLIP, its PGD-10
+maximising that loss; prsl_jax/finetune_losses.py), with 'ce' FARE's TeCoA^eps
+baseline (TeCoA: adversarial CE), with 'prsl' the PRSL counterpart and with
+'pmg_aft' PMG-AFT at FARE's budget. configs/study_fare_l14.py has each as a row:
+
+    python train.py --config configs/study_fare_l14.py:fare,eps4   # FARE^4
 
 Every config that claims FARE's setting calls `apply` and overrides none of
 FIELDS (tests/test_configs.py checks that they agree):

@@ -1,7 +1,19 @@
 """The rows of the PRSL study, shared by the digits run and the full-scale configs.
 
 A row is what gets fine-tuned: the loss with its arguments, and whether the
-training images are adversarial (TeCoA-style PGD at every step). The protocol
+training images are adversarial (TeCoA-style PGD at every step). Beside PRSL
+and its ablations, the field's adversarial fine-tuning methods, all at the same
+budget (the protocol's PGD steps and eps, e.g. PGD-2 at 2/255 in the digits
+study, with the same step count and batch):
+
+    adv_ce    TeCoA (adversarial CE; Mao et al., ICLR 2023)
+    fare      FARE (Schlarmann et al., ICML 2024): the unsupervised embedding
+              loss to the frozen original, its attack maximising that loss
+    pmg_aft   PMG-AFT (Wang et al., CVPR 2024): CE on the adversarial image plus
+              KL to the original's and to the clean prediction (weights 1, 1)
+
+(prsl_jax/finetune_losses.py has FARE's and PMG-AFT's formulas and the authors'
+code they follow.) The protocol
 (model, data, budgets, schedule) belongs to whoever applies a row:
 scripts/prsl_study.py (tiny CLIP on the digits), configs/study_tecoa_b32.py and
 configs/study_fare_l14.py.
@@ -88,8 +100,12 @@ def _rows():
       label=f"ours (ablation): top-{OURS['k']} probability variance, "
             f"w={fmt_weight(OURS['weight'])}",
       family="ours", loss=dict(name="topk_variance", **OURS), adversarial=False)
-  rows["adv_ce"] = dict(label="adversarial CE (TeCoA, PGD-2 at 2/255)", family="adv",
+  rows["adv_ce"] = dict(label="TeCoA (adversarial CE, PGD-2 at 2/255)", family="adv",
                         loss=dict(name="ce"), adversarial=True)
+  rows["fare"] = dict(label="FARE (embedding loss to the original, PGD-2 at 2/255)",
+                      family="adv", loss=dict(name="fare"), adversarial=True)
+  rows["pmg_aft"] = dict(label="PMG-AFT (CE + KL to original and clean, PGD-2 at 2/255)",
+                         family="adv", loss=dict(name="pmg_aft"), adversarial=True)
   window, b = ADV_PRSL
   rows[f"adv_prsl_{window[0]}_{window[1]}_b{fmt_weight(b)}"] = dict(
       label=f"adversarial PRSL {window[0]}:{window[1]} b={fmt_weight(b)} (PGD-2 at 2/255)",

@@ -11,7 +11,8 @@ We default to 2 epochs (10,000 steps at 256) so the grid stays affordable;
 The argument picks the row of the study (configs/study_common.py: ce; the
 authors' PRSL prsl_<start>_<end>_b<weight> over the windows 0:4, 0:6, 0:9, 4:9;
 prsl_0_4_b1e-3_g8 in groups of 8; drsl_b1e-6, drsl_b1e-5; our ablation
-ours_var_k3_w1e5; adv_ce, adv_prsl_0_4_b1e-1), then ',runlocal' shrinks it for a
+ours_var_k3_w1e5; adv_ce = TeCoA (adversarial CE), fare = FARE and pmg_aft =
+PMG-AFT at TeCoA's budget, adv_prsl_0_4_b1e-1), then ',runlocal' shrinks it for a
 quick check. The rows' weights b were chosen from the gradient ratio measured on
 the tiny CLIP on the digits at batch 32 (study_common.py's docstring); on
 ViT-B/32 at batch 256 the same b gives another share, because PRSL's x sums over
@@ -22,8 +23,8 @@ With 1000 classes the window 0:9 is not "every wrong class".
 Needs openai/clip-vit-base-patch32 (hub, or a local copy via --config.model.path)
 and imagenet2012 prepared for TFDS as ArrayRecord (manual download, then
 `python -c "from prsl_jax import data; data.prepare('imagenet2012')"`).
-One command per row (the run folder is <workdir>/<loss>, loss = ce, prsl, drsl or
-topk_variance, our ablation):
+One command per row (the run folder is <workdir>/<loss>, loss = ce, prsl, drsl,
+fare, pmg_aft or topk_variance, our ablation):
 
   python train.py --config configs/study_tecoa_b32.py:adv_prsl_0_4_b1e-1 \
       --config.data.data_dir=~/tensorflow_datasets

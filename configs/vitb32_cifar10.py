@@ -6,8 +6,8 @@ variants train on PGD-2 images at eps 1/255 (L-inf, [0, 1] pixels) made at every
 step. Evaluation: the paper's BIM-10 through each model's training loss, PGD-CE
 (100 steps) and APGD-CE + APGD-T (100 steps, 9 targets) at 1/255 and 4/255.
 
-Variants: 'prsl' (default), 'ce', 'adv_prsl', 'adv_ce'; ',runlocal' shrinks
-everything for a quick check (configs/common.py). Needs the hub checkpoint (or a
+Variants: 'prsl' (default), 'ce', 'adv_prsl', 'adv_ce' (TeCoA: adversarial CE);
+',runlocal' shrinks everything for a quick check (configs/common.py). Needs the hub checkpoint (or a
 local copy via --config.model.path) and CIFAR-10 prepared for TFDS as ArrayRecord
 (`python -c "from prsl_jax import data; data.prepare('cifar10')"`; README "Data").
 

@@ -29,6 +29,7 @@ from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import eval_settings
 from prsl_jax import evaluation
+from prsl_jax import finetune_losses
 from prsl_jax import losses
 from prsl_jax import reports
 from prsl_jax import sharding
@@ -143,11 +144,9 @@ def resolve_checkpoint(spec):
 
 
 def train_loss_of(ckpt):
-  """(name, kwargs) of the loss a checkpoint was trained with, or None (cross-entropy)."""
-  loss = ckpt.get("train_loss")
-  if not loss or loss.get("name", "ce") == "ce":
-    return None
-  return loss["name"], losses.config_kwargs(loss)
+  """(name, kwargs) of the loss a checkpoint was trained with, or None (cross-entropy;
+  FARE's and PMG-AFT's models too: finetune_losses.paper_attack_loss)."""
+  return finetune_losses.paper_attack_loss(ckpt.get("train_loss"))
 
 
 def check_folder(folder, allow_pickle):

@@ -88,6 +88,27 @@ PMG_AFT_STEPS = 5
 PMG_AFT_STEP_SIZE = 1 / 255
 KL_REDUCTIONS = ("sum", "mean")
 
+# The objectives that compare the model with its frozen original: config.loss.name
+# selects one, and prsl_jax.training keeps the original's params in the train state.
+OBJECTIVES = ("fare", "pmg_aft")
+
+
+def paper_attack_loss(loss_config):
+  """(name, kwargs) of the loss the 'paper' attack (BIM through the model's own
+  training loss) uses for a model trained with loss_config; None = cross-entropy.
+
+  FARE's and PMG-AFT's losses need the frozen original model (and FARE's no
+  labels), which an attack on the fine-tuned classifier does not have: their
+  models are attacked through CE, PMG-AFT's leading term.
+
+  Args:
+    loss_config: config.loss, a run's stored config.json "loss" or an export's
+      training-loss file (any mapping with "name" and that loss's fields).
+  """
+  if not loss_config or loss_config.get("name", "ce") in ("ce", *OBJECTIVES):
+    return None
+  return loss_config["name"], losses.config_kwargs(loss_config)
+
 
 # ----------------------------------------------------------------------------
 # FARE.

@@ -28,6 +28,7 @@ import prsl_jax
 from prsl_jax import checkpoints
 from prsl_jax import data
 from prsl_jax import evaluation
+from prsl_jax import finetune_losses
 from prsl_jax import losses
 from prsl_jax import preemption
 from prsl_jax import progress
@@ -53,14 +54,13 @@ def eval_suites(config, loss_config=None):
   """{suite name: tuple of evaluation.Attack} from config.eval.
 
   The paper's suite attacks each model through its own training loss: pass the
-  loss config it was trained with (None: cross-entropy, the start model's).
+  loss config it was trained with (None: cross-entropy, the start model's; FARE
+  and PMG-AFT models: cross-entropy too, finetune_losses.paper_attack_loss).
   Each task takes its own suites (captioning: token-logit attacks).
   """
   e = config.eval
   task = tasks.get(config.objective)
-  train_loss = None
-  if loss_config is not None and loss_config.name != "ce":
-    train_loss = (loss_config.name, losses.config_kwargs(loss_config))
+  train_loss = finetune_losses.paper_attack_loss(loss_config)
   out = {}
   for spec in e.suites:
     names = evaluation.suite_spec(spec)
@@ -91,9 +91,12 @@ def validate(config, *, num_classes=None):
   task = tasks.get(config.objective)  # a one-line error naming config.objective
   names = [config.loss.name, *config.compare_losses]
   for name in names:
+    if name in finetune_losses.OBJECTIVES:
+      _check_original_objective(config, name)
+      continue
     if name not in losses.LOSSES:
       raise ValueError(f"config.loss.name / compare_losses has unknown loss {name!r}; "
-                       f"choose from {sorted(losses.LOSSES)}")
+                       f"choose from {sorted([*losses.LOSSES, *finetune_losses.OBJECTIVES])}")
     try:
       losses.get_loss(name, **losses.config_kwargs(config.loss, name))  # weights, ints, window
     except (ValueError, TypeError) as e:
@@ -140,6 +143,34 @@ def validate(config, *, num_classes=None):
     raise FileNotFoundError(f"config.model.path {path!r} is neither a folder nor a hub id "
                             f"(give a local HF checkpoint folder or e.g. "
                             f"openai/clip-vit-base-patch32)")
+
+
+# The tasks each frozen-original objective trains with: FARE needs the model's
+# image embeddings only, PMG-AFT the zero-shot head's logits.
+OBJECTIVE_TASKS = {"fare": ("classification", "contrastive"), "pmg_aft": ("classification",)}
+
+
+def _check_original_objective(config, name):
+  """FARE / PMG-AFT: adversarial training on, L-inf, a task it can score."""
+  if config.objective not in OBJECTIVE_TASKS[name]:
+    raise ValueError(f"config.loss.name={name!r} needs config.objective in "
+                     f"{OBJECTIVE_TASKS[name]}, got {config.objective!r}")
+  adv = config.adversarial
+  if not adv.enabled:
+    raise ValueError(f"config.loss.name={name!r} is adversarial fine-tuning: set "
+                     "--config.adversarial.enabled=True (its attack's eps, steps, step_size "
+                     "are config.adversarial's)")
+  if adv.norm != "linf":
+    raise ValueError(f"config.loss.name={name!r} trains against an L-inf attack: set "
+                     f"config.adversarial.norm='linf', got {adv.norm!r}")
+  if name == "pmg_aft" and adv.get("loss", "ce") != "ce":
+    raise ValueError(f"PMG-AFT's training attack is PGD-CE: set config.adversarial.loss='ce', "
+                     f"got {adv.loss!r}")
+
+
+def _loss_fields(name):
+  """The config.loss fields a loss or objective reads (FARE, PMG-AFT: none)."""
+  return () if name in finetune_losses.OBJECTIVES else losses.loss_fields(name)
 
 
 def _warn_unusual_budgets(config):
@@ -254,7 +285,7 @@ def check_loss_overrides(config, overrides):
     if not key.startswith("loss.") or key == "loss.name":
       continue
     field = key[len("loss."):]
-    if any(field in losses.loss_fields(n) for n in names):
+    if any(field in _loss_fields(n) for n in names):
       continue
     takers = [n for n in sorted(losses.LOSSES) if field in losses.loss_fields(n)]
     raise ValueError(
@@ -425,12 +456,28 @@ def optimizer_and_step(config, mesh, model, params):
   if key not in _STEPS:
     tx = training.make_optimizer(config.optimizer, config.total_steps, params, trainable)
     step_fn = training.make_train_step(mesh, model=model, task=task,
-                                       loss_fn=losses.from_config(config.loss),
+                                       loss_fn=loss_function(config.loss),
                                        adversarial=adversarial, tx=tx)
     if len(_STEPS) >= _MAX_STEPS:
       _STEPS.pop(next(iter(_STEPS)))
     _STEPS[key] = (tx, step_fn)
   return _STEPS[key]
+
+
+def loss_function(loss_config):
+  """What make_train_step takes as loss_fn: a batch loss, or a frozen-original
+  objective's name (finetune_losses.OBJECTIVES)."""
+  if loss_config.name in finetune_losses.OBJECTIVES:
+    return loss_config.name
+  return losses.from_config(loss_config)
+
+
+def original_keys(config, model):
+  """Top-level param keys the state keeps as its frozen original: the trained
+  towers' for FARE and PMG-AFT, none for the other losses."""
+  if config.loss.name not in finetune_losses.OBJECTIVES:
+    return ()
+  return tuple(training.trainable_keys(model, config.train_towers))
 
 
 def train(config, workdir, s: Setup, *, desc="train", info=None):
@@ -451,8 +498,10 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    # Atomic: the other processes' check_resume may read it at this moment, and
+    # half a file would read as a foreign config (a two-host launch died of it).
+    reports.write_atomic(os.path.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2))
 
   # Data: this process's rows of each global batch (see prsl_jax.data).
   train_iter = data.train_iterator(
@@ -462,7 +511,10 @@ def train(config, workdir, s: Setup, *, desc="train", info=None):
 
   # Model, optimizer and state, replicated over the mesh.
   tx, step_fn = optimizer_and_step(config, s.mesh, model, params)
-  state = sharding.replicate(training.init_state(params, tx, config.seed), s.mesh)
+  # FARE, PMG-AFT: the start's trained towers kept as state["original"]; replicate
+  # copies them, so they do not share buffers with the (donated) params.
+  state = sharding.replicate(training.init_state(params, tx, config.seed,
+                                                 original_keys(config, model)), s.mesh)
 
   # Resume: state and data position from the newest readable checkpoint.
   mgr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)

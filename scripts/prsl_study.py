@@ -7,10 +7,11 @@ Fine-tunes the bundled tiny CLIP (prsl_jax.TINY_CLIP; vision tower, text frozen,
 global batch 32) on the digits with cross-entropy, the authors' PRSL
 (arXiv:2402.03627; karlieswift/Mattack lossfunctions.py) over a grid of windows
 and weights, PRSL in groups of 8, the authors' DRSL, our old misreading (top-k
-probability variance, an ablation), and TeCoA-style adversarial fine-tuning with
-CE and with PRSL; three training seeds each (configs/study_common.py has the
-rows and why their weights). Every model, and the starting one under each seed,
-is evaluated on the same fixed subset of the digits test split:
+probability variance, an ablation), adversarial fine-tuning with CE (TeCoA) and
+with PRSL, and the field's FARE and PMG-AFT at the same attack budget; three
+training seeds each (configs/study_common.py has the rows and why their
+weights). Every model, and the starting one under each seed, is evaluated on
+the same fixed subset of the digits test split:
 
 - clean accuracy on the whole test split (359 images);
 - robust accuracy at L-inf 1/255, 2/255, 4/255 under
@@ -18,7 +19,8 @@ is evaluated on the same fixed subset of the digits test split:
     per example), with the accuracy after each attack;
   * 'pgd-ce': PGD-CE alone;
   * 'paper': the paper's protocol, BIM-10 (sign steps, no random start) through
-    the model's own training loss (the start and CE rows: through CE);
+    the model's own training loss (the start, CE, TeCoA, FARE and PMG-AFT rows:
+    through CE; FARE's and PMG-AFT's losses need the frozen original model);
   * 'bim-ce': the same BIM-10 through CE, for models trained with another loss;
   * 'bim@ROW' (the start and CE models only): BIM-10 through ROW's training
     loss, the control that tells a more robust model from a weaker attack;
@@ -78,6 +80,7 @@ from prsl_jax import cli
 from prsl_jax import compilation
 from prsl_jax import data
 from prsl_jax import evaluation
+from prsl_jax import finetune_losses
 from prsl_jax import losses
 from prsl_jax import runlock
 from prsl_jax import trainer
@@ -197,11 +200,10 @@ def row_config(name, study, seed):
 
 
 def training_loss(name):
-  """(loss name, kwargs) the row trains with, as the paper's attack takes it; None = CE."""
-  loss = ROWS[name]["loss"]
-  if loss["name"] == "ce":
-    return None
-  return loss["name"], losses.config_kwargs(loss)
+  """(loss name, kwargs) the row trains with, as the paper's attack takes it; None = CE
+  (also FARE's and PMG-AFT's rows: their losses need the frozen original model, so
+  their paper attack is BIM-CE; finetune_losses.paper_attack_loss)."""
+  return finetune_losses.paper_attack_loss(ROWS[name]["loss"])
 
 
 def penalty_key(name):
@@ -513,7 +515,8 @@ def parse_args(argv=None):
   parser.add_argument("--quick", action="store_true",
                       help=f"rows {', '.join(QUICK_ROWS)}, seeds {QUICK_SEEDS}, tiny budgets "
                       "(a smoke test of the whole pipeline)")
-  parser.add_argument("--rows", default=None, help="comma-separated subset of rows")
+  parser.add_argument("--rows", default=None,
+                      help="comma-separated rows (with --quick: instead of its rows)")
   parser.add_argument("--seeds", default=None, help="comma-separated subset of seeds")
   parser.add_argument("--report_only", action="store_true",
                       help="write the tables from the runs already done in outdir (any "
@@ -611,7 +614,7 @@ def main(argv=None):
     unknown = sorted(set(wanted) - set(ROWS))
     if unknown:
       raise SystemExit(f"unknown rows {unknown}; rows: {list(ROWS)}")
-    rows = [n for n in rows if n in wanted]
+    rows = [n for n in ROWS if n in wanted]  # any row, --quick too (its budgets)
   seeds = QUICK_SEEDS if args.quick else SEEDS
   if args.seeds:
     seeds = tuple(int(s) for s in args.seeds.split(","))

@@ -10,6 +10,8 @@ The session's XLA flags (TEST_XLA_FLAGS, set by tests/conftest.py) come along.
 """
 
 import os
+import subprocess
+import warnings
 
 from prsl_jax import compilation
 
@@ -55,3 +57,45 @@ def env(devices=1, *, torch=False, as_shipped=False, pythonpath=(), **extra) -> 
            PYTHONPATH=os.pathsep.join(paths + ([old] if old else [])))
   e.update(extra)
   return e
+
+
+def free_port() -> int:
+  """A localhost port nobody listens on now (for a test's own coordinator)."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+  return portpicker.pick_unused_port()
+
+
+def _report(results):
+  return "\n".join(f"--- process {i}: exit {rc}\n{so[-1500:]}\n{se[-3000:]}"
+                   for i, (rc, so, se) in enumerate(results))
+
+
+def launch(argvs_for_port, *, timeout=600, **popen):
+  """Runs the processes of one multi-process launch on localhost together.
+
+  argvs_for_port: port -> one argv per process (a fresh free port each try;
+    name the try's output folders after it, so a retry starts clean).
+  Returns (results, report, port): results[i] = (returncode, stdout, stderr); report
+  has every process's output tails (when one process dies the others' collectives
+  abort, and the cause is only in the first death's stderr).
+
+  A launch whose process was aborted by the runtime (SIGABRT: the distributed
+  service's verdict that a peer is gone, not a Python error of ours, which
+  exits 1) is retried once, with a warning that carries the first report: we
+  met it once in CI on 2 oversubscribed cores and could not reproduce it.
+  """
+  for attempt in range(2):
+    port = free_port()
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              **popen)
+             for argv in argvs_for_port(port)]
+    results = []
+    for p in procs:
+      so, se = p.communicate(timeout=timeout)
+      results.append((p.returncode, so, se))
+    report = _report(results)
+    if attempt == 0 and any(rc == -6 for rc, _, _ in results):
+      warnings.warn("a multi-process launch was aborted by the runtime; retried once:\n"
+                    + report)
+      continue
+    return results, report, port

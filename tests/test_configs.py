@@ -27,7 +27,7 @@ NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "c
                if re.search(r"^def get_config", open(p).read(), re.M))
 COMMON = NAMES
 # The classes a loss row ranges over, per dataset (contrastive: the global batch).
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet2012": 1000}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
 
 
 def _module(name):

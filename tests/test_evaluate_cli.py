@@ -311,20 +311,18 @@ def test_class_names_follow_tfds_label_order():
 def test_two_processes_give_what_one_does(cli_runs, tiny_ckpt, tmp_path):
   # evaluate.py across hosts: two processes on localhost, process 0 the only
   # writer, the same per-example outcomes as the one-process run of cli_runs.
-  import portpicker  # pylint: disable=g-import-not-at-top
   argv = list(cli_runs["digits"])
   argv[argv.index("--checkpoint") + 1] = tiny_ckpt.path
-  outdir = str(tmp_path / "two")
-  argv[argv.index("--outdir") + 1] = outdir
-  port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen(
-      [sys.executable, EVALUATE, *argv, f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}", "--distributed_timeout=300"],
-      cwd=REPO, env=processes.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (so, se) in zip(procs, outs):
-    assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
+  def argvs(port):
+    argv[argv.index("--outdir") + 1] = str(tmp_path / f"two{port}")
+    return [[sys.executable, EVALUATE, *argv, f"--coordinator_address=localhost:{port}",
+             "--num_processes=2", f"--process_id={i}", "--distributed_timeout=300"]
+            for i in range(2)]
+  results, report, port = processes.launch(argvs, cwd=REPO, env=processes.env())
+  outdir = str(tmp_path / f"two{port}")
+  for rc, _, _ in results:
+    assert rc == 0, report
+  outs = [(so, se) for _, so, se in results]
   assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]
   two, _ = _outputs(outdir)
   one, _ = _outputs(cli_runs["digits_out"])

@@ -307,20 +307,15 @@ _SHARDED = textwrap.dedent("""
 def test_two_processes_four_devices_match_one_device(tmp_path):
   # Two processes on localhost with 2 CPU devices each: the multi-host path
   # (global arrays from every process's copy of the batch, gathered outputs).
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    port = str(sock.getsockname()[1])
   script = tmp_path / "sharded.py"
   script.write_text(_SHARDED)
   env = processes.env(2, pythonpath=[_ROOT])
-  procs = [subprocess.Popen([sys.executable, str(script), __file__, str(i), port], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  results, report, _ = processes.launch(
+      lambda port: [[sys.executable, str(script), __file__, str(i), str(port)] for i in range(2)],
+      env=env, timeout=400)
   outs = []
-  for proc in procs:
-    stdout, stderr = proc.communicate(timeout=400)
-    assert proc.returncode == 0, stderr[-3000:]
+  for rc, stdout, _ in results:
+    assert rc == 0, report
     import json  # pylint: disable=g-import-not-at-top
     outs.append(json.loads(stdout.split("RESULT", 1)[1]))
   assert outs[0] == outs[1]  # every process reads the same, complete results

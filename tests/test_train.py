@@ -134,20 +134,16 @@ def test_contrastive_eight_devices_match_one(tmp_path):
 
 @pytest.mark.heavy(50, alone=False)
 def test_two_processes_match_one(reference, tmp_path):
-  import portpicker  # pylint: disable=g-import-not-at-top
   _, params = reference
-  port = portpicker.pick_unused_port()
-  env = processes.env()
-  procs = [subprocess.Popen(
-      [sys.executable, *WORKER, f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'p.npz'}",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (so, se) in zip(procs, outs):
-    assert p.returncode == 0, f"{so[-2000:]}\n{se[-4000:]}"
+  results, report, port = processes.launch(
+      lambda port: [[sys.executable, *WORKER, f"--workdir={tmp_path / f'w{port}'}",
+                     f"--out={tmp_path / f'p{port}.npz'}", f"--coordinator_address=localhost:{port}",
+                     "--num_processes=2", f"--process_id={i}"] for i in range(2)],
+      env=processes.env(), cwd=ROOT)
+  for rc, so, _ in results:
+    assert rc == 0, report
     assert "devices=2 processes=2" in so
-  _assert_close(dict(np.load(tmp_path / "p.npz")), params, rtol=1e-5, atol=2e-6)
+  _assert_close(dict(np.load(tmp_path / f"p{port}.npz")), params, rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.heavy(50, alone=False)
