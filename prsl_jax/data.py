@@ -31,6 +31,17 @@ DIGIT_CAPTIONS = (
     "a small blurry {}",
     "a white {} on black",
 )
+# Visual questions about the digits, answered by the digit's name: the prompt
+# (teacher-forced, no loss) ends at ANSWER_MARK, the answer follows it. The tiny
+# BLIP-2 (scripts/pretrain_tiny_blip2.py) was pretrained on these.
+ANSWER_MARK = "Answer:"
+DIGIT_QUESTIONS = (
+    "Question: what digit is this? Answer:",
+    "Question: which number is written here? Answer:",
+    "Question: what number does the image show? Answer:",
+)
+# As caption templates ('{}' = the digit's name): question, then answer.
+DIGIT_VQA = tuple(q + " {}" for q in DIGIT_QUESTIONS)
 _DIGITS_TEST_FRACTION = 0.2
 
 
@@ -100,6 +111,10 @@ class DigitsSource:
   def keyword(self, i):
     """The word a caption of example i should contain: its class name."""
     return DIGIT_NAMES[self._labels[i]]
+
+  def answers(self, i):
+    """Reference answers of example i to DIGIT_QUESTIONS: its class name."""
+    return [DIGIT_NAMES[self._labels[i]]]
 
 
 class _TfdsSource:

@@ -657,14 +657,22 @@ class Blip2:
                               jnp.asarray(decoder_attention_mask, jnp.int32)], axis=1)
     return self.logits(params, images, ids, mask)[:, q:]
 
-  def caption(self, params, images, max_length=None):
+  def caption(self, params, images, max_length=None, prompt=()):
     """The captioning task's greedy captions (B, max_length) int32, as a
     captioner's: bos, then blip2_generation.greedy's max_length - 1 tokens
-    (EOS, then pad); max_length None: self.max_length."""
+    (EOS, then pad); max_length None: self.max_length.
+
+    prompt: a question's token ids (the tokenizer's, without bos), the same
+    for every image, e.g. "Question: what digit is this? Answer:"; generation
+    starts after it and the result is (B, 1 + len(prompt) + max_length - 1):
+    bos, the prompt, the answer (teacher-forcing the first L - 1 columns
+    through caption_logits gives the answer's logits)."""
     n = generation.resolve_max_length(self, max_length)
-    new = blip2_generation.greedy(self, params, images, max_new_tokens=n - 1)
-    bos = jnp.full((images.shape[0], 1), self.bos_token_id, jnp.int32)
-    return jnp.concatenate([bos, new], axis=1)
+    b = images.shape[0]
+    ids = jnp.asarray(self.prompt_ids([list(prompt)] * b)) if prompt else None
+    new = blip2_generation.greedy(self, params, images, ids, max_new_tokens=n - 1)
+    head = jnp.asarray([[self.bos_token_id, *prompt]] * b, jnp.int32)
+    return jnp.concatenate([head, new], axis=1)
 
   def prefill(self, params, images, input_ids, attention_mask=None, *, max_new_tokens):
     """Runs the prompt once and returns (logits (B, V) float32 of the token
@@ -807,6 +815,9 @@ class Blip2:
 # blip2_caption_opt2.7b.yaml) froze OPT and trained the rest: freeze_vit is
 # False there, so the vision encoder, query tokens, Q-Former and projection
 # train while the PRSL loss is computed on the frozen OPT's token logits.
+# Their VQA run (blip2opt/blip2opt/projects/blip2/train/caption_coco_vqa_ft.yaml)
+# sets freeze_vit: True: 'qformer' (query tokens, Q-Former, projection).
+# blip2opt/blip2opt/models/blip2_models/blip2_opt.py freezes OPT in both.
 TRAINABLE_PARTS = {
     "authors": Blip2.towers["vision"],
     "qformer": Blip2.towers["qformer"],  # LAVIS's freeze_vit=True
