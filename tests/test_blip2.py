@@ -671,3 +671,46 @@ def test_digits_blip2_config_trains_and_evaluates_through_the_trainer(tmp_path):
   # The authors' VQA run: OPT and the vision encoder frozen, the Q-Former side trained.
   assert moved["language_model"] == 0.0 and moved["vision_model"] == 0.0, moved
   assert all(moved[k] > 0 for k in blip2.Blip2.towers["qformer"]), moved
+
+
+@pytest.mark.heavy(95)
+def test_training_step_on_eight_devices_matches_one(tmp_path):
+  # One BLIP-2 step of configs/digits_blip2.py (PRSL over the answer and
+  # caption tokens of the global batch, Q-Former side trained) on 8 simulated
+  # devices (a subprocess, tests/train_worker.py), 1 example each, against
+  # the same step on one device in this process. SGD, not Adam (as
+  # tests/small_config.py: Adam's first step is sign-like and would turn float
+  # noise into full-size differences).
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import prsl_jax  # pylint: disable=g-import-not-at-top
+  from configs import digits_blip2  # pylint: disable=g-import-not-at-top
+  from prsl_jax import trainer  # pylint: disable=g-import-not-at-top
+  from tests import processes  # pylint: disable=g-import-not-at-top
+  overrides = {"total_steps": 1, "batch_size": 8, "log_every": 1, "checkpoint_every": 1,
+               "optimizer.name": "sgd", "optimizer.lr": 0.5, "optimizer.warmup_steps": 0,
+               "loss.weight": 0.01}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = str(tmp_path / "p8.npz")
+  proc = subprocess.run(
+      [sys.executable, "-m", "tests.train_worker",
+       f"--config={os.path.join(root, 'configs', 'digits_blip2.py')}:runlocal",
+       f"--workdir={tmp_path / 'w8'}", f"--out={out}",
+       *[f"--config.{k}={v}" for k, v in overrides.items()]],
+      env=processes.env(8), cwd=root, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert "devices=8" in proc.stdout
+  eight = dict(np.load(out))
+  c = digits_blip2.get_config("runlocal")
+  c.update_from_flattened_dict(overrides)
+  params = trainer.train(c, str(tmp_path / "w1"), trainer.setup(c))[0]
+  one = {jax.tree_util.keystr(k): np.asarray(v)
+         for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert one.keys() == eight.keys()
+  for k in one:
+    np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, atol=2e-6, err_msg=k)
+  # The step moved the trained parts far beyond that tolerance.
+  start = _load(prsl_jax.TINY_BLIP2).params
+  start = {jax.tree_util.keystr(k): np.asarray(v)
+           for k, v in jax.tree_util.tree_flatten_with_path(start)[0]}
+  assert max(np.abs(one[k] - start[k]).max() for k in one if "qformer" in k) > 1e-3
