@@ -166,13 +166,41 @@ def generated_labels(tokens, eos_token_id, prompt_length=0):
   return dec, jnp.where(ended_before | in_prompt, IGNORE, nxt)
 
 
-def generate(model, params, images, *, max_length, prompt=()):
-  """Greedy tokens (B, 1 + len(prompt) + max_length - 1): the start token, the
-  prompt's token ids (a question, BLIP-2 only; () for a caption), the answer or
-  caption."""
-  if not prompt:
+def generate(model, params, images, *, max_length, prompt=(), prompt_mask=None):
+  """Greedy tokens (B, 1 + P + max_length - 1): the start token, the question's
+  P token ids (BLIP-2 only), the answer or caption.
+
+  prompt: the question's ids, one list for every image or (B, P) per image
+  (left-padded, prompt_mask (B, P) 0 on the padding); P = 0: a caption.
+  """
+  if np.shape(prompt)[-1] == 0:
     return model.caption(params, images, max_length=max_length)
-  return model.caption(params, images, max_length=max_length, prompt=prompt)
+  return model.caption(params, images, max_length=max_length, prompt=prompt,
+                       prompt_mask=prompt_mask)
+
+
+def question_ids(tokenizer, questions, pad_token_id):
+  """N question strings -> (ids (N, P) int32, mask (N, P) int32): each question's
+  tokens, left-padded with pad_token_id to the longest (mask 0 there)."""
+  rows = [list(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]
+  width = max(len(r) for r in rows)
+  ids = np.full((len(rows), width), pad_token_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    if r:
+      ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+  return ids, mask
+
+
+def decoder_mask(question_mask, width):
+  """The attention mask (B, width) of decoder inputs [start, question (B, P), the
+  rest]: the question's padding is 0; None without a question (all ones)."""
+  b, p = question_mask.shape
+  if p == 0:
+    return None
+  xp = jnp if isinstance(question_mask, jax.Array) else np
+  return xp.concatenate([xp.ones((b, 1), xp.int32), question_mask.astype(xp.int32),
+                         xp.ones((b, width - 1 - p), xp.int32)], axis=1)
 
 
 def decode(tokenizer, tokens):
@@ -186,18 +214,21 @@ def decode(tokenizer, tokens):
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "prompt", "mesh"))
-def _clean_batch(params, x, *, model, max_length, prompt, mesh):
-  """-> greedy tokens (B, L), max |grad| (B,) and grad finite (B,) of the caption loss."""
-  def run(params, x, axis_name):
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "mesh"))
+def _clean_batch(params, x, pq, pm, *, model, max_length, mesh):
+  """-> greedy tokens (B, L), max |grad| (B,) and grad finite (B,) of the caption loss.
+
+  pq, pm: (B, P) the questions' ids and mask (P = 0: captions)."""
+  def run(params, x, pq, pm, axis_name):
     del axis_name
-    tokens = generate(model, params, x, max_length=max_length, prompt=prompt)
-    dec, labels = generated_labels(tokens, model.eos_token_id, len(prompt))
+    tokens = generate(model, params, x, max_length=max_length, prompt=pq, prompt_mask=pm)
+    dec, labels = generated_labels(tokens, model.eos_token_id, pq.shape[1])
+    mask = decoder_mask(pm, dec.shape[1])
     def loss(x):
-      return jnp.sum(attacks.ce_objective(model.caption_logits(params, x, dec), labels))
+      return jnp.sum(attacks.ce_objective(model.caption_logits(params, x, dec, mask), labels))
     grad = jax.grad(loss)(x).reshape(x.shape[0], -1)
     return tokens, jnp.max(jnp.abs(grad), axis=1), jnp.all(jnp.isfinite(grad), axis=1)
-  return evaluation.sharded(run, mesh, (P(), P(DATA)), params, x)
+  return evaluation.sharded(run, mesh, (P(), P(DATA), P(DATA), P(DATA)), params, x, pq, pm)
 
 
 def per_caption_loss(loss):
@@ -231,13 +262,14 @@ def per_caption_loss(loss):
   return objective
 
 
-@functools.partial(jax.jit, static_argnames=("model", "attack", "max_length", "prompt",
-                                             "targeted", "mesh"))
-def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, attack,
-                  max_length, prompt, targeted, mesh):
+@functools.partial(jax.jit, static_argnames=("model", "attack", "max_length", "targeted",
+                                             "mesh"))
+def _attack_batch(params, x, dec, labels, pq, pm, ids, valid, base_key, eps, *, model, attack,
+                  max_length, targeted, mesh):
   """-> (adversarial greedy tokens, distance, in range, token loss clean, adversarial)."""
-  def run(params, x, dec, labels, ids, valid, base_key, eps, axis_name):
-    fn = lambda z: model.caption_logits(params, z, dec)
+  def run(params, x, dec, labels, pq, pm, ids, valid, base_key, eps, axis_name):
+    mask = decoder_mask(pm, dec.shape[1])
+    fn = lambda z: model.caption_logits(params, z, dec, mask)
     keys = jax.vmap(functools.partial(jax.random.fold_in, base_key))(ids)
     y = jnp.where(valid[:, None], labels, IGNORE)  # padding rows leave batch losses
     # The captions' objectives are per caption: no cross-device group (axis_name).
@@ -246,11 +278,12 @@ def _attack_batch(params, x, dec, labels, ids, valid, base_key, eps, *, model, a
         attack, fn, x, y, attacks.Call(keys, eps, "linf", objective, toward=targeted))
     dist, in_range = evaluation.perturbation(x, x_adv, "linf")
     tokens = generate(model, params, jnp.where(jnp.isfinite(x_adv), x_adv, x),
-                      max_length=max_length, prompt=prompt)
-    loss = lambda z: attacks.ce_objective(model.caption_logits(params, z, dec), labels)
+                      max_length=max_length, prompt=pq, prompt_mask=pm)
+    loss = lambda z: attacks.ce_objective(fn(z), labels)
     return tokens, dist, in_range, loss(x), loss(x_adv)
-  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(DATA), P(), P())
-  return evaluation.sharded(run, mesh, specs, params, x, dec, labels, ids, valid, base_key, eps)
+  specs = (P(), P(DATA), P(DATA), P(DATA), P(DATA), P(DATA), P(DATA), P(DATA), P(), P())
+  return evaluation.sharded(run, mesh, specs, params, x, dec, labels, pq, pm, ids, valid,
+                            base_key, eps)
 
 
 # ----------------------------------------------------------------------------
@@ -308,8 +341,9 @@ class CaptionResult:
   # compile_seconds, compiles, cache_hits, clean_and_checks_seconds, attack_seconds
   timing: dict = dataclasses.field(default_factory=dict)
   model_type: str = ""  # the model's config.json model_type: 'vision-encoder-decoder', 'blip-2'
-  # The question prompt every example was asked (VQA; clean_captions are then
-  # the answers), or None (captions).
+  # The question every example was asked (VQA; clean_captions are then the
+  # answers): a prompt, 'per example' (the source's own questions), or None
+  # (captions).
   prompt: Optional[str] = None
 
   def to_dict(self):
@@ -331,10 +365,14 @@ class _Run:
   seed: int
   mesh: object
   bar: object
-  prompt: tuple = ()  # the question's token ids (VQA), () for captions
+  # (N, P) each example's question ids, left-padded, and mask (VQA); P = 0: captions
+  questions: np.ndarray = None
+  question_mask: np.ndarray = None
 
   def batches(self, positions, extra=None):
-    """Fixed-size image batches on the mesh (evaluation.batches); `extra` rows go along."""
+    """Fixed-size image batches on the mesh (evaluation.batches); `extra` rows go
+    along, and the questions (pq, pm)."""
+    extra = dict(extra or {}, pq=self.questions, pm=self.question_mask)
     return evaluation.batches(self.source, self.indices, positions, self.batch_size,
                               self.mesh, labels=False, extra=extra)
 
@@ -345,7 +383,7 @@ class _Clean:
   tokens: np.ndarray       # (N, L)
   captions: list
   dec: np.ndarray          # (N, L-1) decoder inputs
-  labels: np.ndarray       # (N, L-1) labels, IGNORE_INDEX after EOS
+  labels: np.ndarray       # (N, L-1) labels, IGNORE_INDEX after EOS (and on the question)
   zero_gradient: int
   nonfinite_gradient: int
   first: tuple             # (evaluation.Batch, tokens) of the first batch
@@ -354,15 +392,15 @@ class _Clean:
 def clean_pass(run: _Run) -> _Clean:
   """Greedy captions of every example and the input gradients of their token loss."""
   n = len(run.indices)
-  k = len(run.prompt)
+  k = run.questions.shape[1]
   tokens = np.zeros((n, run.max_length + k), np.int32)
   zero_grad = nonfinite = 0
   first = None
   for b in run.batches(np.arange(n)):
     valid, rows = b.host_valid, b.rows
     tok, gmax, gfinite = jax.device_get(_clean_batch(
-        run.params, b.images, model=run.model, max_length=run.max_length,
-        prompt=run.prompt, mesh=run.mesh))
+        run.params, b.images, b.extra["pq"], b.extra["pm"], model=run.model,
+        max_length=run.max_length, mesh=run.mesh))
     tokens[rows[valid]] = tok[valid]
     zero_grad += int(np.sum((gmax == 0) & gfinite & valid))
     nonfinite += int(np.sum(~gfinite & valid))
@@ -378,8 +416,8 @@ def soundness_checks(run: _Run, clean: _Clean, checks):
   """Deterministic captions and usable input gradients, into `checks`."""
   b0, tok0 = clean.first
   valid0 = b0.host_valid
-  again = jax.device_get(_clean_batch(run.params, b0.images, model=run.model,
-                                      max_length=run.max_length, prompt=run.prompt,
+  again = jax.device_get(_clean_batch(run.params, b0.images, b0.extra["pq"], b0.extra["pm"],
+                                      model=run.model, max_length=run.max_length,
                                       mesh=run.mesh))[0]
   checks.deterministic = bool(np.array_equal(again[valid0], tok0[valid0]))
   if not checks.deterministic:
@@ -404,10 +442,10 @@ def eps0_check(run: _Run, clean: _Clean, attack_list, checks):
     b = next(run.batches(rows0, {"dec": clean.dec, "labels": clean.labels}))
     valid, rows = b.host_valid, b.rows
     tok, dist, in_range, _, _ = jax.device_get(_attack_batch(
-        run.params, b.images, b.extra["dec"], b.extra["labels"], b.ids, b.valid,
-        evaluation.attack_key(run.seed, 0.0, attack.name), jnp.float32(0.0),
-        model=run.model, attack=attack, max_length=run.max_length, prompt=run.prompt,
-        targeted=False, mesh=run.mesh))
+        run.params, b.images, b.extra["dec"], b.extra["labels"], b.extra["pq"], b.extra["pm"],
+        b.ids, b.valid, evaluation.attack_key(run.seed, 0.0, attack.name), jnp.float32(0.0),
+        model=run.model, attack=attack, max_length=run.max_length, targeted=False,
+        mesh=run.mesh))
     checks.eps0[attack.name] = {
         "max_distance": float(np.max(dist[valid])),
         "captions_unchanged": bool(np.array_equal(tok[valid], clean.tokens[rows[valid]])),
@@ -425,16 +463,17 @@ def cascade(run: _Run, clean: _Clean, attack_list, eps, *, target=None, refs=Non
   t_start = time.time()
   n = len(run.indices)
   same = lambda a, b: caption_metrics.tokenize(a) == caption_metrics.tokenize(b)
-  k = len(run.prompt)
+  k = run.questions.shape[1]
   if target is not None:
-    # The target answer after the question (its tokens as generated, prompt ignored).
-    prompt_text = decode(run.tokenizer, [list(run.prompt)])[0] + " " if k else ""
-    lab, in_prompt = tokenize_questions(run.tokenizer, [prompt_text + target],
-                                        length=run.max_length - 1 + k,
-                                        eos_token_id=run.model.eos_token_id)
-    fields = teacher_forcing(run.model, lab, in_prompt)
-    labels = np.repeat(fields["labels"], n, axis=0)
-    dec = np.repeat(fields["decoder_input_ids"], n, axis=0)
+    # Each example's question, then the target's tokens (labels on the target only).
+    lab = tokenize_captions(run.tokenizer, [(" " if k else "") + target],
+                            length=run.max_length - 1, eos_token_id=run.model.eos_token_id)
+    lab = np.repeat(lab, n, axis=0)
+    fed = np.concatenate([run.questions, np.where(lab == IGNORE, run.model.pad_token_id, lab)],
+                         axis=1)
+    dec = np.concatenate([np.full((n, 1), run.model.decoder_start_token_id, np.int32),
+                          fed[:, :-1]], axis=1).astype(np.int32)
+    labels = np.concatenate([np.full((n, k), IGNORE, np.int32), lab], axis=1)
     attackable = np.array([not same(c, target) for c in clean.captions])
   else:
     dec, labels, attackable = clean.dec, clean.labels, np.ones(n, bool)
@@ -452,9 +491,10 @@ def cascade(run: _Run, clean: _Clean, attack_list, eps, *, target=None, refs=Non
     for b in run.batches(positions, {"dec": dec, "labels": labels}):
       valid, rows = b.host_valid, b.rows
       tok, dist, in_range, l0, l1 = jax.device_get(_attack_batch(
-          run.params, b.images, b.extra["dec"], b.extra["labels"], b.ids, b.valid, key,
-          jnp.float32(eps), model=run.model, attack=attack, max_length=run.max_length,
-          prompt=run.prompt, targeted=target is not None, mesh=run.mesh))
+          run.params, b.images, b.extra["dec"], b.extra["labels"], b.extra["pq"],
+          b.extra["pm"], b.ids, b.valid, key, jnp.float32(eps), model=run.model,
+          attack=attack, max_length=run.max_length, targeted=target is not None,
+          mesh=run.mesh))
       ok = evaluation.in_ball(dist, in_range, eps, "linf", None)
       outside += int(np.sum(~ok & valid))
       texts = decode(run.tokenizer, tok[:, 1 + k:])
@@ -534,21 +574,22 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
       model's.
     target_caption: a caption to attack toward (targeted), or None.
     prompt: a question asked of every image (VQA, e.g. "Question: what digit
-      is this? Answer:"; BLIP-2 only), or None for captions. Generation starts
-      after it, the attacks' labels are the clean answer's tokens (the prompt's
-      are ignored), and the answers are scored by change rate and, when the
-      source has `answers(i)`, VQA accuracy (caption_metrics.vqa_accuracy);
-      max_length then counts the answer's tokens plus the start token.
+      is this? Answer:"; BLIP-2 only), or None: each example's own question
+      when the source has `question(i)` (a VQA source), else captions.
+      Generation starts after the question, the attacks' labels are the clean
+      answer's tokens (the question's are ignored), and the answers are scored
+      by change rate and, when the source has `answers(i)`, VQA accuracy
+      (caption_metrics.vqa_accuracy); max_length then counts the answer's
+      tokens plus the start token.
     mesh: data mesh, or None for one device.
   """
-  prompt_ids = ()
-  if prompt:
+  asks = bool(prompt) or hasattr(source, "question")
+  if asks:
     if "prompt" not in inspect.signature(model.caption).parameters:
-      raise ValueError(f"a {model.kind} model answers no question prompt; leave the prompt "
-                       "empty (captions) or evaluate a BLIP-2")
+      raise ValueError(f"a {model.kind} model answers no questions; evaluate a BLIP-2 on "
+                       "questions (eval.prompt, or a VQA source), a captioner on captions")
     if tokenizer is None:
-      raise ValueError("the checkpoint has no tokenizer files to tokenize the prompt")
-    prompt_ids = tuple(int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"])
+      raise ValueError("the checkpoint has no tokenizer files to tokenize the questions")
   t0 = time.time()
   if suites is None:
     suites = {name: make_suite(name) for name in DEFAULT_SUITES}
@@ -560,14 +601,19 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
   max_length = generation.resolve_max_length(model, max_length)
   n = len(indices)
   bar = progress.bar(total=-(-n // batch_size), desc="clean captions", enabled=progress_bar)
+  if asks:
+    texts = [prompt] * n if prompt else [source.question(int(i)) for i in indices]
+    questions, question_mask = question_ids(tokenizer, texts, model.pad_token_id)
+  else:
+    questions, question_mask = np.zeros((n, 0), np.int32), np.zeros((n, 0), np.int32)
   run = _Run(model, params, tokenizer, source, indices, batch_size, max_length, seed, mesh,
-             bar, prompt_ids)
+             bar, questions, question_mask)
   refs = [source.references(int(i)) for i in indices] if hasattr(source, "references") \
       else None
   keywords = [source.keyword(int(i)) for i in indices] if hasattr(source, "keyword") \
       else None
   answers = None
-  if prompt_ids:  # answers, not captions: scored against the reference answers
+  if asks:  # answers, not captions: scored against the reference answers
     answers = [source.answers(int(i)) for i in indices] if hasattr(source, "answers") \
         else None
     refs = keywords = None
@@ -602,4 +648,4 @@ def evaluate(model, params, tokenizer, source, indices, *, eps_list, suites=None
       suites={k: [dataclasses.asdict(a) for a in v] for k, v in suites.items()},
       robust=robust, targeted=targeted, target_caption=target_caption, checks=checks,
       seconds=time.time() - t0, timing=timing, model_type=getattr(model, "kind", ""),
-      prompt=prompt or None)
+      prompt=prompt or ("per example" if asks else None))
