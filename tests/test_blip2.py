@@ -583,6 +583,22 @@ def test_token_prsl_on_questions_through_the_task_data_path():
   dec, labels = captioning.generated_labels(jnp.asarray(out), eos, len(prompt))
   assert (np.asarray(labels)[:, :len(prompt)] == -100).all()
   np.testing.assert_array_equal(np.asarray(labels)[:, len(prompt)], out[:, 1 + len(prompt)])
+  # Questions of different lengths in one batch (a VQA source's): left-padded,
+  # the padding masked; each row answers as it does alone.
+  questions = [data.DIGIT_QUESTIONS[2], data.DIGIT_QUESTIONS[0], data.DIGIT_QUESTIONS[1]]
+  pq, pm = captioning.question_ids(tok, questions, model.pad_token_id)
+  assert pm[1].sum() < pm.shape[1] == pm[0].sum()
+  mixed = np.asarray(captioning.generate(model, params, images, max_length=3, prompt=pq,
+                                         prompt_mask=pm))
+  np.testing.assert_array_equal(mixed[1, 1 + pq.shape[1]:], out[1, 1 + len(prompt):])
+  mask = captioning.decoder_mask(pm, mixed.shape[1] - 1)
+  padded = np.asarray(task.logits(params, {"decoder_input_ids": mixed[:, :-1],
+                                           "decoder_attention_mask": mask}, images, {},
+                                  model=model))
+  alone = np.asarray(task.logits(params, {"decoder_input_ids": out[:, :-1],
+                                          "decoder_attention_mask": None}, images, {},
+                                 model=model))
+  np.testing.assert_allclose(padded[1, pq.shape[1]:], alone[1, len(prompt):], **TOL)
 
 
 def test_bundled_tiny_blip2_answers_the_digits():
