@@ -730,3 +730,55 @@ def test_training_step_on_eight_devices_matches_one(tmp_path):
   start = {jax.tree_util.keystr(k): np.asarray(v)
            for k, v in jax.tree_util.tree_flatten_with_path(start)[0]}
   assert max(np.abs(one[k] - start[k]).max() for k in one if "qformer" in k) > 1e-3
+
+
+@pytest.mark.heavy(60)
+def test_vqa_jsonl_source_and_per_question_evaluation(tmp_path):
+  # A VQA set as JSON lines (configs/blip2_opt.py's data): digits saved as
+  # PNG, each with its own question. Training texts are question + the most
+  # frequent answer; the evaluation asks each image its question (questions
+  # of different lengths, left-padded), scores VQA accuracy against the
+  # answers and attacks the answers.
+  import json as json_lib  # pylint: disable=g-import-not-at-top
+  import prsl_jax  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from prsl_jax import data  # pylint: disable=g-import-not-at-top
+  model, params, tok = _load(prsl_jax.TINY_BLIP2)
+  digits, _ = data.load("digits", "test", image_size=model.image_size)
+  lines = []
+  for i in range(4):
+    name = data.DIGIT_NAMES[digits.labels[i]]
+    Image.fromarray((digits[i]["image"] * 255).round().astype(np.uint8)).save(
+        tmp_path / f"{i}.png")
+    question = data.DIGIT_QUESTIONS[i % 2][len("Question: "):-len(" Answer:")]
+    lines.append({"image": f"{i}.png", "question": question,
+                  "answers": ["a blur", name, name] if i else [name, "ten", "ten"]})
+  (tmp_path / "val.jsonl").write_text("\n".join(json_lib.dumps(r) for r in lines) + "\n")
+  source, class_names = data.load("vqa_jsonl", "val", image_size=model.image_size,
+                                  data_dir=str(tmp_path))
+  assert class_names is None and len(source) == 4
+  assert source.question(1) == data.DIGIT_QUESTIONS[1]
+  name1 = data.DIGIT_NAMES[digits.labels[1]]
+  assert source[0]["caption"] == f"{data.DIGIT_QUESTIONS[0]} ten"  # the most frequent
+  assert source[1]["caption"] == f"{data.DIGIT_QUESTIONS[1]} {name1}"
+  np.testing.assert_allclose(source[0]["image"], digits[0]["image"], atol=1 / 255)
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "val.jsonl").write_text(json_lib.dumps({"image": "0.png", "question": "q?"}) + "\n")
+  with pytest.raises(ValueError, match="answers"):
+    data.load("vqa_jsonl", "val", image_size=8, data_dir=str(bad))
+
+  result = captioning.evaluate(
+      model, params, tok, source, np.arange(4), eps_list=[4 / 255],
+      suites={"paper": captioning.make_suite("paper", steps=1)}, batch_size=4,
+      max_length=3, progress_bar=False)
+  assert result.prompt == "per example" and result.checks.passed
+  # Each image answers its digit. Soft accuracy by hand, three references:
+  # example 0 [name, ten, ten]: leaving out name -> 0 matches, out a ten -> 1:
+  # (0 + 1/3 + 1/3) / 3 = 2/9; the others [a blur, name, name]: (2/3 + 1/3 +
+  # 1/3) / 3 = 4/9.
+  names = [data.DIGIT_NAMES[digits.labels[i]] for i in range(4)]
+  assert result.clean_captions == names, result.clean_captions
+  assert result.clean["vqa_accuracy"] == pytest.approx((2 / 9 + 3 * 4 / 9) / 4)
+  paper = result.robust["paper"][0]
+  assert 0.0 <= paper.answer_change_rate <= 1.0 and paper.vqa_accuracy is not None
