@@ -170,7 +170,8 @@ def format_caption_table(results_by_model):
             "|---|---|---|---|---|---|---|"]
   for model, r in results.items():
     d, c = r["clean"]["diversity"], r["clean"]
-    fmt = lambda v, f="{:.3f}": "–" if v is None else f.format(v)
+    # None: not measured; nan: undefined (distinct-2 of one-word answers).
+    fmt = lambda v, f="{:.3f}": "–" if v is None or v != v else f.format(v)
     lines.append(f"| {model} | {fmt(d['distinct_1'])} | {fmt(d['distinct_2'])} | "
                  f"{d['vocabulary_size']} | {fmt(d['mean_length'], '{:.2f}')} | "
                  f"{fmt(c.get('bleu4'))} | {fmt(c.get('cider'))} |")
