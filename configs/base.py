@@ -25,7 +25,7 @@ def base_config():
   # caption_length: tokens of a training caption incl. its EOS (captioning).
   c.data = ml_collections.ConfigDict(dict(
       name="digits", train_split="train", eval_split="test", data_dir="",
-      templates="default", caption_length=16))
+      templates="default", caption_length=16, questions=False))
 
   # 'classification' (zero-shot head), 'contrastive' (image-caption pairs) or
   # 'captioning' (teacher-forced caption tokens).
@@ -76,7 +76,7 @@ def base_config():
   c.eval = ml_collections.ConfigDict(dict(
       num_examples=256, batch_size=64, eps=(1 / 255, 2 / 255), norm="linf",
       suites=("paper", "pgd-ce", "apgd-ce,apgd-t"), steps=10, queries=0, num_targets=3,
-      seed=0, max_length=0, target_caption=""))  # captioning: generation length, target
+      seed=0, max_length=0, target_caption="", prompt=""))  # captioning: length, target, question
   return c
 
 
@@ -96,6 +96,7 @@ FIELD_HELP = {
     "data.data_dir": "TFDS data folder ('' = TFDS's default)",
     "data.templates": "prompts: 'default' or CLIP's 80 'imagenet' templates",
     "data.caption_length": "tokens of a training caption incl. its EOS (captioning)",
+    "data.questions": "digits captioning: also train on question + answer texts (VQA)",
     "objective": "classification (zero-shot head), contrastive or captioning",
     "loss.name": "prsl (the authors'), drsl, ce, fare, pmg_aft, or the ablations "
                  "topk_variance, topk_ce",
@@ -139,4 +140,5 @@ FIELD_HELP = {
     "eval.seed": "seed of the subset and the attacks",
     "eval.max_length": "captioning: generation length (0 = the model's)",
     "eval.target_caption": "captioning: also attack toward this caption ('' = off)",
+    "eval.prompt": "captioning: ask every image this question, score answers ('' = captions)",
 }

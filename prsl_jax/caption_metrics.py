@@ -293,3 +293,92 @@ def diversity(captions: list[str]) -> dict:
   return {"distinct_1": distinct_n(captions, 1), "distinct_2": distinct_n(captions, 2),
           "vocabulary_size": vocabulary_size(captions),
           "mean_length": mean_length(captions)}
+
+
+# ----------------------------------------------------------------------------
+# Answers to visual questions (VQA): normalisation, accuracy, change.
+# The official VQA evaluation (GT-Vision-Lab/VQA,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py: processPunctuation,
+# processDigitArticle, evaluate).
+# ----------------------------------------------------------------------------
+
+# vqaEval.py's tables: number words (and 'none') to digits, articles dropped,
+# punctuation; its contractions, the common ones ("dont" -> "don't").
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = ("a", "an", "the")
+_PUNCT = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@",
+          "`", ",", "?")
+_CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't",
+                 "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hasnt": "hasn't",
+                 "havent": "haven't", "isnt": "isn't", "im": "i'm", "ive": "i've",
+                 "itll": "it'll", "shouldnt": "shouldn't", "thats": "that's",
+                 "theres": "there's", "theyre": "they're", "wasnt": "wasn't",
+                 "werent": "weren't", "whats": "what's", "wont": "won't",
+                 "wouldnt": "wouldn't", "youre": "you're"}
+# vqaEval.py's patterns, as written: a period not followed by a digit goes
+# ("(?!<=" is a look-ahead there, not a look-behind); "1,000" keeps its comma.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def normalize_answer(answer: str) -> str:
+  """An answer as the official VQA evaluation compares it.
+
+  Newlines and tabs to spaces, stripped; punctuation (vqaEval.py's list):
+  removed where it touches a space or the text has a digit-comma-digit,
+  else replaced by a space; periods not before a digit removed; lowercase;
+  number words to digits ("three" -> "3", "none" -> "0"); articles (a, an,
+  the) dropped; common contractions restored ("dont" -> "don't").
+  E.g. "The Three." -> "3", "a dog's" -> "dog s".
+  """
+  if not isinstance(answer, str):
+    raise ValueError(f"answer must be a str, got {type(answer).__name__}")
+  text = answer.replace("\n", " ").replace("\t", " ").strip()
+  out = text
+  for p in _PUNCT:
+    if p + " " in text or " " + p in text or _COMMA_STRIP.search(text):
+      out = out.replace(p, "")
+    else:
+      out = out.replace(p, " ")
+  out = _PERIOD_STRIP.sub("", out)
+  words = [_NUMBERS.get(w, w) for w in out.lower().split()]
+  words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+  return " ".join(words)
+
+
+def vqa_score(answer: str, references: list[str]) -> float:
+  """The VQA accuracy of one answer against its reference answers, in [0, 1].
+
+  With several references (VQA has 10 human answers), the official soft
+  accuracy: for each reference, min(1, #other references equal to the answer
+  / 3), averaged over the references (the average over every subset of n - 1
+  of them). With one reference: 1 if equal, else 0 (the official formula
+  would count no match at all). Answer and references are compared after
+  normalize_answer (vqaEval.py normalises the references' punctuation only,
+  as its annotation files are normalised already; ours may not be).
+  """
+  refs = _check_captions("references", references)
+  ans = normalize_answer(answer)
+  refs = [normalize_answer(r) for r in refs]
+  if len(refs) == 1:
+    return float(ans == refs[0])
+  same = sum(r == ans for r in refs)
+  return sum(min(1.0, (same - (r == ans)) / 3) for r in refs) / len(refs)
+
+
+def vqa_accuracy(answers: list[str], references: list[list[str]]) -> float:
+  """Mean vqa_score over the examples: answers (N,), references N lists of str."""
+  answers = _check_captions("answers", answers)
+  if not isinstance(references, (list, tuple)) or len(references) != len(answers):
+    raise ValueError("references must be a list of reference-answer lists, one per answer "
+                     f"({len(answers)})")
+  return sum(vqa_score(a, r) for a, r in zip(answers, references)) / len(answers)
+
+
+def answer_change_rate(clean: list[str], adversarial: list[str]) -> float:
+  """Fraction in [0, 1] of examples whose answer changed after normalize_answer
+  ("Three" and "3" are one answer, as the VQA evaluation scores them)."""
+  clean, adversarial = _check_paired("clean", clean, "adversarial", adversarial)
+  changed = sum(normalize_answer(c) != normalize_answer(a) for c, a in zip(clean, adversarial))
+  return changed / len(clean)

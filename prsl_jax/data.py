@@ -31,6 +31,17 @@ DIGIT_CAPTIONS = (
     "a small blurry {}",
     "a white {} on black",
 )
+# Visual questions about the digits, answered by the digit's name: the prompt
+# (teacher-forced, no loss) ends at ANSWER_MARK, the answer follows it. The tiny
+# BLIP-2 (scripts/pretrain_tiny_blip2.py) was pretrained on these.
+ANSWER_MARK = "Answer:"
+DIGIT_QUESTIONS = (
+    "Question: what digit is this? Answer:",
+    "Question: which number is written here? Answer:",
+    "Question: what number does the image show? Answer:",
+)
+# As caption templates ('{}' = the digit's name): question, then answer.
+DIGIT_VQA = tuple(q + " {}" for q in DIGIT_QUESTIONS)
 _DIGITS_TEST_FRACTION = 0.2
 
 
@@ -101,6 +112,67 @@ class DigitsSource:
     """The word a caption of example i should contain: its class name."""
     return DIGIT_NAMES[self._labels[i]]
 
+  def answers(self, i):
+    """Reference answers of example i to DIGIT_QUESTIONS: its class name."""
+    return [DIGIT_NAMES[self._labels[i]]]
+
+
+class VqaJsonlSource:
+  """A visual-question-answering set in a JSON-lines file (no TFDS builder has VQA).
+
+  One example a line: {"image": path (relative to the file's folder, or
+  absolute), "question": "what is the man holding?", "answers": ["frisbee",
+  ...]} (VQA v2 gives 10 answers a question; Visual Genome QA one). Convert
+  VQA v2's or Visual Genome's annotations to it with a few lines of Python.
+  Each example's caption (the training text) is "Question: {question} Answer:
+  {answer}" with its most frequent answer (ties: the first); `question(i)` is
+  the prompt the evaluation asks, `answers(i)` the references of its VQA
+  accuracy. Images are read with PIL and resized as CLIP's (preprocessing).
+  """
+
+  def __init__(self, path: str, image_size: int):
+    import json  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(path):
+      raise ValueError(f"no VQA file {path!r}: data.name 'vqa_jsonl' reads "
+                       "<data.data_dir>/<split>.jsonl (see VqaJsonlSource)")
+    self._folder, self.image_size = os.path.dirname(os.path.abspath(path)), image_size
+    self._rows = []
+    with open(path) as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        row = json.loads(line)
+        if not (isinstance(row.get("image"), str) and isinstance(row.get("question"), str)
+                and isinstance(row.get("answers"), list) and row["answers"]):
+          raise ValueError(f"{path}:{n}: a line needs 'image' (str), 'question' (str) and "
+                           f"'answers' (a non-empty list of str), got keys {sorted(row)}")
+        self._rows.append(row)
+
+  def __len__(self):
+    return len(self._rows)
+
+  def _image(self, i):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(os.path.join(self._folder, self._rows[i]["image"])) as img:
+      return np.asarray(img.convert("RGB"))
+
+  def raw(self, i):
+    return self._image(i), None
+
+  def __getitem__(self, i):
+    from prsl_jax import preprocessing  # pylint: disable=g-import-not-at-top
+    answers = [str(a) for a in self._rows[i]["answers"]]
+    best = max(answers, key=answers.count)  # max keeps the first of equal counts
+    return {"image": preprocessing.clip_preprocess(self._image(i), self.image_size),
+            "caption": f"{self.question(i)} {best}"}
+
+  def question(self, i):
+    """The prompt of example i: 'Question: ... Answer:' (ends with ANSWER_MARK)."""
+    return f"Question: {self._rows[i]['question'].strip()} {ANSWER_MARK}"
+
+  def answers(self, i):
+    return [str(a) for a in self._rows[i]["answers"]]
+
 
 class _TfdsSource:
   """A tfds.data_source with CLIP preprocessing applied on read."""
@@ -153,9 +225,10 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
   """Returns (source, class_names) for the digits or a TFDS dataset.
 
   Args:
-    name: 'digits' (embedded, no download) or a TFDS name ('cifar10', ...), which
-      must already be prepared as ArrayRecord in `data_dir` (nothing is
-      downloaded here; see `prepare`).
+    name: 'digits' (embedded, no download), 'vqa_jsonl' (questions and answers
+      in `data_dir`/`split`.jsonl, VqaJsonlSource) or a TFDS name ('cifar10',
+      ...), which must already be prepared as ArrayRecord in `data_dir`
+      (nothing is downloaded here; see `prepare`).
     split: 'train'/'test' or any TFDS split string.
     image_size: the model's input resolution S.
     data_dir: TFDS data directory (None: TFDS's default).
@@ -166,6 +239,8 @@ def load(name: str, split: str, *, image_size: int, data_dir=None):
   """
   if name == "digits":
     return DigitsSource(split, image_size), DIGIT_NAMES
+  if name == "vqa_jsonl":
+    return VqaJsonlSource(os.path.join(data_dir or ".", f"{split}.jsonl"), image_size), None
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)

@@ -223,13 +223,20 @@ CAPTION_SUITE_LABELS = {"paper": "paper: BIM-10 on the training loss",
 
 def format_caption_table(results_by_model):
   """Markdown: per model and suite, clean quality and per eps the caption change
-  rate / keyword survival (%), then diversity and caption scores."""
+  rate / keyword survival (%), then diversity and caption scores. Answers to a
+  question (VQA, a result with a prompt): clean VQA accuracy and per eps the
+  answer change rate / VQA accuracy (%)."""
   results = {m: (r.to_dict() if hasattr(r, "to_dict") else r)
              for m, r in results_by_model.items()}
   eps_all = sorted({e["eps"] for r in results.values() for rs in r["robust"].values()
                     for e in rs})
-  head = ["model", "attack", "keyword acc."] + [
-      f"ε={format_eps(e)} changed / kept" for e in eps_all] + ["checks"]
+  vqa = any(r.get("prompt") for r in results.values())
+  if vqa:
+    head = ["model", "attack", "VQA acc."] + [
+        f"ε={format_eps(e)} answer changed / VQA acc." for e in eps_all] + ["checks"]
+  else:
+    head = ["model", "attack", "keyword acc."] + [
+        f"ε={format_eps(e)} changed / kept" for e in eps_all] + ["checks"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for model, r in results.items():
     failed = [k for k in ("deterministic", "gradients_ok", "ball_ok", "eps0_ok")
@@ -237,20 +244,28 @@ def format_caption_table(results_by_model):
     for suite, rs in r["robust"].items():
       by_eps = {e["eps"]: e for e in rs}
       cells = [model, CAPTION_SUITE_LABELS.get(suite, suite),
-               _pct(r["clean"].get("keyword_accuracy"))]
+               _pct(r["clean"].get("vqa_accuracy" if vqa else "keyword_accuracy"))]
       for e in eps_all:
         x = by_eps.get(e)
-        cells.append("–" if x is None else
-                     f"{_pct(x['change_rate'])} / {_pct(x['keyword_survival'])}")
+        if x is None:
+          cells.append("–")
+        elif vqa:
+          cells.append(f"{_pct(x.get('answer_change_rate'))} / {_pct(x.get('vqa_accuracy'))}")
+        else:
+          cells.append(f"{_pct(x['change_rate'])} / {_pct(x['keyword_survival'])}")
       cells.append(", ".join(failed) or "ok")
       lines.append("| " + " | ".join(cells) + " |")
+  if vqa:
+    lines += ["", "Answers to \"" + next(r["prompt"] for r in results.values() if r.get("prompt"))
+              + "\"; VQA accuracy against the reference answers (caption_metrics.vqa_score)."]
   lines += ["", "Clean generation: diversity (the paper's trade-off) and scores against the "
             "references.", "",
             "| model | distinct-1 | distinct-2 | vocabulary | mean length | BLEU-4 | CIDEr |",
             "|---|---|---|---|---|---|---|"]
   for model, r in results.items():
     d, c = r["clean"]["diversity"], r["clean"]
-    fmt = lambda v, f="{:.3f}": "–" if v is None else f.format(v)
+    # None: not measured; nan: undefined (distinct-2 of one-word answers).
+    fmt = lambda v, f="{:.3f}": "–" if v is None or v != v else f.format(v)
     lines.append(f"| {model} | {fmt(d['distinct_1'])} | {fmt(d['distinct_2'])} | "
                  f"{d['vocabulary_size']} | {fmt(d['mean_length'], '{:.2f}')} | "
                  f"{fmt(c.get('bleu4'))} | {fmt(c.get('cider'))} |")

@@ -591,7 +591,8 @@ def evaluate_models(config, s: Setup, models: dict, loss_configs: dict, *, on_re
   indices = data.eval_indices(len(s.eval_source), config.eval.num_examples or None,
                               config.eval.seed)
   options = dict(max_length=config.eval.get("max_length") or None,
-                 target_caption=config.eval.get("target_caption") or None)
+                 target_caption=config.eval.get("target_caption") or None,
+                 prompt=config.eval.get("prompt") or None)
   results = {}
   for name, params in models.items():
     results[name] = task.evaluate(

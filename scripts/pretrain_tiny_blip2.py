@@ -47,11 +47,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
 IMAGE_SIZE, PATCH, WIDTH, QUERIES, POSITIONS, BATCH = 32, 4, 48, 8, 40, 64
 IMAGE_TOKEN = "<image>"
 # VQA prompts on the digits; the answer is the digit's name.
-QUESTIONS = (
-    "Question: what digit is this? Answer:",
-    "Question: which number is written here? Answer:",
-    "Question: what number does the image show? Answer:",
-)
+QUESTIONS = data.DIGIT_QUESTIONS
 
 
 def tiny_hf_config(vocab_size, eos_id, image_id):

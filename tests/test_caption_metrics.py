@@ -314,3 +314,52 @@ def test_bad_input_raises_one_line_value_error(call, match):
   with pytest.raises(ValueError, match=match) as info:
     call()
   assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# VQA answers: the official evaluation's normalisation and soft accuracy
+# (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py).
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw,norm", [
+    ("The Three.", "3"),          # article dropped, number word, final period
+    ("  two\n", "2"),
+    ("a dog's", "dog s"),         # "'" inside a word becomes a space (vqaEval's rule)
+    ("yes, it is", "yes it is"),  # "," before a space is removed
+    ("1,000", "1000"),            # digit-comma-digit: punctuation removed, not spaced
+    ("3.5", "3.5"),               # a period before a digit stays
+    ("dont know", "don't know"),  # contraction restored
+    ("None", "0"),
+    ("an apple", "apple"),
+])
+def test_normalize_answer_as_the_official_vqa_eval(raw, norm):
+  assert cm.normalize_answer(raw) == norm
+
+
+def test_vqa_score_by_hand():
+  # Ten references, the answer given by k of them: the average over the ten
+  # leave-one-out subsets of min(1, matches / 3).
+  refs = ["two"] * 2 + ["three"] * 8
+  # "2": k = 2. Leaving out one of the two "two": 1 match -> 1/3 (2 subsets);
+  # leaving out a "three": 2 matches -> 2/3 (8 subsets). (2/3 + 16/3) / 10 = 0.6
+  assert cm.vqa_score("2", refs) == pytest.approx(0.6)
+  # "three": k = 8 >= 4, every subset still has >= 3 matches.
+  assert cm.vqa_score("Three", refs) == 1.0
+  # k = 3: leaving out a match leaves 2 -> 2/3 (3 subsets), else 3 -> 1 (7 subsets).
+  refs3 = ["cat"] * 3 + ["dog"] * 7
+  assert cm.vqa_score("a cat", refs3) == pytest.approx((3 * 2 / 3 + 7) / 10)
+  assert cm.vqa_score("bird", refs3) == 0.0
+  # One reference: exact match after normalisation.
+  assert cm.vqa_score("the 3", ["three"]) == 1.0 and cm.vqa_score("4", ["three"]) == 0.0
+  assert cm.vqa_accuracy(["2", "bird"], [refs, refs3]) == pytest.approx(0.3)
+
+
+def test_answer_change_rate_normalises():
+  # "Three" -> "3" is the same answer; "3" -> "4" and "yes" -> "no" changed.
+  assert cm.answer_change_rate(["Three", "3", "yes", "a cat"],
+                               ["3", "4", "no", "cat."]) == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="same length"):
+    cm.answer_change_rate(["a"], ["a", "b"])
+  with pytest.raises(ValueError, match="one per answer"):
+    cm.vqa_accuracy(["a"], [["a"], ["b"]])

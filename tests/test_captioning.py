@@ -214,6 +214,9 @@ def test_cli_end_to_end_on_the_bundled_captioner(tmp_path):
   assert record["complete"] and record["model_kind"] == "vision-encoder-decoder"
   (start, tuned) = record["models"].values()
   assert start["kind"] == "captioner" and len(start["clean_captions"]) == 8
+  # The result family is "captioner" for every generative model; model_type
+  # says which (BLIP-2's is "blip-2"), prompt None: captions, not answers.
+  assert start["model_type"] == "vision-encoder-decoder" and start["prompt"] is None
   assert tuned["robust"]["pgd"][0]["eps"] == pytest.approx(2 / 255)
   assert "pgd" in tuned["targeted"]
 

@@ -657,14 +657,35 @@ class Blip2:
                               jnp.asarray(decoder_attention_mask, jnp.int32)], axis=1)
     return self.logits(params, images, ids, mask)[:, q:]
 
-  def caption(self, params, images, max_length=None):
+  def caption(self, params, images, max_length=None, prompt=(), prompt_mask=None):
     """The captioning task's greedy captions (B, max_length) int32, as a
     captioner's: bos, then blip2_generation.greedy's max_length - 1 tokens
-    (EOS, then pad); max_length None: self.max_length."""
+    (EOS, then pad); max_length None: self.max_length.
+
+    prompt: a question's token ids (the tokenizer's, without bos): one list for
+    every image, or (B, P) per image, left-padded with prompt_mask (B, P) 0 on
+    the padding; e.g. "Question: what digit is this? Answer:". Generation
+    starts after it and the result is (B, 1 + P + max_length - 1): bos, the
+    prompt, the answer. The padding sits between bos and the question (masked,
+    and OPT's positions count only unmasked tokens, so the logits are those of
+    the unpadded row); teacher-forcing the first columns through caption_logits
+    with the same mask gives the answer's logits.
+    """
     n = generation.resolve_max_length(self, max_length)
-    new = blip2_generation.greedy(self, params, images, max_new_tokens=n - 1)
-    bos = jnp.full((images.shape[0], 1), self.bos_token_id, jnp.int32)
-    return jnp.concatenate([bos, new], axis=1)
+    b = images.shape[0]
+    bos = jnp.full((b, 1), self.bos_token_id, jnp.int32)
+    if np.shape(prompt)[-1] == 0:
+      return jnp.concatenate([bos, blip2_generation.greedy(self, params, images,
+                                                           max_new_tokens=n - 1)], axis=1)
+    p = jnp.asarray(prompt, jnp.int32)
+    p = jnp.broadcast_to(p, (b, p.shape[-1]))
+    mask = jnp.ones(p.shape, jnp.int32) if prompt_mask is None else jnp.broadcast_to(
+        jnp.asarray(prompt_mask, jnp.int32), p.shape)
+    head = jnp.asarray(self.prompt_ids(batch_size=b))
+    ids = jnp.concatenate([head, p], axis=1)
+    full_mask = jnp.concatenate([jnp.ones(head.shape, jnp.int32), mask], axis=1)
+    new = blip2_generation.greedy(self, params, images, ids, full_mask, max_new_tokens=n - 1)
+    return jnp.concatenate([bos, p, new], axis=1)
 
   def prefill(self, params, images, input_ids, attention_mask=None, *, max_new_tokens):
     """Runs the prompt once and returns (logits (B, V) float32 of the token
@@ -807,6 +828,9 @@ class Blip2:
 # blip2_caption_opt2.7b.yaml) froze OPT and trained the rest: freeze_vit is
 # False there, so the vision encoder, query tokens, Q-Former and projection
 # train while the PRSL loss is computed on the frozen OPT's token logits.
+# Their VQA run (blip2opt/blip2opt/projects/blip2/train/caption_coco_vqa_ft.yaml)
+# sets freeze_vit: True: 'qformer' (query tokens, Q-Former, projection).
+# blip2opt/blip2opt/models/blip2_models/blip2_opt.py freezes OPT in both.
 TRAINABLE_PARTS = {
     "authors": Blip2.towers["vision"],
     "qformer": Blip2.towers["qformer"],  # LAVIS's freeze_vit=True

@@ -35,12 +35,22 @@ def no_head(config, model, params, tokenizer, class_names, templates):
 
 
 def data_fields(config, model, tokenizer):
-  """Caption templates (the digits' own) and their teacher-forcing fields."""
+  """Caption templates (the digits' own; with data.questions also the digits'
+  questions, data.DIGIT_VQA) and their teacher-forcing fields.
+
+  A text holding "Answer:" is a question and its answer: the prompt up to the
+  mark is fed but its labels are IGNORE_INDEX, so only the answer's tokens and
+  EOS are trained (and attacked), as the authors trained BLIP-2.
+  """
   def tokenize(texts):
-    labels = captioning.tokenize_captions(tokenizer, texts, length=config.data.caption_length,
-                                          eos_token_id=model.eos_token_id)
-    return captioning.teacher_forcing(model, labels)
-  templates = data.DIGIT_CAPTIONS if config.data.name == "digits" else ()
+    labels, prompt = captioning.tokenize_questions(
+        tokenizer, texts, length=config.data.caption_length, eos_token_id=model.eos_token_id)
+    return captioning.teacher_forcing(model, labels, prompt)
+  templates = ()
+  if config.data.name == "digits":
+    templates = data.DIGIT_CAPTIONS
+    if config.data.get("questions"):
+      templates += data.DIGIT_VQA
   return {"caption_templates": templates, "tokenize": tokenize}
 
 
@@ -67,7 +77,7 @@ def evaluate(model, params, tokenizer, source, indices, *, class_names, template
   return captioning.evaluate(
       model, params, tokenizer, source, indices, eps_list=eps_list, suites=suites, seed=seed,
       batch_size=batch_size, max_length=options.get("max_length"),
-      target_caption=options.get("target_caption"), mesh=mesh)
+      target_caption=options.get("target_caption"), prompt=options.get("prompt"), mesh=mesh)
 
 
 TASK = Task(
