@@ -99,6 +99,10 @@ flags.DEFINE_integer("max_length", _D["max_length"], "Captioners: generation len
                      "(default: the model's).")
 flags.DEFINE_string("target_caption", _D["target_caption"], "Captioners: also attack toward this caption "
                     "(targeted), e.g. 'a handwritten seven'.")
+flags.DEFINE_string("prompt", _D["prompt"], "Captioners that take a prompt (BLIP-2): a question "
+                    "asked of every image, e.g. 'Question: what digit is this? Answer:'; "
+                    "the answers are scored as VQA (accuracy against the references, answer "
+                    "change rate). A VQA dataset's own questions need no flag.")
 flags.DEFINE_bool("allow_pickle", _D["allow_pickle"], "Accept pytorch_model.bin checkpoints (a pickle "
                   "can run code).")
 flags.DEFINE_string("vision_weights", _D["vision_weights"], "A vision tower file (.safetensors, or a "
@@ -117,7 +121,7 @@ FLAGS = flags.FLAGS
 FIELDS = ("checkpoint", "dataset", "benchmark", "protocol", "split", "data_dir", "eps", "suite", "norm",
           "num_examples", "seed", "outdir", "templates", "batch_size", "steps",
           "square_queries", "num_targets", "allow_pickle", "overwrite", "max_length",
-          "target_caption", "vision_weights")
+          "target_caption", "prompt", "vision_weights")
 _DASHABLE = FIELDS + ("coordinator_address", "num_processes", "process_id", "cpu_devices",
                       "distributed_timeout", "compilation_cache", "compilation_cache_dir")
 

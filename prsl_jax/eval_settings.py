@@ -11,7 +11,7 @@ DEFAULTS = dict(
     data_dir=None, eps=None, suite=None, norm="linf", num_examples=None, seed=0,
     outdir=None, templates=None, batch_size=64, steps=None, square_queries=None,
     num_targets=None, allow_pickle=False, overwrite=False, max_length=None,
-    target_caption=None, vision_weights=None)
+    target_caption=None, prompt=None, vision_weights=None)
 # What a None above becomes when neither --protocol (prsl_jax.benchmarks.PROTOCOLS)
 # nor the dataset's record (benchmarks.DATASETS: split, subset size) sets it.
 # templates: 'default' for one dataset, each dataset's own ('benchmark') for several.

@@ -537,7 +537,8 @@ def run(settings, *, argv=None, checked=None):
         model, params, pretrained.tokenizer, source, indices, class_names=class_names,
         templates=templates, eps_list=eps, suites=suites, norm=s["norm"], seed=s["seed"],
         batch_size=s["batch_size"], mesh=mesh,
-        options=dict(max_length=s["max_length"], target_caption=s["target_caption"]))
+        options=dict(max_length=s["max_length"], target_caption=s["target_caption"],
+                     prompt=s["prompt"]))
     results[name] = result
     entry = result.to_dict()
     entry.pop("indices")  # stored once, at the top level

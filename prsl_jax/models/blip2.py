@@ -708,7 +708,10 @@ class Blip2:
     total = t + max_new_tokens
     if total > c.text.max_position_embeddings:
       raise ValueError(f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds "
-                       f"max_position_embeddings={c.text.max_position_embeddings}")
+                       f"the language model's max_position_embeddings="
+                       f"{c.text.max_position_embeddings}: at most {c.text.max_position_embeddings - t} "
+                       "new tokens fit; lower evaluate.py --max_length or config.eval.max_length "
+                       "(they count the start token too) or shorten the prompt")
     key_mask = jnp.concatenate([attention_mask.astype(bool),
                                 jnp.ones((b, max_new_tokens), bool)], axis=1)
     shape = (c.text.num_hidden_layers, b, total, c.text.num_attention_heads, c.text.head_dim)
