@@ -47,3 +47,14 @@ def test_table_pairs_each_row_with_tecoa_and_ce_by_seed():
   assert lines[field_comparison.ROWS["start"]][4] == "+10.0 ± 7.1 (2↑ 0↓ 0=)"
   assert lines[field_comparison.ROWS["adv_ce"]][4] == "–"  # no difference to itself
   assert lines[field_comparison.ROWS["ce"]][1:4] == ["99.0 ± 0.0", "61.0 ± 1.4", "45.0 ± 7.1"]
+
+
+def test_results_md_holds_the_committed_comparison_verbatim():
+  import os  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "RESULTS.md")) as f:
+    page = f.read()
+  with open(os.path.join(root, "results", "comparison.md")) as f:
+    table = f.read().strip()
+  block = page.split("<!-- COMPARISON -->\n", 1)[1].split("\n<!-- /COMPARISON -->", 1)[0]
+  assert block == table
