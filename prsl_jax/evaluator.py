@@ -373,18 +373,18 @@ def preflight(settings):
               record_settings=record_settings, resume=resume)
 
 
-def load_model(ckpt, allow_pickle, vision_weights=None):
+def load_model(ckpt, allow_pickle, tower_file=None):
   """(Pretrained, params) for a resolved checkpoint; a train.py run's ckpt gets "step",
-  the step of the checkpoint evaluated (results.json records it). vision_weights:
+  the step of the checkpoint evaluated (results.json records it). tower_file:
   a vision tower file put on a checkpoint folder's CLIP (--vision_weights)."""
   if ckpt["kind"] == "workdir":
     pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["model"]),
                                           allow_pickle=allow_pickle)
     params, ckpt["step"] = checkpoints.restore_params_and_step(ckpt["path"], pretrained.model)
     return pretrained, params
-  pretrained = prsl_jax.load_pretrained(ckpt.get("folder", ckpt["path"]),
-                                        allow_pickle=allow_pickle,
-                                        vision_weights=vision_weights)
+  pretrained = vision_weights.load_on(
+      prsl_jax.load_pretrained(ckpt.get("folder", ckpt["path"]), allow_pickle=allow_pickle),
+      tower_file, allow_pickle=allow_pickle)
   return pretrained, pretrained.params
 
 

@@ -364,10 +364,10 @@ def setup(config) -> Setup:
     raise ValueError(f"config.loss.group_size={group} must divide each device's rows "
                      f"({config.batch_size} / {mesh.devices.size} devices x "
                      f"{rows} rows per example)")
-  pretrained = prsl_jax.load_pretrained(config.model.path,
-                                        allow_pickle=config.model.allow_pickle,
-                                        dtype=config.model.dtype, remat=config.model.remat,
-                                        vision_weights=config.model.get("vision_weights"))
+  pretrained = vision_weights.load_on(
+      prsl_jax.load_pretrained(config.model.path, allow_pickle=config.model.allow_pickle,
+                               dtype=config.model.dtype, remat=config.model.remat),
+      config.model.get("vision_weights"), allow_pickle=config.model.allow_pickle)
   model, params, tokenizer = pretrained
   data_dir = config.data.data_dir or None
   train_source, class_names = data.load(config.data.name, config.data.train_split,

@@ -247,12 +247,12 @@ def test_vision_weights_replace_exactly_the_vision_tower(folders, robust_tower, 
     path = str(tmp_path / "vision.pt")
     torch.save({"epoch": 3, "vision_encoder_state_dict": state}, path)
     with pytest.raises(ValueError, match="pickle"):
-      load_pretrained(base_folder, vision_weights=path)
-    loaded = load_pretrained(base_folder, vision_weights=path, allow_pickle=True)
+      vision_weights.load_on(load_pretrained(base_folder), path)
+    loaded = vision_weights.load_on(load_pretrained(base_folder), path, allow_pickle=True)
   else:
     path = str(tmp_path / "vision.safetensors")
     safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
-    loaded = load_pretrained(base_folder, vision_weights=path)
+    loaded = vision_weights.load_on(load_pretrained(base_folder), path)
   assert vision_weights.naming(vision_weights.read(path, allow_pickle=True)) == naming
   base = load_pretrained(base_folder)
   for key in loaded.params:

@@ -504,22 +504,7 @@ def _read_mean_std(folder):
 
 
 def load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
-                    remat=False, vision_weights=None) -> Pretrained:
-  """Loads a checkpoint (see _load_pretrained); vision_weights: optional file of a
-  vision tower (open_clip, OpenAI or HF names; prsl_jax.models.vision_weights)
-  that replaces the base CLIP's, the text side unchanged."""
-  pretrained = _load_pretrained(path_or_hub_id, allow_pickle=allow_pickle, dtype=dtype,
-                                remat=remat)
-  if not vision_weights:
-    return pretrained
-  from prsl_jax.models import vision_weights as vision_weights_lib  # pylint: disable=g-import-not-at-top
-  params = vision_weights_lib.load(pretrained.model, pretrained.params, vision_weights,
-                                   allow_pickle=allow_pickle)
-  return pretrained._replace(params=params)
-
-
-def _load_pretrained(path_or_hub_id, *, allow_pickle=False, dtype=jnp.float32,
-                     remat=False) -> Pretrained:
+                    remat=False) -> Pretrained:
   """Loads a HuggingFace checkpoint (local folder or hub id) of a supported kind.
 
   The kind comes from config.json's model_type: 'clip' (CLIPModel), 'siglip'

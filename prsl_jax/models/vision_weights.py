@@ -25,6 +25,7 @@ containers only). .safetensors files need no opt-in.
 import os
 
 from prsl_jax.models import clip as clip_lib
+from prsl_jax.models import convert
 from prsl_jax.models import open_clip as open_clip_lib
 
 # Keys a vision state dict is found under, searched in this order at each level.
@@ -36,7 +37,6 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 def check_file(path, *, allow_pickle=False):
   """Fails fast, before any compute: the file exists and its kind is allowed."""
-  from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
   path = os.path.expanduser(os.fspath(path))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"vision weights file not found: {path!r}")
@@ -50,7 +50,6 @@ def check_file(path, *, allow_pickle=False):
 
 def read(path, *, allow_pickle=False):
   """The {name: array} tensors of a vision weights file (nesting resolved)."""
-  from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
   check_file(path, allow_pickle=allow_pickle)
   path = os.path.expanduser(os.fspath(path))
   kind = "safetensors" if path.endswith(".safetensors") else "pickle"
@@ -119,7 +118,6 @@ def apply(model, params, state):
   if getattr(model, "kind", None) != "clip":
     raise ValueError(f"vision weights go on a CLIP base; this is a "
                      f"{getattr(model, 'kind', None)!r} model")
-  from prsl_jax.models import convert  # pylint: disable=g-import-not-at-top
   vision = convert.from_hf_state_dict(
       to_hf(state, model), model, key_map=_hf_vision_map(model),
       what="vision weights do not match this model's vision tower")
@@ -129,3 +127,12 @@ def apply(model, params, state):
 def load(model, params, path, *, allow_pickle=False):
   """apply(model, params, read(path)): the base with the file's vision tower."""
   return apply(model, params, read(path, allow_pickle=allow_pickle))
+
+
+def load_on(pretrained, path, *, allow_pickle=False):
+  """A convert.Pretrained with its CLIP's vision tower from `path` (None: as it is):
+  what train.py's config.model.vision_weights and evaluate.py's --vision_weights do."""
+  if not path:
+    return pretrained
+  return pretrained._replace(params=load(pretrained.model, pretrained.params, path,
+                                         allow_pickle=allow_pickle))
