@@ -320,3 +320,28 @@ def test_open_clip_model_exports_to_hf_with_its_tokenizer(folders, tmp_path):
     theirs = hf_model.get_text_features(**enc).pooler_output.numpy()
   want = _ref_outputs(ref, CONFIGS["odd_shapes"], np.zeros((1, 30, 30, 3), np.float32), texts)[1]
   np.testing.assert_allclose(theirs, want, atol=2e-5, rtol=1e-4)
+
+
+def test_train_and_evaluate_put_the_tower_file_on_their_base(tmp_path):
+  # The CLIs' path (trainer.setup, evaluator.load_model), not load_on alone: the
+  # tiny CLIP's own vision tower, shifted by 1, in HF names.
+  import prsl_jax  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from prsl_jax import evaluator, trainer  # pylint: disable=g-import-not-at-top
+  from tests import small_config  # pylint: disable=g-import-not-at-top
+  state = safetensors.numpy.load_file(os.path.join(prsl_jax.TINY_CLIP, "model.safetensors"))
+  tower = {k: v + 1 for k, v in state.items()
+           if k.startswith(("vision_model.", "visual_projection."))
+           and not k.endswith("position_ids")}
+  path = str(tmp_path / "tower.safetensors")
+  safetensors.numpy.save_file(tower, path)
+  base = load_pretrained(prsl_jax.TINY_CLIP)
+  config = small_config.get_config()
+  config.model.vision_weights = path
+  _, params, _ = trainer.setup(config).pretrained
+  _, evaluated = evaluator.load_model({"kind": "hf", "path": prsl_jax.TINY_CLIP}, False, path)
+  for got in (params, evaluated):
+    for key in base.params:
+      shift = 1 if key in ("vision_model", "visual_projection") else 0
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b + shift, rtol=1e-6),
+                   got[key], base.params[key])
