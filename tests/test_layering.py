@@ -14,15 +14,21 @@ NEVER = ("train", "evaluate", "configs", "scripts", "bench", "tests", "torch")
 PURE = ("prsl_jax/losses.py", "prsl_jax/attacks/")
 
 
-def _imports(path):
-  """Every module a file imports (absolute names), at any depth of the file."""
+def _imports(path, modules=None):
+  """Every module a file imports (absolute names), at any depth of the file.
+
+  modules: when given, `from pkg import sub` of known submodules ties to them
+  alone, not to pkg's __init__ as well.
+  """
   out = set()
   for node in ast.walk(ast.parse(open(path).read(), path)):
     if isinstance(node, ast.Import):
       out.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-      out.add(node.module)
-      out.update(f"{node.module}.{a.name}" for a in node.names)
+      subs = {f"{node.module}.{a.name}" for a in node.names}
+      known = subs & set(modules or ())
+      out.update(known if modules is not None and len(known) == len(subs)
+                 else subs | {node.module})
   return out
 
 
@@ -100,17 +106,8 @@ def test_no_import_circle_in_the_library_even_through_imports_inside_functions()
   # A lazy import inside a function still ties two modules both ways: the
   # layering is a tree of floors only when no chain of imports comes back.
   modules = {_module_of(p): p for p in LIBRARY}
-  def targets(path):
-    # `from pkg import sub` ties to the submodule, not to pkg's __init__.
-    out = set()
-    for node in ast.walk(ast.parse(open(path).read(), path)):
-      if isinstance(node, ast.Import):
-        out.update(a.name for a in node.names)
-      elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-        subs = {f"{node.module}.{a.name}" for a in node.names} & set(modules)
-        out.update(subs if len(subs) == len(node.names) else subs | {node.module})
-    return out
-  edges = {m: {n for n in targets(p) if n in modules and n != m} for m, p in modules.items()}
+  edges = {m: {n for n in _imports(p, modules) if n in modules and n != m}
+           for m, p in modules.items()}
   state = {}  # module -> "open" while on the path, "done" after
   def visit(m, path):
     state[m] = "open"
